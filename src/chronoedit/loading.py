@@ -1,0 +1,225 @@
+"""Find a checkpoint, read its configs and load its weights, naming exactly what is wrong when something is.
+
+The transformer is built on the meta device and filled tensor by tensor from safetensors (single file or shards with
+an index), each tensor cast to its target dtype as it is read: no second full copy of the weights is ever held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import ChronoEditTransformer3DModel, TransformerConfig
+from .model.transformer import FP32_MODULES
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+# Keys present in some Wan checkpoints that ChronoEdit has no module for (as diffusers ignores them).
+IGNORED_KEYS = ("norm_added_q",)
+
+
+def resolve_checkpoint(path_or_repo_id: str | os.PathLike[str]) -> Path:
+    """A local folder as is; otherwise a hub repo id (``owner/name``) fetched or found in the local hub cache."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"checkpoint path is not a folder: {path}")
+    text = str(path_or_repo_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text))
+    except Exception as err:  # offline, unknown repo, withdrawn weights ...
+        raise FileNotFoundError(
+            f"checkpoint folder not found: {path}, and hub repo {text!r} could not be fetched ({type(err).__name__})"
+        ) from err
+
+
+def component_dir(root: Path, name: str) -> Path:
+    """The subfolder of one pipeline component, or a clear error naming it."""
+    folder = root / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint {root} has no '{name}/' folder (component {name} is missing)")
+    return folder
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot parse {path}: {err}") from err
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a diffusers model folder: the index's shards, or the single file."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise ValueError(f"{index} lists no weight files")
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"weight shard missing: {folder / missing[0]} (listed in {index.name})")
+        return [folder / s for s in shards]
+    single = folder / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {folder}")
+
+
+def iter_safetensors(path: Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) one at a time; a truncated or corrupt file raises ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield key, handle.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"cannot read weights {path}: truncated or corrupt safetensors file ({err})") from err
+
+
+def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """float32 for the islands that stay fp32 in reduced precision, else ``dtype``."""
+    return torch.float32 if any(part in FP32_MODULES for part in name.split(".")) else dtype
+
+
+def load_transformer(
+    path: str | os.PathLike[str],
+    subfolder: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> ChronoEditTransformer3DModel:
+    """Build our transformer from a diffusers-layout folder, whatever class name its config carries."""
+    folder = resolve_checkpoint(path)
+    if subfolder:
+        folder = component_dir(folder, subfolder)
+    config = TransformerConfig.from_dict(read_json(folder / "config.json"))
+    dtype = torch_dtype or torch.float32
+    with torch.device("meta"):
+        model = ChronoEditTransformer3DModel(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    seen: set[str] = set()
+    for file in weight_files(folder):
+        for key, tensor in iter_safetensors(file, device):
+            if any(part in IGNORED_KEYS for part in key.split(".")):
+                continue
+            check_tensor(key, tensor, expected, file)
+            assign_tensor(model, key, tensor.to(target_dtype(key, dtype)))
+            seen.add(key)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(
+            f"transformer weights in {folder} lack {len(missing)} key(s) the config needs, e.g. {missing[0]!r}"
+        )
+    return model.eval().requires_grad_(False)
+
+
+def check_tensor(key: str, tensor: torch.Tensor, expected: dict[str, tuple[int, ...]], file: Path) -> None:
+    """Raise ValueError for a key the model does not have or a tensor of the wrong shape."""
+    if key not in expected:
+        raise ValueError(f"unexpected key {key!r} in {file}: the model built from config.json has no such weight")
+    if tuple(tensor.shape) != expected[key]:
+        raise ValueError(
+            f"weight {key!r} in {file} has shape {tuple(tensor.shape)} but config.json implies {expected[key]}"
+        )
+
+
+def assign_tensor(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the (meta) parameter or buffer named ``key``, without copying it."""
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def load_pipeline_components(
+    path_or_repo_id: str | os.PathLike[str], torch_dtype: torch.dtype = torch.float32, **given: Any
+) -> dict[str, Any]:
+    """Every component of a diffusers-layout ChronoEdit folder; those in ``given`` are used instead of loading.
+
+    The transformer is always ours (the real folder names Wan classes). VAE and CLIP load in float32 (as NVIDIA runs
+    them); UMT5 and the transformer in ``torch_dtype``.
+    """
+    root = resolve_checkpoint(path_or_repo_id)
+    loaders = {
+        "tokenizer": lambda: _load_with("tokenizer", root, _tokenizer),
+        "text_encoder": lambda: _load_with("text_encoder", root, lambda d: _text_encoder(d, torch_dtype)),
+        "image_encoder": lambda: _load_with("image_encoder", root, _image_encoder),
+        "image_processor": lambda: _load_with("image_processor", root, _image_processor),
+        "vae": lambda: _load_with("vae", root, _vae),
+        "scheduler": lambda: _load_with("scheduler", root, _scheduler),
+        "transformer": lambda: load_transformer(root, subfolder="transformer", torch_dtype=torch_dtype),
+    }
+    unknown = set(given) - set(loaders)
+    if unknown:
+        raise ValueError(f"unknown pipeline component(s): {sorted(unknown)}")
+    return {name: given[name] if given.get(name) is not None else load() for name, load in loaders.items()}
+
+
+def _load_with(name: str, root: Path, load: Any) -> Any:
+    """Run a library loader on one component folder, turning its errors into one line naming the component."""
+    folder = component_dir(root, name)
+    try:
+        return load(folder)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load {name} from {folder}: {first}") from err
+
+
+def _tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _text_encoder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import UMT5EncoderModel
+
+    return UMT5EncoderModel.from_pretrained(folder, dtype=dtype).eval().requires_grad_(False)
+
+
+def _image_encoder(folder: Path) -> torch.nn.Module:
+    from transformers import CLIPVisionModel
+
+    return CLIPVisionModel.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def _image_processor(folder: Path) -> Any:
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor.from_pretrained(folder)
+
+
+def _vae(folder: Path) -> torch.nn.Module:
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32).eval().requires_grad_(False)
+
+
+def _scheduler(folder: Path) -> Any:
+    import diffusers
+
+    config = read_json(folder / "scheduler_config.json")
+    cls = getattr(diffusers, str(config.get("_class_name", "UniPCMultistepScheduler")), None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"unknown scheduler class {config.get('_class_name')!r}")
+    return cls.from_pretrained(folder)

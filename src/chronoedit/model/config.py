@@ -1,0 +1,81 @@
+"""Transformer configuration, read exactly as the real checkpoint's ``transformer/config.json`` has it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Keys a diffusers config carries that say nothing about the architecture.
+_BOOKKEEPING_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+
+
+@dataclass
+class TransformerConfig:
+    """Hyper-parameters of the ChronoEdit DiT; field names are diffusers' config keys.
+
+    The defaults are the 14B model. ``in_channels`` is 36 for ChronoEdit: 16 noisy latents + 4 mask + 16 condition.
+    The real checkpoint's config names ``WanTransformer3DModel`` and has no ``rope_temporal_skip_len``: it is 8.
+    """
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 36
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = 1280
+    added_kv_proj_dim: int | None = 5120
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+    rope_temporal_skip_len: int = 8
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
+        if len(self.patch_size) != 3:
+            raise ValueError(f"transformer config: patch_size must have 3 entries, got {list(self.patch_size)}")
+        if self.qk_norm not in (None, "rms_norm_across_heads"):
+            raise ValueError(
+                f"transformer config: unsupported qk_norm {self.qk_norm!r} (ChronoEdit uses rms_norm_across_heads)"
+            )
+        if self.pos_embed_seq_len is not None:
+            raise ValueError(
+                "transformer config: pos_embed_seq_len is a Wan FLF2V feature that ChronoEdit does not use"
+            )
+        if self.rope_temporal_skip_len < 2:
+            raise ValueError(
+                f"transformer config: rope_temporal_skip_len must be >= 2, got {self.rope_temporal_skip_len}"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TransformerConfig:
+        """Build from a diffusers ``config.json`` dict; unknown keys are kept in ``extra`` and logged, not fatal."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        extra = {k: v for k, v in raw.items() if k not in known and k not in _BOOKKEEPING_KEYS}
+        if extra:
+            logger.info("transformer config: ignoring keys %s", sorted(extra))
+        return cls(**kwargs, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The diffusers-style config dict, naming our class and keeping the temporal skip explicit."""
+        out = {"_class_name": "ChronoEditTransformer3DModel"}
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out

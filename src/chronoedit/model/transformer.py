@@ -1,0 +1,297 @@
+"""ChronoEdit's diffusion transformer: a Wan2.1-I2V DiT with temporal-skip RoPE.
+
+Module and parameter names equal diffusers' ``ChronoEditTransformer3DModel`` so the real checkpoint loads as is.
+Shapes: B batch, C channels, F/H/W latent frames/rows/cols, L = F*H*W/(pt*ph*pw) video tokens, D model width,
+T context tokens (image tokens + 512 text tokens). Modulation, norms, RoPE and residual gates run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import TransformerConfig
+from .rope import RotaryEmbedding, apply_rotary
+
+TEXT_TOKENS = 512  # the UMT5 context length; image tokens are the ones before the last 512
+
+# Parameters kept in float32 when the model runs in bf16/fp16 (names as in diffusers' _keep_in_fp32_modules).
+FP32_MODULES = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input and parameter dtypes; returns the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class GeluProjection(nn.Module):
+    """Linear then GELU (exact or tanh); the ``net.0.proj`` of a diffusers FeedForward."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: str) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+    """[.., dim_in] -> Linear -> GELU -> Linear -> [.., dim_out]; keys ``net.0.proj`` and ``net.2``."""
+
+    def __init__(self, dim_in: int, hidden: int, dim_out: int, approximate: str) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GeluProjection(dim_in, hidden, approximate), nn.Identity(), nn.Linear(hidden, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """timestep: [B] -> [B, dim] float32, (cos | sin) halves at frequencies 10000^(-k / (dim/2))."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
+    angles = timestep.float()[:, None] * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q: [B, Lq, heads, hd], k/v: [B, Lk, heads, hd] -> [B, Lq, heads * hd]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over video tokens with RMS-normed q/k (over all heads) and RoPE."""
+
+    def __init__(self, dim: int, heads: int, eps: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [B, L, D] -> [B, L, D]."""
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # [B, L, heads, hd]
+        k = self.norm_k(self.to_k(x)).unflatten(2, (self.heads, -1))
+        v = self.to_v(x).unflatten(2, (self.heads, -1))
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return self.to_out[0](attention(q, k, v).type_as(q))
+
+
+class CrossAttention(nn.Module):
+    """Video tokens attend to the text tokens and, through added K/V projections, to the CLIP image tokens."""
+
+    def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.has_image_kv = added_kv_proj_dim is not None
+        if self.has_image_kv:
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, D], context: [B, T, D] (image tokens first, then 512 text tokens) -> [B, L, D]."""
+        split = context.shape[1] - TEXT_TOKENS if self.has_image_kv else 0
+        image_ctx, text_ctx = context[:, :split], context[:, split:]
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # [B, L, heads, hd]
+        k = self.norm_k(self.to_k(text_ctx)).unflatten(2, (self.heads, -1))  # [B, 512, heads, hd]
+        v = self.to_v(text_ctx).unflatten(2, (self.heads, -1))
+        out = attention(q, k, v).type_as(q)  # [B, L, D]
+        if self.has_image_kv:
+            k_img = self.norm_added_k(self.add_k_proj(image_ctx)).unflatten(2, (self.heads, -1))
+            v_img = self.add_v_proj(image_ctx).unflatten(2, (self.heads, -1))
+            out = out + attention(q, k_img, v_img).type_as(q)
+        return self.to_out[0](out)
+
+
+class TransformerBlock(nn.Module):
+    """Modulated self-attention, cross-attention, modulated FFN; gated residuals in float32."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        dim = cfg.inner_dim
+        self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.attn1 = SelfAttention(dim, cfg.num_attention_heads, cfg.eps)
+        self.attn2 = CrossAttention(dim, cfg.num_attention_heads, cfg.eps, cfg.added_kv_proj_dim)
+        self.norm2 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, cfg.ffn_dim, dim, approximate="tanh")
+        self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, t_mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """x: [B, L, D], context: [B, T, D], t_mod: [B, 6, D] -> [B, L, D]."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + t_mod.float()).chunk(6, dim=1)
+        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        x = (x.float() + self.attn1(h, rope) * gate).type_as(x)
+        h = self.norm2(x.float()).type_as(x)
+        x = x + self.attn2(h, context)  # no gate, no upcast: as the reference
+        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+
+
+class ConditionEmbedder(nn.Module):
+    """Timestep -> (temb [B, D], t_mod [B, 6D]); text [B, 512, text_dim] -> [B, 512, D]; CLIP [B, 257, 1280] -> D."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        dim = cfg.inner_dim
+        self.freq_dim = cfg.freq_dim
+        self.time_embedder = _TwoLayer(cfg.freq_dim, dim, nn.SiLU())
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = _TwoLayer(cfg.text_dim, dim, nn.GELU(approximate="tanh"))
+        self.image_embedder = ImageEmbedder(cfg.image_dim, dim) if cfg.image_dim is not None else None
+
+    def forward(
+        self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """timestep: [B]; text: [B, 512, text_dim]; image: [B, N, image_dim] | None."""
+        freqs = sinusoidal_embedding(timestep, self.freq_dim)  # [B, freq_dim] fp32
+        temb = self.time_embedder(freqs.to(self.time_embedder.linear_1.weight.dtype)).type_as(text)  # [B, D]
+        t_mod = self.time_proj(F.silu(temb))  # [B, 6D]
+        text = self.text_embedder(text)  # [B, 512, D]
+        if image is not None and self.image_embedder is not None:
+            image = self.image_embedder(image)  # [B, N, D]
+        return temb, t_mod, text, image
+
+
+class _TwoLayer(nn.Module):
+    """Linear -> activation -> Linear with keys ``linear_1`` / ``linear_2``."""
+
+    def __init__(self, dim_in: int, dim: int, act: nn.Module) -> None:
+        super().__init__()
+        self.linear_1, self.act, self.linear_2 = nn.Linear(dim_in, dim), act, nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ImageEmbedder(nn.Module):
+    """CLIP tokens [B, N, image_dim] -> LayerNorm -> Linear -> GELU -> Linear -> LayerNorm -> [B, N, D]."""
+
+    def __init__(self, image_dim: int, dim: int) -> None:
+        super().__init__()
+        self.norm1 = FP32LayerNorm(image_dim, eps=1e-5)
+        self.ff = FeedForward(image_dim, image_dim, dim, approximate="none")
+        self.norm2 = FP32LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.ff(self.norm1(x)))
+
+
+@dataclass
+class TransformerOutput:
+    sample: torch.Tensor
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return (self.sample,)[index]
+
+
+class ChronoEditTransformer3DModel(nn.Module):
+    """The ChronoEdit DiT. ``forward`` takes the same arguments as diffusers' model of the same name."""
+
+    def __init__(self, config: TransformerConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.config = config if config is not None else TransformerConfig(**kwargs)
+        cfg = self.config
+        dim = cfg.inner_dim
+        self.rope = RotaryEmbedding(cfg.attention_head_dim, cfg.rope_max_seq_len, cfg.rope_temporal_skip_len)
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.condition_embedder = ConditionEmbedder(cfg)
+        self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.num_layers)])
+        self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, subfolder: str | None = None, torch_dtype: torch.dtype | None = None, **kwargs: Any
+    ) -> ChronoEditTransformer3DModel:
+        """Load a diffusers-layout transformer folder (single or sharded safetensors). See ``chronoedit.loading``."""
+        from ..loading import load_transformer
+
+        return load_transformer(path, subfolder=subfolder, torch_dtype=torch_dtype, **kwargs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj_out.weight.device
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
+    def cast_to(self, dtype: torch.dtype) -> ChronoEditTransformer3DModel:
+        """Cast to ``dtype`` keeping the float32 islands (time embedder, scale-shift tables, affine norms) in fp32."""
+        for name, param in self.named_parameters():
+            keep = any(part in FP32_MODULES for part in name.split("."))
+            param.data = param.data.to(torch.float32 if keep else dtype)
+        return self
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> TransformerOutput | tuple[torch.Tensor]:
+        """hidden_states: [B, C_in, F, H, W]; timestep: [B]; encoder_hidden_states: [B, 512, text_dim];
+        encoder_hidden_states_image: [B, N, image_dim] -> sample [B, C_out, F, H, W]."""
+        batch, _, frames, height, width = hidden_states.shape
+        pt, ph, pw = self.config.patch_size
+        grid = (frames // pt, height // ph, width // pw)
+        rope = self.rope(grid, hidden_states.device)  # cos, sin: [1, L, 1, hd/2] fp32
+
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # [B, L, D]
+        temb, t_mod, context, image_ctx = self.condition_embedder(
+            timestep, encoder_hidden_states, encoder_hidden_states_image
+        )
+        t_mod = t_mod.unflatten(1, (6, -1))  # [B, 6, D]
+        if image_ctx is not None:
+            context = torch.cat([image_ctx, context], dim=1)  # [B, N + 512, D]
+
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, context, t_mod, rope, use_reentrant=False)
+            else:
+                x = block(x, context, t_mod, rope)
+
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # each [B, 1, D] fp32
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x)  # [B, L, C_out * pt * ph * pw]
+        out = self.unpatchify(x, batch, grid)
+        return TransformerOutput(sample=out) if return_dict else (out,)
+
+    def unpatchify(self, x: torch.Tensor, batch: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """x: [B, L, C * pt * ph * pw] -> [B, C, F * pt, H * ph, W * pw]."""
+        pt, ph, pw = self.config.patch_size
+        x = x.reshape(batch, *grid, pt, ph, pw, -1)  # [B, F, H, W, pt, ph, pw, C]
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, F, pt, H, ph, W, pw]
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)

@@ -1,0 +1,285 @@
+"""The ChronoEdit editing pipeline: an edit is a short image-to-video generation from the input to the edit.
+
+``__call__`` reads as the algorithm: check inputs -> encode text -> encode image -> prepare latents and condition ->
+denoise (dropping the reasoning frames at their step) -> decode -> postprocess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from . import reasoning
+from .encoders import TEXT_TOKENS, encode_image, encode_text
+from .latents import decode_latents, encode_condition, first_frame_mask, image_to_tensor, latent_frames, postprocess
+from .memory import CPU, resident
+from .model import ChronoEditTransformer3DModel
+from .request import EditRequest, check_inputs
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+@dataclass
+class ChronoEditPipelineOutput:
+    """``frames``: the generated video(s), shaped like the reference's (np (B, F, H, W, 3), pt (B, F, 3, H, W),
+    pil [[Image] * F] * B, or latents); the edited image is the last frame. ``trajectory``: with
+    ``return_trajectory=True``, the reasoning video from the input to the edit, in the same format."""
+
+    frames: Any
+    trajectory: Any | None = None
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.frames, self.trajectory)[index]
+
+
+@dataclass
+class Conditioning:
+    """Everything the transformer is conditioned on, for the positive and (with CFG) the negative pass."""
+
+    prompt_embeds: torch.Tensor  # [B, 512, text_dim]
+    negative_prompt_embeds: torch.Tensor | None  # [B, 512, text_dim] or None without guidance
+    image_embeds: torch.Tensor  # [B, 257, image_dim]
+
+
+@dataclass
+class DenoiseResult:
+    latents: torch.Tensor  # [B, 16, F_lat, h, w], the final latents (2 frames when the reasoning frames dropped)
+    trajectory_latents: torch.Tensor | None  # [B, 16, 8, h, w] clean prediction at the last reasoning step
+
+
+class ChronoEditPipeline:
+    """Image editing with ChronoEdit. Same call arguments as diffusers' ``ChronoEditPipeline``."""
+
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: torch.nn.Module,
+        image_encoder: torch.nn.Module,
+        image_processor: Any,
+        transformer: ChronoEditTransformer3DModel,
+        vae: torch.nn.Module,
+        scheduler: Any,
+    ) -> None:
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.image_encoder, self.image_processor = image_encoder, image_processor
+        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
+        self.device = CPU
+        self.offload_models = False  # transformer and VAE leave the device when idle (--offload_model)
+        self.offload_encoders = True  # UMT5 and CLIP never stay on the device while denoising
+        self._progress: dict[str, Any] = {}
+        self._interrupt = False
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, torch_dtype: torch.dtype = torch.float32, **components: Any):
+        """Load a diffusers-layout ChronoEdit folder (or hub repo id); always builds *our* transformer.
+
+        ``components`` (transformer=, vae=, text_encoder=, ...) replace what would be loaded from the folder.
+        """
+        from .loading import load_pipeline_components
+
+        return cls(**load_pipeline_components(path_or_repo_id, torch_dtype, **components))
+
+    # ----- placement -------------------------------------------------------------------------------------------
+    def to(self, device: str | torch.device) -> ChronoEditPipeline:
+        """Run on ``device``: transformer and VAE live there; the encoders visit it only to encode."""
+        self.device = torch.device(device)
+        if not self.offload_models:
+            self.transformer.to(self.device)
+            self.vae.to(self.device)
+        return self
+
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> ChronoEditPipeline:
+        """Keep every component on the CPU and move each to ``device`` only while it works."""
+        self.offload_models = True
+        self.device = torch.device(device)
+        for module in (self.transformer, self.vae, self.text_encoder, self.image_encoder):
+            module.to(CPU)
+        return self
+
+    def set_flow_shift(self, flow_shift: float) -> None:
+        """Rebuild the scheduler with another flow shift (5.0 by default; 2.0 for the 8-step distilled LoRA)."""
+        self.scheduler = type(self.scheduler).from_config(self.scheduler.config, flow_shift=flow_shift)
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        self._progress = kwargs
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    # ----- the algorithm ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: PIL.Image.Image | np.ndarray | torch.Tensor,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+        max_sequence_length: int = TEXT_TOKENS,
+        enable_temporal_reasoning: bool = False,
+        num_temporal_reasoning_steps: int | None = None,
+        return_trajectory: bool = False,
+    ) -> ChronoEditPipelineOutput | tuple[Any, ...]:
+        """Edit ``image`` as ``prompt`` says. Sizes default to the 720x1280 area at the image's aspect ratio;
+        ``num_frames`` to 5 (29 with temporal reasoning); ``num_temporal_reasoning_steps`` to all steps."""
+        req = check_inputs(self, locals())
+        cond = self.encode_conditioning(req)
+        latents, condition = self.prepare_latents(req)
+        result = self.denoise(req, cond, latents, condition)
+        if req.output_type == "latent":
+            frames, trajectory = result.latents, result.trajectory_latents
+        else:
+            frames, trajectory = self.decode(req, result)
+        output = ChronoEditPipelineOutput(frames=frames, trajectory=trajectory)
+        return output if return_dict else (frames,) if trajectory is None else (frames, trajectory)
+
+    def encode_conditioning(self, req: EditRequest) -> Conditioning:
+        """Text embeddings (negative only with CFG) and CLIP image tokens, each encoder visiting the device."""
+        batch = len(req.prompts) * req.num_videos_per_prompt
+        with resident(self.text_encoder, self.device, self.offload_encoders or self.offload_models):
+            positive = req.prompt_embeds
+            if positive is None:
+                positive = encode_text(self.tokenizer, self.text_encoder, req.prompts, req.max_sequence_length)
+            negative = req.negative_prompt_embeds
+            if req.do_cfg and negative is None:
+                negative = encode_text(self.tokenizer, self.text_encoder, req.negative_prompts, req.max_sequence_length)
+        with resident(self.image_encoder, self.device, self.offload_encoders or self.offload_models):
+            image_embeds = encode_image(self.image_processor, self.image_encoder, [req.image])
+        dtype, device = self.transformer.dtype, self.device
+        return Conditioning(
+            prompt_embeds=expand(positive, req.num_videos_per_prompt).to(device, dtype),
+            negative_prompt_embeds=None
+            if negative is None
+            else expand(negative, req.num_videos_per_prompt).to(device, dtype),
+            image_embeds=image_embeds.expand(batch, -1, -1).to(device, dtype),
+        )
+
+    def prepare_latents(self, req: EditRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise [B, 16, F_lat, h, w] (float32) and the condition [B, 4 + 16, F_lat, h, w]: first-frame mask and
+        the VAE latents of the input followed by black frames."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        batch = len(req.prompts) * req.num_videos_per_prompt
+        frames, factor = latent_frames(req.num_frames), self.vae_spatial_factor
+        shape = (batch, self.vae.config.z_dim, frames, req.height // factor, req.width // factor)
+        if req.latents is None:
+            latents = randn_tensor(shape, generator=req.generator, device=self.device, dtype=torch.float32)
+        else:
+            latents = req.latents.to(self.device, torch.float32)
+        with resident(self.vae, self.device, self.offload_models):
+            image = image_to_tensor(req.image, req.width, req.height)
+            image_latents = encode_condition(self.vae, image, req.num_frames).to(self.device)
+        mask = first_frame_mask(batch, frames, *shape[-2:], device=self.device)
+        return latents, torch.cat([mask, image_latents.expand(batch, -1, -1, -1, -1)], dim=1)
+
+    def denoise(
+        self, req: EditRequest, cond: Conditioning, latents: torch.Tensor, condition: torch.Tensor
+    ) -> DenoiseResult:
+        """The sampling loop; the reasoning frames leave latents, condition and solver history at the drop step."""
+        plan = req.reasoning
+        self.scheduler.set_timesteps(req.num_inference_steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        trajectory_latents = None
+        self._interrupt = False
+        with resident(self.transformer, self.device, self.offload_models), self.progress_bar(len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                if self._interrupt:
+                    break
+                if i == plan.drop_step:
+                    latents, condition = reasoning.drop_reasoning_frames(latents, condition, self.scheduler)
+                flow = self.predict_flow(latents, condition, t, cond, req)
+                if i == plan.capture_step and req.return_trajectory:
+                    trajectory_latents = reasoning.clean_prediction(latents, flow, self.scheduler.sigmas[i])
+                latents = self.scheduler.step(flow, t, latents, return_dict=False)[0]
+                if req.callback is not None:
+                    latents, cond = self.run_callback(req, i, t, latents, cond)
+                bar.update()
+        return DenoiseResult(latents=latents, trajectory_latents=trajectory_latents)
+
+    def predict_flow(
+        self, latents: torch.Tensor, condition: torch.Tensor, t: torch.Tensor, cond: Conditioning, req: EditRequest
+    ) -> torch.Tensor:
+        """One model evaluation, with classifier-free guidance when guidance_scale > 1: [B, 16, F, h, w]."""
+        model_input = torch.cat([latents, condition], dim=1).to(self.transformer.dtype)  # [B, 36, F, h, w]
+        timestep = t.expand(latents.shape[0])
+
+        def run(text: torch.Tensor) -> torch.Tensor:
+            return self.transformer(
+                model_input, timestep, text, cond.image_embeds, return_dict=False, attention_kwargs=req.attention_kwargs
+            )[0]
+
+        flow = run(cond.prompt_embeds)
+        if req.do_cfg:
+            uncond = run(cond.negative_prompt_embeds)
+            flow = uncond + req.guidance_scale * (flow - uncond)
+        return flow
+
+    def decode(self, req: EditRequest, result: DenoiseResult) -> tuple[Any, Any]:
+        """Latents -> frames (and the trajectory) in ``output_type``. A never-dropped reasoning video decodes as the
+        reference does: reasoning frames from all latents but the last, then the edit's frames after its first."""
+        with resident(self.vae, self.device, self.offload_models):
+            edit_video = decode_latents(self.vae, reasoning.keep_edit_frames(result.latents))  # [B, 3, 5, H, W]
+            video = edit_video
+            if result.latents.shape[2] > 2:
+                video = reasoning.join_trajectory(decode_latents(self.vae, result.latents[:, :, :-1]), edit_video)
+            trajectory = None
+            if req.return_trajectory:  # never dropped: the video is the trajectory
+                trajectory = video
+                if result.trajectory_latents is not None:
+                    reasoning_video = decode_latents(self.vae, result.trajectory_latents[:, :, :-1])
+                    trajectory = reasoning.join_trajectory(reasoning_video, edit_video)
+        frames = postprocess(video, req.output_type)
+        return frames, None if trajectory is None else postprocess(trajectory, req.output_type)
+
+    # ----- helpers ---------------------------------------------------------------------------------------------
+    def run_callback(
+        self, req: EditRequest, i: int, t: torch.Tensor, latents: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, Conditioning]:
+        """diffusers-style ``callback_on_step_end(pipe, step, timestep, tensors) -> tensors``."""
+        available = {
+            "latents": latents,
+            "prompt_embeds": cond.prompt_embeds,
+            "negative_prompt_embeds": cond.negative_prompt_embeds,
+        }
+        outputs = req.callback(self, i, t, {k: available[k] for k in req.callback_tensor_inputs}) or {}
+        cond.prompt_embeds = outputs.get("prompt_embeds", cond.prompt_embeds)
+        cond.negative_prompt_embeds = outputs.get("negative_prompt_embeds", cond.negative_prompt_embeds)
+        return outputs.get("latents", latents), cond
+
+    def interrupt(self) -> None:
+        """Stop after the current step (callable from a step callback)."""
+        self._interrupt = True
+
+    def progress_bar(self, total: int) -> tqdm:
+        return tqdm(total=total, desc="denoising", unit="step", **self._progress)
+
+    @property
+    def vae_spatial_factor(self) -> int:
+        return int(getattr(self.vae.config, "scale_factor_spatial", 8))
+
+
+def expand(embeds: torch.Tensor, copies: int) -> torch.Tensor:
+    """[B, ...] -> [B * copies, ...], each row repeated ``copies`` times in place (prompt-major order)."""
+    return embeds.repeat_interleave(copies, dim=0)
