@@ -144,14 +144,11 @@ class ChronoEditPipeline:
     ) -> ChronoEditPipelineOutput | tuple[Any, ...]:
         """Edit ``image`` as ``prompt`` says. Sizes default to the 720x1280 area at the image's aspect ratio;
         ``num_frames`` to 5 (29 with temporal reasoning); ``num_temporal_reasoning_steps`` to all steps."""
-        req = check_inputs(self, locals())
-        cond = self.encode_conditioning(req)
-        latents, condition = self.prepare_latents(req)
-        result = self.denoise(req, cond, latents, condition)
-        if req.output_type == "latent":
-            frames, trajectory = result.latents, result.trajectory_latents
-        else:
-            frames, trajectory = self.decode(req, result)
+        req = check_inputs(self, locals())  # 1. one clear error per bad argument, before any model runs
+        cond = self.encode_conditioning(req)  # 2. UMT5 text (and negative) embeddings, CLIP image tokens
+        latents, condition = self.prepare_latents(req)  # 3. noise; first-frame mask + input image latents
+        result = self.denoise(req, cond, latents, condition)  # 4. sampling; reasoning frames dropped at their step
+        frames, trajectory = self.decode(req, result)  # 5. VAE decode and postprocess (or latents as they are)
         output = ChronoEditPipelineOutput(frames=frames, trajectory=trajectory)
         return output if return_dict else (frames,) if trajectory is None else (frames, trajectory)
 
@@ -216,6 +213,8 @@ class ChronoEditPipeline:
                 if req.callback is not None:
                     latents, cond = self.run_callback(req, i, t, latents, cond)
                 bar.update()
+        if not torch.isfinite(latents).all():
+            raise ValueError("the denoised latents contain NaN or Inf (an fp16 overflow? run in bf16 or fp32)")
         return DenoiseResult(latents=latents, trajectory_latents=trajectory_latents)
 
     def predict_flow(
@@ -239,6 +238,11 @@ class ChronoEditPipeline:
     def decode(self, req: EditRequest, result: DenoiseResult) -> tuple[Any, Any]:
         """Latents -> frames (and the trajectory) in ``output_type``. A never-dropped reasoning video decodes as the
         reference does: reasoning frames from all latents but the last, then the edit's frames after its first."""
+        if req.output_type == "latent":
+            trajectory = result.trajectory_latents
+            if req.return_trajectory and trajectory is None:  # never dropped: the latents are the trajectory
+                trajectory = result.latents
+            return result.latents, trajectory
         with resident(self.vae, self.device, self.offload_models):
             edit_video = decode_latents(self.vae, reasoning.keep_edit_frames(result.latents))  # [B, 3, 5, H, W]
             video = edit_video

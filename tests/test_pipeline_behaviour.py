@@ -1,0 +1,102 @@
+"""Pipeline behaviour beyond parity: component placement, NaN handling, flow shift, callbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import chronoedit.pipeline as pipeline_module
+from chronoedit import ChronoEditPipeline
+
+ARGS = {"prompt": "a red cup", "height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 1.0}
+
+
+@pytest.fixture
+def pipe(tiny_ckpt):
+    pipe = ChronoEditPipeline.from_pretrained(tiny_ckpt)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.fromarray((np.random.RandomState(1).rand(32, 32, 3) * 255).astype("uint8"))
+
+
+def spy_residency(monkeypatch, pipe):
+    """Record (component, offload flag) every time a component is brought to the device."""
+    names = {id(getattr(pipe, n)): n for n in ("text_encoder", "image_encoder", "transformer", "vae")}
+    seen: list[tuple[str, bool]] = []
+    real = pipeline_module.resident
+
+    def spy(module, device, offload):
+        seen.append((names.get(id(module), "?"), offload))
+        return real(module, device, offload)
+
+    monkeypatch.setattr(pipeline_module, "resident", spy)
+    return seen
+
+
+def test_encoders_leave_the_device_before_denoising(pipe, image, monkeypatch):
+    seen = spy_residency(monkeypatch, pipe)
+    pipe(image=image, **ARGS)
+    flags = dict(seen)
+    assert flags["text_encoder"] is True and flags["image_encoder"] is True
+    assert flags["transformer"] is False and flags["vae"] is False
+    order = [name for name, _ in seen]
+    assert order.index("text_encoder") < order.index("transformer")
+
+
+def test_model_offload_moves_every_component(pipe, image, monkeypatch):
+    pipe.enable_model_cpu_offload("cpu")
+    seen = spy_residency(monkeypatch, pipe)
+    pipe(image=image, **ARGS)
+    assert {name for name, offload in seen if offload} == {"text_encoder", "image_encoder", "transformer", "vae"}
+
+
+def test_non_finite_latents_raise_a_clear_error(pipe, image):
+    def poison(_pipe, _step, _t, tensors):
+        return {"latents": tensors["latents"] * float("nan")}
+
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pipe(image=image, callback_on_step_end=poison, **ARGS)
+
+
+def test_flow_shift_changes_the_schedule(pipe, image):
+    pipe.set_flow_shift(5.0)
+    pipe.scheduler.set_timesteps(4)
+    shift5 = pipe.scheduler.sigmas.clone()
+    pipe.set_flow_shift(2.0)
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.config.flow_shift == 2.0
+    assert (pipe.scheduler.sigmas[1:-1] < shift5[1:-1]).all()  # a lower shift spends less time at high noise
+
+
+def test_callback_sees_every_step_and_can_interrupt(pipe, image):
+    steps = []
+
+    def stop_after_first(p, step, _t, tensors):
+        steps.append(step)
+        p.interrupt()
+        return tensors
+
+    pipe(image=image, callback_on_step_end=stop_after_first, **{**ARGS, "num_inference_steps": 3})
+    assert steps == [0]
+
+
+def test_default_size_is_the_720x1280_area_at_the_image_aspect(pipe, monkeypatch):
+    """Without height/width the edit runs at NVIDIA's 720x1280 area; caught on the request before any model runs."""
+
+    class Stop(Exception):
+        pass
+
+    def stop(req):
+        raise Stop(req)
+
+    monkeypatch.setattr(pipe, "encode_conditioning", stop)
+    with pytest.raises(Stop) as caught:
+        pipe(image=Image.new("RGB", (640, 360)), prompt="x")
+    req = caught.value.args[0]
+    assert (req.width, req.height, req.num_frames) == (1280, 720, 5)
