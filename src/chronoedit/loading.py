@@ -24,6 +24,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 # Keys present in some Wan checkpoints that ChronoEdit has no module for (as diffusers ignores them).
 IGNORED_KEYS = ("norm_added_q",)
+COMPONENTS = ("tokenizer", "text_encoder", "image_encoder", "image_processor", "vae", "scheduler", "transformer")
 
 
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike[str]) -> Path:
@@ -160,6 +161,9 @@ def load_pipeline_components(
     them); UMT5 and the transformer in ``torch_dtype``.
     """
     root = resolve_checkpoint(path_or_repo_id)
+    for name in COMPONENTS:  # fail fast, before minutes of loading the 14B's other parts
+        if given.get(name) is None:
+            component_dir(root, name)
     loaders = {
         "tokenizer": lambda: _load_with("tokenizer", root, _tokenizer),
         "text_encoder": lambda: _load_with("text_encoder", root, lambda d: _text_encoder(d, torch_dtype)),
@@ -178,6 +182,8 @@ def load_pipeline_components(
 def _load_with(name: str, root: Path, load: Any) -> Any:
     """Run a library loader on one component folder, turning its errors into one line naming the component."""
     folder = component_dir(root, name)
+    for path in sorted(folder.glob("*.json")):
+        read_json(path)  # name a corrupt config file; the libraries' JSON errors carry no path
     try:
         return load(folder)
     except (OSError, ValueError, KeyError, RuntimeError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,17 +133,25 @@ def _check_size(image: PIL.Image.Image, width: int | None, height: int | None, p
         return auto_size(*image.size)
     multiple = pipe.vae_spatial_factor * pipe.transformer.config.patch_size[1]
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value < multiple or value % multiple:
+        if not _is_int(value) or value < multiple or value % multiple:
             raise ValueError(f"{name} must be a multiple of {multiple} and at least {multiple}, got {value}")
-    return width, height
+    return int(width), int(height)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_frames(args: dict[str, Any]) -> tuple[int, ReasoningPlan]:
     """num_frames and the reasoning plan; nothing is silently replaced."""
     steps, reasoning = args["num_inference_steps"], bool(args["enable_temporal_reasoning"])
-    if not isinstance(steps, int) or steps < 1:
+    if not _is_int(steps) or steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {steps}")
-    num_frames = args["num_frames"] or (REASONING_FRAMES if reasoning else PLAIN_EDIT_FRAMES)
+    num_frames = args["num_frames"]
+    if num_frames is None:
+        num_frames = REASONING_FRAMES if reasoning else PLAIN_EDIT_FRAMES
+    if not _is_int(num_frames) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
     if not reasoning and num_frames != PLAIN_EDIT_FRAMES:
         raise ValueError(
             f"num_frames={num_frames} needs enable_temporal_reasoning=True (a plain edit is {PLAIN_EDIT_FRAMES} frames)"
@@ -155,7 +164,9 @@ def _check_frames(args: dict[str, Any]) -> tuple[int, ReasoningPlan]:
         raise ValueError(f"num_temporal_reasoning_steps must be between 0 and {steps}, got {reasoning_steps}")
     plan = ReasoningPlan(num_inference_steps=steps, reasoning_steps=reasoning_steps, enabled=reasoning)
     if args["return_trajectory"] and (not reasoning or reasoning_steps == 0 or num_frames == PLAIN_EDIT_FRAMES):
-        raise ValueError("return_trajectory needs enable_temporal_reasoning=True and at least 1 reasoning step")
+        raise ValueError(
+            "return_trajectory needs enable_temporal_reasoning=True, at least 1 reasoning step and num_frames > 5"
+        )
     return num_frames, plan
 
 
@@ -165,7 +176,7 @@ def _check_tensors(req: EditRequest, pipe: Any) -> None:
     text_dim = pipe.transformer.config.text_dim
     for name in ("prompt_embeds", "negative_prompt_embeds"):
         value = getattr(req, name)
-        if value is not None and (value.ndim != 3 or value.shape[0] != batch or value.shape[2] != text_dim):
+        if value is not None and (value.ndim != 3 or tuple(value.shape) != (batch, TEXT_TOKENS, text_dim)):
             raise ValueError(f"{name} must be [{batch}, {TEXT_TOKENS}, {text_dim}], got {tuple(value.shape)}")
     if isinstance(req.generator, list) and len(req.generator) != batch * req.num_videos_per_prompt:
         raise ValueError(f"got {len(req.generator)} generators for {batch * req.num_videos_per_prompt} videos")
