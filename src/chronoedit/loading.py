@@ -210,9 +210,11 @@ def _image_encoder(folder: Path) -> torch.nn.Module:
 
 
 def _image_processor(folder: Path) -> Any:
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor.from_pretrained(folder)
+    try:  # transformers 5: the PIL implementation, what NVIDIA's runs used (no torchvision needed, no warning)
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL implementation
+        from transformers import CLIPImageProcessor as Processor
+    return Processor.from_pretrained(folder)
 
 
 def _vae(folder: Path) -> torch.nn.Module:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,12 +12,11 @@ import PIL.Image
 import torch
 
 from .encoders import TEXT_TOKENS
+from .io import auto_size
 from .reasoning import ReasoningPlan
 
 PLAIN_EDIT_FRAMES = 5
 REASONING_FRAMES = 29
-DEFAULT_MAX_AREA = 720 * 1280
-SIZE_MULTIPLE = 16
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
@@ -48,16 +46,6 @@ class EditRequest:
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0
-
-
-def auto_size(
-    width: int, height: int, max_area: int = DEFAULT_MAX_AREA, multiple: int = SIZE_MULTIPLE
-) -> tuple[int, int]:
-    """NVIDIA's sizing: keep the aspect ratio at ``max_area`` pixels, both sides multiples of 16. -> (w, h)."""
-    ratio = height / width
-    h = round(math.sqrt(max_area * ratio)) // multiple * multiple
-    w = round(math.sqrt(max_area / ratio)) // multiple * multiple
-    return max(w, multiple), max(h, multiple)
 
 
 def as_pil(image: Any) -> PIL.Image.Image:
