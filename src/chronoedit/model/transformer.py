@@ -71,8 +71,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.transpose(1, 2).flatten(2)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over video tokens with RMS-normed q/k (over all heads) and RoPE."""
+class Attention(nn.Module):
+    """Projections shared by both attentions: q/k/v/out over D, RMS norms of q and k across all heads."""
 
     def __init__(self, dim: int, heads: int, eps: float) -> None:
         super().__init__()
@@ -82,25 +82,27 @@ class SelfAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
 
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] -> [B, L, heads, hd]."""
+        return x.unflatten(2, (self.heads, -1))
+
+
+class SelfAttention(Attention):
+    """Multi-head self-attention over video tokens with RoPE on q and k."""
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: [B, L, D] -> [B, L, D]."""
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # [B, L, heads, hd]
-        k = self.norm_k(self.to_k(x)).unflatten(2, (self.heads, -1))
-        v = self.to_v(x).unflatten(2, (self.heads, -1))
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q = apply_rotary(self.split_heads(self.norm_q(self.to_q(x))), *rope)  # [B, L, heads, hd]
+        k = apply_rotary(self.split_heads(self.norm_k(self.to_k(x))), *rope)
+        v = self.split_heads(self.to_v(x))
         return self.to_out[0](attention(q, k, v).type_as(q))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """Video tokens attend to the text tokens and, through added K/V projections, to the CLIP image tokens."""
 
     def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None) -> None:
-        super().__init__()
-        self.heads = heads
-        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        super().__init__(dim, heads, eps)
         self.has_image_kv = added_kv_proj_dim is not None
         if self.has_image_kv:
             self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
@@ -111,13 +113,12 @@ class CrossAttention(nn.Module):
         """x: [B, L, D], context: [B, T, D] (image tokens first, then 512 text tokens) -> [B, L, D]."""
         split = context.shape[1] - TEXT_TOKENS if self.has_image_kv else 0
         image_ctx, text_ctx = context[:, :split], context[:, split:]
-        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # [B, L, heads, hd]
-        k = self.norm_k(self.to_k(text_ctx)).unflatten(2, (self.heads, -1))  # [B, 512, heads, hd]
-        v = self.to_v(text_ctx).unflatten(2, (self.heads, -1))
-        out = attention(q, k, v).type_as(q)  # [B, L, D]
+        q = self.split_heads(self.norm_q(self.to_q(x)))  # [B, L, heads, hd]
+        k = self.split_heads(self.norm_k(self.to_k(text_ctx)))  # [B, 512, heads, hd]
+        out = attention(q, k, self.split_heads(self.to_v(text_ctx))).type_as(q)  # [B, L, D]
         if self.has_image_kv:
-            k_img = self.norm_added_k(self.add_k_proj(image_ctx)).unflatten(2, (self.heads, -1))
-            v_img = self.add_v_proj(image_ctx).unflatten(2, (self.heads, -1))
+            k_img = self.split_heads(self.norm_added_k(self.add_k_proj(image_ctx)))  # [B, N, heads, hd]
+            v_img = self.split_heads(self.add_v_proj(image_ctx))
             out = out + attention(q, k_img, v_img).type_as(q)
         return self.to_out[0](out)
 
