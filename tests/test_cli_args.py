@@ -15,18 +15,19 @@ import pytest
 from PIL import Image
 
 from chronoedit import cli
+from chronoedit.commands import edit as edit_cmd
 
 
 @pytest.fixture(autouse=True)
 def no_model(monkeypatch, tmp_path):
     """Work in a temp folder, without a model path from the environment, with model loading forbidden."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(cli.MODEL_PATH_ENV, raising=False)
+    monkeypatch.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
 
-    def forbidden(request):
+    def forbidden(job):
         raise AssertionError("model loading reached during argument validation")
 
-    monkeypatch.setattr(cli, "load_pipeline", forbidden)
+    monkeypatch.setattr(edit_cmd, "load_pipeline", forbidden)
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def test_missing_model_folder(capsys, image, tmp_path):
 
 
 def test_model_path_from_environment(capsys, image, tmp_path, monkeypatch):
-    monkeypatch.setenv(cli.MODEL_PATH_ENV, str(tmp_path / "missing-model"))
+    monkeypatch.setenv(edit_cmd.MODEL_PATH_ENV, str(tmp_path / "missing-model"))
     code, _, err = run_cli(capsys, "-i", image, "-p", "x")
     assert_one_error(code, err, "missing-model")
 
@@ -210,52 +211,52 @@ def test_process_exit_code_and_no_traceback(image, tmp_path):
     assert result.stderr.strip().splitlines() == [f"chronoedit: error: input image not found: {tmp_path / 'nope.png'}"]
 
 
-# ---------------------------------------------------------------------------------------- requests and outputs (fake)
-def _request(image, *flags):
-    return cli.build_edit_request(cli.parse_args(["edit", "-i", str(image), "-p", "x", *flags]))
+# -------------------------------------------------------------------------------------------- jobs and outputs (fake)
+def _job(image, *flags):
+    return edit_cmd.build_edit_job(cli.parse_args(["edit", "-i", str(image), "-p", "x", *flags]))
 
 
 def test_defaults(image):
-    request = _request(image, "--model-path", ".")
-    assert (request.num_inference_steps, request.guidance_scale, request.flow_shift, request.seed) == (50, 5.0, 5.0, 0)
-    assert (request.width, request.height) == cli.cio.auto_size(96, 64)
-    assert request.num_frames == 5 and not request.enable_temporal_reasoning
-    assert request.output == cli.DEFAULT_OUTPUT and request.output_image is None
-    reasoning = _request(image, "--model-path", ".", "--enable-temporal-reasoning")
+    job = _job(image, "--model-path", ".")
+    assert (job.num_inference_steps, job.guidance_scale, job.flow_shift, job.seed) == (50, 5.0, 5.0, 0)
+    assert (job.width, job.height) == edit_cmd.cio.auto_size(96, 64)
+    assert job.num_frames == 5 and not job.enable_temporal_reasoning
+    assert job.output == edit_cmd.DEFAULT_OUTPUT and job.output_image is None
+    reasoning = _job(image, "--model-path", ".", "--enable-temporal-reasoning")
     assert reasoning.num_frames == 29 and reasoning.num_temporal_reasoning_steps == 50
     assert not reasoning.return_trajectory  # a .png output needs no trajectory
 
 
 def test_demo_defaults(image):
-    request = cli.build_edit_request(cli.parse_args(["edit", "-i", str(image)]))
-    assert request.model_path == "demo" and request.prompt == cli.DEMO_PROMPT
-    assert request.num_inference_steps == 4 and request.dtype == "fp32"
-    assert request.width * request.height <= 256 * 256 and (request.width, request.height) == (304, 208)
-    assert request.image.size == (304, 208)
+    job = edit_cmd.build_edit_job(cli.parse_args(["edit", "-i", str(image)]))
+    assert job.model_path == "demo" and job.prompt == edit_cmd.DEMO_PROMPT
+    assert job.num_inference_steps == 4 and job.dtype == "fp32"
+    assert job.width * job.height <= 256 * 256 and (job.width, job.height) == (304, 208)
+    assert job.image.size == (304, 208)
 
 
 def test_default_input_when_none_given():
-    request = cli.build_edit_request(cli.parse_args(["edit"]))
-    assert request.image.size == (request.width, request.height)
-    assert request.input_name in ("example image", "example image (drawn)")
+    job = edit_cmd.build_edit_job(cli.parse_args(["edit"]))
+    assert job.image.size == (job.width, job.height)
+    assert job.input_name in ("example image", "example image (drawn)")
 
 
 def test_drawn_example_when_asset_missing(monkeypatch, tmp_path):
     monkeypatch.setattr("importlib.resources.files", lambda package: tmp_path / "no-assets")
-    request = cli.build_edit_request(cli.parse_args(["edit"]))
-    assert request.input_name == "example image (drawn)" and request.image.size == (request.width, request.height)
+    job = edit_cmd.build_edit_job(cli.parse_args(["edit"]))
+    assert job.input_name == "example image (drawn)" and job.image.size == (job.width, job.height)
 
 
 def test_no_trajectory_requested_without_reasoning_steps(image):
-    request = _request(image, "--enable-temporal-reasoning", "--num-temporal-reasoning-steps", "0", "-o", "v.mp4")
-    assert not request.return_trajectory
-    assert _request(image, "--enable-temporal-reasoning", "-o", "v.mp4").return_trajectory
+    job = _job(image, "--enable-temporal-reasoning", "--num-temporal-reasoning-steps", "0", "-o", "v.mp4")
+    assert not job.return_trajectory
+    assert _job(image, "--enable-temporal-reasoning", "-o", "v.mp4").return_trajectory
 
 
 def test_explicit_size_and_output_image_only(image):
-    request = _request(image, "--height", "32", "--width", "48", "--output-image", "e.png")
-    assert (request.width, request.height) == (48, 32) and request.image.size == (48, 32)
-    assert request.output is None and str(request.output_image) == "e.png"
+    job = _job(image, "--height", "32", "--width", "48", "--output-image", "e.png")
+    assert (job.width, job.height) == (48, 32) and job.image.size == (48, 32)
+    assert job.output is None and str(job.output_image) == "e.png"
 
 
 class FakePipe:
@@ -277,7 +278,7 @@ class FakePipe:
 
 
 def _run_fake(monkeypatch, capsys, pipe, *argv):
-    monkeypatch.setattr(cli, "load_pipeline", lambda request: pipe)
+    monkeypatch.setattr(edit_cmd, "load_pipeline", lambda job: pipe)
     code = cli.main(["edit", *map(str, argv)])
     out, err = capsys.readouterr()
     return code, out, err
@@ -388,9 +389,9 @@ def test_fake_missing_trajectory_writes_nothing(monkeypatch, capsys, image, tmp_
 
 
 def test_keyboard_interrupt(monkeypatch, capsys, image):
-    def interrupted(request):
+    def interrupted(job):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_pipeline", interrupted)
+    monkeypatch.setattr(edit_cmd, "load_pipeline", interrupted)
     assert cli.main(["edit", "-i", str(image), "-p", "x"]) == 130
     assert capsys.readouterr().err.strip() == "chronoedit: interrupted"

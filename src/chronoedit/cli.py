@@ -1,76 +1,18 @@
-"""The ``chronoedit`` command line: parse flags, validate them cheaply, call the library, write the outputs.
+"""The ``chronoedit`` command line: a thin dispatcher over the subcommands in :mod:`chronoedit.commands`.
 
-``chronoedit edit`` takes the flags of NVIDIA's ``run_inference_diffusers.py``. Everything that can be checked without
-the model (input image, output paths, sizes, frame counts, step counts) is checked before the model is loaded.
+Each subcommand module registers its parser and a ``handler``; :func:`main` parses, calls the handler and applies one
+error policy: user errors (bad input, paths, values, anything raised by chronoedit) become one line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-from PIL import Image
 
 from . import __version__
-from . import io as cio
-
-DEMO = "demo"
-DEMO_PROMPT = "put a red hat on the cup"
-DEMO_MAX_AREA = 256 * 256
-DEMO_STEPS = 4
-DEFAULT_STEPS = 50
-DEFAULT_OUTPUT = Path("outputs/edit.png")
-EDIT_FRAMES = 5
-REASONING_FRAMES = 29
-VIDEO_FPS = 8
-MODEL_PATH_ENV = "CHRONOEDIT_MODEL_PATH"
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-DEMO_NOTICE = (
-    "chronoedit: note: the demo model has random weights, so its output is noise; for real edits point --model-path "
-    f"(or {MODEL_PATH_ENV}) at a ChronoEdit diffusers checkpoint folder, e.g. a saved nvidia/ChronoEdit-14B-Diffusers"
-)
+from .commands import edit
 
 
-@dataclass
-class EditRequest:
-    """A fully validated ``chronoedit edit`` invocation; ``image`` is already resized to ``width`` x ``height``."""
-
-    image: Image.Image
-    input_name: str
-    prompt: str
-    negative_prompt: str | None
-    width: int
-    height: int
-    num_frames: int
-    num_inference_steps: int
-    guidance_scale: float
-    flow_shift: float
-    seed: int
-    model_path: str
-    device: str
-    dtype: str
-    offload_model: bool
-    enable_temporal_reasoning: bool
-    num_temporal_reasoning_steps: int
-    output: Path | None
-    output_image: Path | None
-    trajectory: Path | None
-    trajectory_sheet: Path | None
-    quiet: bool
-
-    @property
-    def return_trajectory(self) -> bool:
-        """Ask for the trajectory when reasoning runs for at least one step and a video or trajectory is wanted."""
-        wants_video = self.output is not None and cio.output_kind(self.output) == "video"
-        wanted = wants_video or self.trajectory is not None or self.trajectory_sheet is not None
-        return self.enable_temporal_reasoning and self.num_temporal_reasoning_steps >= 1 and wanted
-
-
-# ------------------------------------------------------------------------------------------------------------ parsing
 class _Parser(argparse.ArgumentParser):
     """argparse with the same one-line error format as the rest of the CLI (exit code 2)."""
 
@@ -79,429 +21,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``chronoedit`` parser; every subcommand module registers itself (parser, flags and handler)."""
     parser = _Parser(prog="chronoedit", description="ChronoEdit: physically consistent image editing.")
     parser.add_argument("--version", action="version", version=f"chronoedit {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    edit = commands.add_parser(
-        "edit",
-        help="edit one image with a text instruction",
-        description="Edit an image with a text instruction (NVIDIA's flag names).",
-    )
-    _add_edit_io_args(edit)
-    _add_edit_sampling_args(edit)
-    _add_edit_reasoning_args(edit)
-    _add_edit_runtime_args(edit)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    edit.register(subparsers)
     return parser
 
 
-def _add_edit_io_args(edit: argparse.ArgumentParser) -> None:
-    group = edit.add_argument_group("input and output")
-    group.add_argument("-i", "--input", metavar="IMAGE", help="input image (default: the shipped example image)")
-    group.add_argument("-p", "--prompt", metavar="TEXT", help="edit instruction (required unless --model-path demo)")
-    group.add_argument("--negative-prompt", metavar="TEXT", default=None, help="negative prompt (default: empty)")
-    group.add_argument(
-        "-o",
-        "--output",
-        type=Path,
-        metavar="PATH",
-        default=None,
-        help=f"edited image (.png/.jpg/.jpeg/.webp) or video (.mp4); default {DEFAULT_OUTPUT} "
-        "unless --output-image is given; with reasoning an .mp4 is the trajectory video "
-        "unless --trajectory is given",
-    )
-    group.add_argument("--output-image", type=Path, metavar="PATH", help="also write the edited image here")
-
-
-def _add_edit_sampling_args(edit: argparse.ArgumentParser) -> None:
-    group = edit.add_argument_group("sampling")
-    group.add_argument(
-        "--num-inference-steps",
-        type=int,
-        metavar="N",
-        default=None,
-        help=f"denoising steps (default {DEFAULT_STEPS}; {DEMO_STEPS} with the demo model)",
-    )
-    group.add_argument("--guidance-scale", type=float, metavar="G", default=5.0, help="guidance scale (default 5.0)")
-    group.add_argument("--flow-shift", type=float, metavar="S", default=5.0, help="scheduler flow shift (default 5.0)")
-    group.add_argument("--height", type=int, metavar="H", help="output height, a multiple of 16 (with --width)")
-    group.add_argument("--width", type=int, metavar="W", help="output width, a multiple of 16 (with --height)")
-    group.add_argument(
-        "--max-area",
-        type=int,
-        metavar="PIXELS",
-        default=None,
-        help="pixel area for automatic sizing that keeps the aspect ratio "
-        "(default 720*1280; 256*256 with the demo model)",
-    )
-    group.add_argument("--seed", type=int, metavar="N", default=0, help="random seed (default 0)")
-
-
-def _add_edit_reasoning_args(edit: argparse.ArgumentParser) -> None:
-    group = edit.add_argument_group("temporal reasoning")
-    group.add_argument(
-        "--enable-temporal-reasoning",
-        action="store_true",
-        help="imagine the edit as a video first (29 frames) for more physically plausible edits",
-    )
-    group.add_argument(
-        "--num-temporal-reasoning-steps",
-        type=int,
-        metavar="N",
-        default=None,
-        help="steps that keep the reasoning frames (default: all steps)",
-    )
-    group.add_argument(
-        "--num-frames",
-        type=int,
-        metavar="N",
-        default=None,
-        help=f"frames, 4k+1 (default {REASONING_FRAMES} with reasoning, {EDIT_FRAMES} without)",
-    )
-    group.add_argument("--trajectory", type=Path, metavar="PATH", help="write the reasoning trajectory video (.mp4)")
-    group.add_argument(
-        "--trajectory-sheet",
-        type=Path,
-        metavar="PATH",
-        default=None,
-        help="write the reasoning trajectory as a contact sheet image (.png)",
-    )
-
-
-def _add_edit_runtime_args(edit: argparse.ArgumentParser) -> None:
-    group = edit.add_argument_group("model and device")
-    group.add_argument(
-        "--model-path",
-        metavar="PATH",
-        default=None,
-        help=f"ChronoEdit diffusers checkpoint folder (default: ${MODEL_PATH_ENV}, else '{DEMO}', "
-        "a tiny random-weight model whose output is noise)",
-    )
-    group.add_argument("--device", metavar="DEVICE", help="torch device (default: cuda if available, else cpu)")
-    group.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default=None,
-        help="model dtype (default: bf16 on GPU, fp32 on CPU and for the demo model)",
-    )
-    group.add_argument(
-        "--offload_model",
-        "--offload-model",
-        dest="offload_model",
-        action="store_true",
-        help="keep components on the CPU and move each to the GPU only while it runs",
-    )
-    group.add_argument("--quiet", action="store_true", help="no progress bar or stage messages")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``); argparse errors exit with code 2 after one line."""
     return build_parser().parse_args(argv)
 
 
-# --------------------------------------------------------------------------------------------------------- validation
-def build_edit_request(args: argparse.Namespace) -> EditRequest:
-    """Check every flag that can be checked without the model; load and resize the input image."""
-    model_path = args.model_path or os.environ.get(MODEL_PATH_ENV) or DEMO
-    demo = model_path == DEMO
-    prompt = args.prompt if args.prompt is not None else (DEMO_PROMPT if demo else None)
-    if prompt is None or not prompt.strip():
-        raise ValueError("--prompt is required (it may only be left out with --model-path demo)")
-    steps = _resolve_steps(args, demo)
-    reasoning, reasoning_steps, num_frames = _resolve_reasoning(args, steps)
-    outputs = _resolve_outputs(args, reasoning, reasoning_steps)
-    _check_size_flags(args)
-    device, dtype = _resolve_device(args, demo)
-    if not demo:
-        _check_model_path(model_path)
-    input_name, image = _read_input(args.input)
-    width, height = _resolve_size(args, image, demo)
-    for path in outputs.values():
-        if path is not None:
-            cio.check_writable(path)  # last: it may create the output folder
-    if args.offload_model and device == "cpu" and not args.quiet:
-        print("chronoedit: note: --offload_model has no effect on the CPU", file=sys.stderr)
-    return EditRequest(
-        image=cio.resize_for_edit(image, width, height),
-        input_name=input_name,
-        prompt=prompt,
-        negative_prompt=args.negative_prompt,
-        width=width,
-        height=height,
-        num_frames=num_frames,
-        num_inference_steps=steps,
-        guidance_scale=args.guidance_scale,
-        flow_shift=args.flow_shift,
-        seed=args.seed,
-        model_path=model_path,
-        device=device,
-        dtype=dtype,
-        offload_model=args.offload_model and device != "cpu",
-        enable_temporal_reasoning=reasoning,
-        num_temporal_reasoning_steps=reasoning_steps,
-        **outputs,
-        quiet=args.quiet,
-    )
-
-
-def _resolve_steps(args: argparse.Namespace, demo: bool) -> int:
-    steps = args.num_inference_steps
-    if steps is None:
-        steps = DEMO_STEPS if demo else DEFAULT_STEPS
-    if steps < 1:
-        raise ValueError(f"--num-inference-steps must be at least 1, got {steps}")
-    if args.guidance_scale < 0:
-        raise ValueError(f"--guidance-scale must not be negative, got {args.guidance_scale}")
-    if args.flow_shift <= 0:
-        raise ValueError(f"--flow-shift must be positive, got {args.flow_shift}")
-    return steps
-
-
-def _resolve_reasoning(args: argparse.Namespace, steps: int) -> tuple[bool, int, int]:
-    """(enabled, reasoning steps, num_frames), checked against each other."""
-    if not args.enable_temporal_reasoning:
-        if args.num_temporal_reasoning_steps is not None:
-            raise ValueError("--num-temporal-reasoning-steps needs --enable-temporal-reasoning")
-        if args.num_frames is not None and args.num_frames != EDIT_FRAMES:
-            raise ValueError(
-                f"--num-frames {args.num_frames} needs --enable-temporal-reasoning "
-                f"(an edit without reasoning has {EDIT_FRAMES} frames)"
-            )
-        return False, 0, EDIT_FRAMES
-    frames = args.num_frames if args.num_frames is not None else REASONING_FRAMES
-    if frames < 9 or (frames - 1) % 4:
-        raise ValueError(
-            f"with --enable-temporal-reasoning, --num-frames must be 4k+1 and at least 9 "
-            f"(e.g. {REASONING_FRAMES}), got {frames}"
-        )
-    reasoning_steps = steps if args.num_temporal_reasoning_steps is None else args.num_temporal_reasoning_steps
-    if not 0 <= reasoning_steps <= steps:
-        raise ValueError(
-            f"--num-temporal-reasoning-steps must be between 0 and --num-inference-steps ({steps}), "
-            f"got {reasoning_steps}"
-        )
-    return True, reasoning_steps, frames
-
-
-def _resolve_outputs(args: argparse.Namespace, reasoning: bool, reasoning_steps: int) -> dict[str, Path | None]:
-    """Output paths by role; suffixes match their role and paths are distinct (writability is checked later)."""
-    output = args.output if args.output is not None or args.output_image is not None else DEFAULT_OUTPUT
-    outputs = {
-        "output": output,
-        "output_image": args.output_image,
-        "trajectory": args.trajectory,
-        "trajectory_sheet": args.trajectory_sheet,
-    }
-    if (args.trajectory or args.trajectory_sheet) and not (reasoning and reasoning_steps >= 1):
-        flag = "--trajectory" if args.trajectory else "--trajectory-sheet"
-        raise ValueError(f"{flag} needs --enable-temporal-reasoning with at least 1 reasoning step")
-    required = {"output_image": "image", "trajectory": "video", "trajectory_sheet": "image"}
-    seen: dict[Path, str] = {}
-    for role, path in outputs.items():
-        if path is None:
-            continue
-        flag = "--" + role.replace("_", "-")
-        kind = cio.output_kind(path)
-        if role in required and kind != required[role]:
-            raise ValueError(f"{flag} {path} must be {'a .mp4 video' if kind == 'image' else 'an image'}")
-        key = Path(os.path.abspath(path))
-        if key in seen:
-            raise ValueError(f"{flag} and {seen[key]} both write {path}")
-        seen[key] = flag
-    return outputs
-
-
-def _check_size_flags(args: argparse.Namespace) -> None:
-    if (args.height is None) != (args.width is None):
-        raise ValueError("--height and --width must be given together (or neither, for automatic sizing)")
-    if args.height is not None:
-        cio.check_size(args.width, args.height)
-    if args.max_area is not None and args.max_area < 16 * 16:
-        raise ValueError(f"--max-area must be at least 256 pixels, got {args.max_area}")
-
-
-def _resolve_size(args: argparse.Namespace, image: Image.Image, demo: bool) -> tuple[int, int]:
-    if args.height is not None:
-        return args.width, args.height
-    max_area = args.max_area if args.max_area is not None else (DEMO_MAX_AREA if demo else cio.DEFAULT_MAX_AREA)
-    return cio.auto_size(*image.size, max_area=max_area)
-
-
-def _resolve_device(args: argparse.Namespace, demo: bool) -> tuple[str, str]:
-    """(device, dtype): default cuda when available; bf16 on GPU, fp32 on CPU and for the demo model."""
-    import torch
-
-    if args.device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        try:
-            kind = torch.device(args.device).type
-        except (RuntimeError, ValueError) as err:
-            raise ValueError(f"unknown --device {args.device!r}") from err
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-        if kind == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"--device {args.device}: MPS is not available on this machine (use --device cpu)")
-        device = args.device
-    if args.dtype is not None:
-        return device, args.dtype
-    return device, "fp32" if demo or device == "cpu" else "bf16"
-
-
-def _check_model_path(model_path: str) -> None:
-    """Fail fast on a local path that does not exist (anything shaped like owner/name is left to the loader)."""
-    path = Path(model_path).expanduser()
-    repo_like = model_path.count("/") == 1 and not model_path.startswith((".", "/", "~"))
-    if not path.exists() and not repo_like:
-        raise FileNotFoundError(
-            f"model folder not found: {model_path} (point --model-path or {MODEL_PATH_ENV} at a "
-            "ChronoEdit diffusers checkpoint folder, or use --model-path demo)"
-        )
-
-
-def _read_input(path: str | None) -> tuple[str, Image.Image]:
-    """The input image by path, else the shipped example image (drawn on the fly if the file is missing)."""
-    if path is not None:
-        return path, cio.load_image(path)
-    from importlib import resources
-
-    example = resources.files("chronoedit").joinpath("assets/example.png")
-    if example.is_file():
-        with resources.as_file(example) as example_path:
-            return "example image", cio.load_image(example_path)
-    from .demo import draw_example_image  # the same picture, drawn, when the asset is missing
-
-    return "example image (drawn)", draw_example_image()
-
-
-# ---------------------------------------------------------------------------------------------------------- running
-def _stage(request: EditRequest, message: str) -> None:
-    if not request.quiet:
-        print(f"chronoedit: {message}", file=sys.stderr, flush=True)
-
-
-def resolve_model_path(request: EditRequest) -> str:
-    """The checkpoint to load; for ``demo`` the tiny random-weight checkpoint is created if needed."""
-    if request.model_path != DEMO:
-        return request.model_path
-    from .demo import ensure_demo_checkpoint
-
-    print(DEMO_NOTICE, file=sys.stderr, flush=True)
-    return str(ensure_demo_checkpoint())
-
-
-def _quiet_libraries(quiet: bool) -> None:
-    """No weight-loading bars from transformers / diffusers (the stage line says it); with --quiet no warnings."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for logging_module in (diffusers_logging, transformers_logging):
-        logging_module.disable_progress_bar()
-        if quiet:
-            logging_module.set_verbosity_error()
-
-
-def load_pipeline(request: EditRequest) -> Any:
-    """ChronoEditPipeline from the request's checkpoint, on its device (or offloaded) with its flow shift."""
-    import torch
-
-    from . import ChronoEditPipeline
-
-    path = resolve_model_path(request)
-    _stage(request, f"loading model from {path} ({request.dtype}, {request.device})")
-    _quiet_libraries(request.quiet)
-    pipe = ChronoEditPipeline.from_pretrained(path, torch_dtype=getattr(torch, DTYPES[request.dtype]))
-    pipe.set_flow_shift(request.flow_shift)
-    if request.offload_model:
-        pipe.enable_model_cpu_offload(device=request.device)
-    else:
-        pipe.to(request.device)
-    pipe.set_progress_bar_config(disable=request.quiet)
-    return pipe
-
-
-def generate(pipe: Any, request: EditRequest) -> Any:
-    """Run the edit; the result's frames (and trajectory, if any) are checked to be finite."""
-    import torch
-
-    reasoning = (
-        f", temporal reasoning for {request.num_temporal_reasoning_steps} steps"
-        if request.enable_temporal_reasoning
-        else ""
-    )
-    _stage(
-        request,
-        f"editing {request.input_name} at {request.width}x{request.height}: "
-        f"{request.num_inference_steps} steps, {request.num_frames} frames{reasoning}",
-    )
-    out = pipe(
-        image=request.image,
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        height=request.height,
-        width=request.width,
-        num_frames=request.num_frames,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        generator=torch.Generator(device="cpu").manual_seed(request.seed),
-        output_type="np",
-        enable_temporal_reasoning=request.enable_temporal_reasoning,
-        num_temporal_reasoning_steps=request.num_temporal_reasoning_steps,
-        return_trajectory=request.return_trajectory,
-    )
-    cio.check_finite(out.frames)
-    if getattr(out, "trajectory", None) is not None:
-        cio.check_finite(out.trajectory, "trajectory")
-    return out
-
-
-def write_outputs(request: EditRequest, out: Any) -> list[str]:
-    """Write every requested output atomically; return one 'wrote ...' line per file (also printed as written)."""
-    frames = out.frames[0]
-    trajectory = out.trajectory[0] if getattr(out, "trajectory", None) is not None else None
-    edited = cio.frames_to_pil(frames[-1:])[0]
-    if (request.trajectory or request.trajectory_sheet) and trajectory is None:
-        raise ValueError("the pipeline returned no trajectory; nothing was written")
-    lines: list[str] = []
-
-    def report(line: str) -> None:
-        lines.append(line)
-        print(line, flush=True)
-
-    if request.output is not None and cio.output_kind(request.output) == "image":
-        report(f"wrote edited image: {cio.save_image(edited, request.output)} ({edited.width}x{edited.height})")
-    elif request.output is not None:
-        use_trajectory = trajectory is not None and request.trajectory is None
-        video = trajectory if use_trajectory else frames
-        cio.save_video(video, request.output, fps=VIDEO_FPS)
-        report(f"wrote {'trajectory video' if use_trajectory else 'video'}: {request.output} ({len(video)} frames)")
-    if request.output_image is not None:
-        report(f"wrote edited image: {cio.save_image(edited, request.output_image)} ({edited.width}x{edited.height})")
-    if request.trajectory is not None:
-        report(
-            f"wrote trajectory video: {cio.save_video(trajectory, request.trajectory, fps=VIDEO_FPS)} "
-            f"({len(trajectory)} frames)"
-        )
-    if request.trajectory_sheet is not None:
-        report(
-            f"wrote trajectory contact sheet: {cio.save_contact_sheet(trajectory, request.trajectory_sheet)} "
-            f"({len(trajectory)} frames)"
-        )
-    return lines
-
-
-def run_edit(request: EditRequest) -> list[str]:
-    """Load the model, run the edit, write the outputs."""
-    pipe = load_pipeline(request)
-    out = generate(pipe, request)
-    return write_outputs(request, out)
-
-
-# ------------------------------------------------------------------------------------------------------------ main
 def _is_user_error(exc: BaseException) -> bool:
     """Errors reported as one line: bad input/paths/values, and anything raised by chronoedit itself."""
     return isinstance(exc, (ValueError, OSError)) or type(exc).__module__.split(".")[0] == "chronoedit"
 
 
 def _error_message(exc: BaseException) -> str:
+    """The exception as one line, with a hint for out-of-memory errors."""
     message = " ".join(str(exc).split()) or type(exc).__name__
     if type(exc).__name__ == "OutOfMemoryError":
         message += " (out of memory: try --offload_model, a smaller --max-area or --dtype bf16)"
@@ -512,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``chronoedit`` console script; returns the exit code."""
     try:
         args = parse_args(argv)
-        if args.command == "edit":
-            run_edit(build_edit_request(args))
-        return 0
+        return args.handler(args)
     except SystemExit as exc:  # argparse: --help, --version, usage errors (already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except KeyboardInterrupt:
