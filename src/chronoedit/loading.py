@@ -10,11 +10,13 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .keymap import is_original_layout, original_to_ours, strip_prefix
 from .model import ChronoEditTransformer3DModel, TransformerConfig
 from .model.transformer import FP32_MODULES
 
@@ -24,6 +26,9 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 # Keys present in some Wan checkpoints that ChronoEdit has no module for (as diffusers ignores them).
 IGNORED_KEYS = ("norm_added_q",)
+FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+FP8_MARKERS = ("scaled_fp8",)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 COMPONENTS = ("tokenizer", "text_encoder", "image_encoder", "image_processor", "vae", "scheduler", "transformer")
 
 
@@ -101,35 +106,116 @@ def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if any(part in FP32_MODULES for part in name.split(".")) else dtype
 
 
+@dataclass
+class WeightSource:
+    """Where a transformer's weights are and how their names map to ours."""
+
+    files: list[Path]
+    config: TransformerConfig
+    original_layout: bool  # original Wan / ComfyUI names (blocks.0.self_attn.q) rather than diffusers'
+    scales: dict[str, torch.Tensor]  # our weight name -> fp8 dequantisation scale
+
+    def our_name(self, key: str) -> str | None:
+        """Our parameter name for a file key; None for keys that carry no parameter (fp8 scales, markers)."""
+        if key.endswith(FP8_SCALE_SUFFIXES) or key in FP8_MARKERS:
+            return None
+        return original_to_ours(key) if self.original_layout else strip_prefix(key)
+
+
+def transformer_source(
+    path: str | os.PathLike[str], subfolder: str | None = None, config: TransformerConfig | None = None
+) -> WeightSource:
+    """A diffusers folder (config.json + single or sharded safetensors) or one safetensors file of any layout.
+
+    Only headers are read here; a single file's config is inferred from its tensor shapes.
+    """
+    given = Path(path).expanduser()
+    if given.is_file():
+        if given.suffix != ".safetensors":
+            raise ValueError(f"transformer path is not a folder or a .safetensors file: {given}")
+        files, config_path = [given], None
+    else:
+        folder = resolve_checkpoint(path)
+        folder = component_dir(folder, subfolder) if subfolder else folder
+        files, config_path = weight_files(folder), folder / "config.json"
+    shapes = {k: s for f in files for k, s in read_shapes(f).items()}
+    original = is_original_layout(shapes)
+    rename = original_to_ours if original else strip_prefix
+    ours = {rename(k): s for k, s in shapes.items() if not k.endswith(FP8_SCALE_SUFFIXES) and k not in FP8_MARKERS}
+    if config is None and config_path is not None:
+        config = TransformerConfig.from_dict(read_json(config_path))  # a folder must have its config.json
+    if config is None:
+        config = TransformerConfig.from_shapes({k: v for k, v in ours.items() if k is not None})
+    return WeightSource(files, config, original, read_fp8_scales(files, rename))
+
+
 def load_transformer(
     path: str | os.PathLike[str],
     subfolder: str | None = None,
     torch_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    config: TransformerConfig | None = None,
 ) -> ChronoEditTransformer3DModel:
-    """Build our transformer from a diffusers-layout folder, whatever class name its config carries."""
-    folder = resolve_checkpoint(path)
-    if subfolder:
-        folder = component_dir(folder, subfolder)
-    config = TransformerConfig.from_dict(read_json(folder / "config.json"))
+    """Build our transformer from a diffusers-layout folder (whatever class name its config carries) or from a single
+    safetensors file with diffusers or original Wan/ComfyUI names, fp8 weights dequantised as they are read.
+    ``config`` overrides the folder's config.json or, for a single file, the config inferred from its shapes."""
+    source = transformer_source(path, subfolder, config)
     dtype = torch_dtype or torch.float32
     with torch.device("meta"):
-        model = ChronoEditTransformer3DModel(config)
+        model = ChronoEditTransformer3DModel(source.config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     seen: set[str] = set()
-    for file in weight_files(folder):
+    for file in source.files:
         for key, tensor in iter_safetensors(file, device):
-            if any(part in IGNORED_KEYS for part in key.split(".")):
+            name = source.our_name(key)
+            if name is None and not key.endswith(FP8_SCALE_SUFFIXES) and key not in FP8_MARKERS:
+                raise ValueError(f"unexpected key {key!r} in {file}: no ChronoEdit weight has this original name")
+            if name is None or any(part in IGNORED_KEYS for part in name.split(".")):
                 continue
-            check_tensor(key, tensor, expected, file)
-            assign_tensor(model, key, tensor.to(target_dtype(key, dtype)))
-            seen.add(key)
+            check_tensor(name, tensor, expected, file)
+            assign_tensor(model, name, dequantize(tensor, source.scales.get(name)).to(target_dtype(name, dtype)))
+            seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
         raise ValueError(
-            f"transformer weights in {folder} lack {len(missing)} key(s) the config needs, e.g. {missing[0]!r}"
+            f"transformer weights in {path} lack {len(missing)} key(s) the config needs, e.g. {missing[0]!r}"
         )
     return model.eval().requires_grad_(False)
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, without reading the tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"cannot read weights {path}: truncated or corrupt safetensors file ({err})") from err
+
+
+def read_fp8_scales(files: list[Path], rename: Any) -> dict[str, torch.Tensor]:
+    """Per-tensor fp8 scales (ComfyUI ``<module>.scale_weight``), keyed by our weight name."""
+    from safetensors import safe_open
+
+    scales: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                if key.endswith(FP8_SCALE_SUFFIXES):
+                    module = key.rsplit(".", 1)[0]
+                    name = rename(module + ".weight")
+                    if name is not None:
+                        scales[name] = handle.get_tensor(key).float()
+    return scales
+
+
+def dequantize(tensor: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """fp8 weights (e4m3 / e5m2) to float32 times their per-tensor scale; other tensors unchanged."""
+    if tensor.dtype in FP8_DTYPES:
+        tensor = tensor.float()
+        return tensor * scale.to(tensor.device) if scale is not None else tensor
+    return tensor
 
 
 def check_tensor(key: str, tensor: torch.Tensor, expected: dict[str, tuple[int, ...]], file: Path) -> None:

@@ -31,7 +31,7 @@ class TransformerConfig:
     ffn_dim: int = 13824
     num_layers: int = 40
     cross_attn_norm: bool = True
-    qk_norm: str | None = "rms_norm_across_heads"
+    qk_norm: str = "rms_norm_across_heads"
     eps: float = 1e-6
     image_dim: int | None = 1280
     added_kv_proj_dim: int | None = 5120
@@ -44,7 +44,7 @@ class TransformerConfig:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if len(self.patch_size) != 3:
             raise ValueError(f"transformer config: patch_size must have 3 entries, got {list(self.patch_size)}")
-        if self.qk_norm not in (None, "rms_norm_across_heads"):
+        if self.qk_norm != "rms_norm_across_heads":
             raise ValueError(
                 f"transformer config: unsupported qk_norm {self.qk_norm!r} (ChronoEdit uses rms_norm_across_heads)"
             )
@@ -70,6 +70,34 @@ class TransformerConfig:
         if extra:
             logger.info("transformer config: ignoring keys %s", sorted(extra))
         return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, tuple[int, ...]], head_dim: int = 128) -> TransformerConfig:
+        """Infer the config of a checkpoint that has none (a single file) from its tensor shapes (our key names).
+
+        Every Wan2.1 model uses 128-channel heads, so the head count is the width over 128.
+        """
+        try:
+            dim, in_channels, *patch = shapes["patch_embedding.weight"]
+            layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
+            image = shapes.get("condition_embedder.image_embedder.norm1.weight")
+            added_kv = shapes.get("blocks.0.attn2.add_k_proj.weight")
+            return cls(
+                patch_size=tuple(patch),  # type: ignore[arg-type]
+                num_attention_heads=dim // head_dim,
+                attention_head_dim=head_dim,
+                in_channels=in_channels,
+                out_channels=shapes["proj_out.weight"][0] // (patch[0] * patch[1] * patch[2]),
+                text_dim=shapes["condition_embedder.text_embedder.linear_1.weight"][1],
+                freq_dim=shapes["condition_embedder.time_embedder.linear_1.weight"][1],
+                ffn_dim=shapes["blocks.0.ffn.net.0.proj.weight"][0],
+                num_layers=layers,
+                cross_attn_norm="blocks.0.norm2.weight" in shapes,
+                image_dim=None if image is None else image[0],
+                added_kv_proj_dim=None if added_kv is None else added_kv[1],
+            )
+        except (KeyError, ValueError, IndexError) as err:
+            raise ValueError(f"cannot infer the transformer config from the weights: no or bad {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
         """The diffusers-style config dict, naming our class and keeping the temporal skip explicit."""
