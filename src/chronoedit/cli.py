@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import edit
+from .commands import convert, edit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chronoedit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     edit.register(subparsers)
+    convert.register(subparsers)
     return parser
 
 

@@ -1,0 +1,74 @@
+"""Write a transformer as a diffusers-layout folder: config.json naming our class, sharded safetensors + index.
+
+The folder is built beside the target and renamed into place, so a failed write leaves no half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .loading import INDEX_NAME, WEIGHTS_NAME
+from .model import ChronoEditTransformer3DModel
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Group keys in order into shards of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, size in sizes:
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += size
+    return shards
+
+
+def save_transformer(
+    model: ChronoEditTransformer3DModel, folder: str | os.PathLike[str], max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> Path:
+    """Save ``model`` to ``folder`` (which must not exist) in the layout ``from_pretrained`` reads."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists():
+        raise ValueError(f"output folder already exists: {folder}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    shards = plan_shards([(k, v.numel() * v.element_size()) for k, v in state.items()], max_shard_bytes)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        weight_map = {}
+        for i, keys in enumerate(shards, start=1):
+            name = (
+                WEIGHTS_NAME
+                if len(shards) == 1
+                else f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+            )
+            save_file({k: state[k].to("cpu") for k in keys}, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(keys, name))
+        if len(shards) > 1:
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def dtype_by_name(name: str) -> torch.dtype:
+    """``bf16`` / ``fp16`` / ``fp32`` -> torch dtype."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}: use bf16, fp16 or fp32")
+    return table[name]
