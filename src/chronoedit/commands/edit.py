@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from .. import io as cio
+from ..presets import PRESETS, find_preset_loras
 
 DEMO = "demo"
 DEMO_PROMPT = "put a red hat on the cup"
@@ -63,6 +64,8 @@ class EditJob:
     trajectory: Path | None
     trajectory_sheet: Path | None
     quiet: bool
+    loras: list[tuple[Path, float]] = field(default_factory=list)
+    lora_strict: bool = True
 
     @property
     def return_trajectory(self) -> bool:
@@ -84,6 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_sampling_args(edit)
     _add_reasoning_args(edit)
     _add_runtime_args(edit)
+    _add_lora_args(edit)
     edit.set_defaults(handler=handle)
     return edit
 
@@ -123,8 +127,8 @@ def _add_sampling_args(edit: argparse.ArgumentParser) -> None:
         default=None,
         help=f"denoising steps (default {DEFAULT_STEPS}; {DEMO_STEPS} with the demo model)",
     )
-    group.add_argument("--guidance-scale", type=float, metavar="G", default=5.0, help="guidance scale (default 5.0)")
-    group.add_argument("--flow-shift", type=float, metavar="S", default=5.0, help="scheduler flow shift (default 5.0)")
+    group.add_argument("--guidance-scale", type=float, metavar="G", help="guidance scale (default 5.0)")
+    group.add_argument("--flow-shift", type=float, metavar="S", help="scheduler flow shift (default 5.0)")
     group.add_argument("--height", type=int, metavar="H", help="output height, a multiple of 16 (with --width)")
     group.add_argument("--width", type=int, metavar="W", help="output width, a multiple of 16 (with --height)")
     group.add_argument(
@@ -202,6 +206,7 @@ def build_edit_job(args: argparse.Namespace) -> EditJob:
     """Check every flag that can be checked without the model; load and resize the input image."""
     model_path = args.model_path or os.environ.get(MODEL_PATH_ENV) or DEMO
     demo = model_path == DEMO
+    _apply_preset(args)
     prompt = args.prompt if args.prompt is not None else (DEMO_PROMPT if demo else None)
     if prompt is None or not prompt.strip():
         raise ValueError("--prompt is required (it may only be left out with --model-path demo)")
@@ -219,6 +224,7 @@ def build_edit_job(args: argparse.Namespace) -> EditJob:
             cio.check_writable(path)  # last: it may create the output folder
     if args.offload_model and device == "cpu" and not args.quiet:
         print("chronoedit: note: --offload_model has no effect on the CPU", file=sys.stderr)
+    loras = _resolve_loras(args, None if demo else Path(model_path))
     return EditJob(
         image=cio.resize_for_edit(image, width, height),
         input_name=input_name,
@@ -239,7 +245,64 @@ def build_edit_job(args: argparse.Namespace) -> EditJob:
         num_temporal_reasoning_steps=reasoning_steps,
         **outputs,
         quiet=args.quiet,
+        loras=loras,
+        lora_strict=not args.lora_allow_unmatched,
     )
+
+
+def _add_lora_args(edit: argparse.ArgumentParser) -> None:
+    """LoRAs, each with its own scale, and the presets of NVIDIA's companion LoRAs."""
+    group = edit.add_argument_group("LoRAs and presets")
+    group.add_argument(
+        "--lora-path", nargs="+", metavar="FILE[:SCALE]", default=[],
+        help="LoRA safetensors files (any layout: diffusers, Wan/ComfyUI, DiffSynth, musubi), each optionally with "
+        "its own scale, e.g. a.safetensors:0.8 b.safetensors",
+    )  # fmt: skip
+    group.add_argument("--lora-scale", type=float, default=1.0, help="scale of LoRAs given without one (1.0)")
+    group.add_argument(
+        "--lora-allow-unmatched", action="store_true",
+        help="warn about LoRA keys that match no layer instead of failing",
+    )  # fmt: skip
+    group.add_argument(
+        "--preset", choices=sorted(PRESETS),
+        help="; ".join(p.describe() for p in PRESETS.values()) + ". Explicit flags override the preset's values.",
+    )  # fmt: skip
+
+
+def _apply_preset(args: argparse.Namespace) -> None:
+    """Fill the sampling flags the user left out from the preset, then from the defaults; wrap the prompt."""
+    preset = PRESETS.get(args.preset) if args.preset else None
+    for flag, default in (("num_inference_steps", None), ("guidance_scale", 5.0), ("flow_shift", 5.0),
+                          ("max_area", None)):  # fmt: skip
+        if getattr(args, flag) is None:
+            value = getattr(preset, flag, None) if preset is not None else None
+            setattr(args, flag, value if value is not None else default)
+    if preset is not None and args.prompt is not None:
+        args.prompt = preset.prompt(args.prompt)
+
+
+def parse_lora_arg(text: str, default_scale: float) -> tuple[Path, float]:
+    """``file.safetensors:0.8`` -> (path, 0.8); without a numeric suffix the default scale."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(text), default_scale
+
+
+def _resolve_loras(args: argparse.Namespace, checkpoint: Path | None) -> list[tuple[Path, float]]:
+    """The user's LoRAs (which must exist) plus those the preset needs from the checkpoint's lora/ folder."""
+    loras = [parse_lora_arg(text, args.lora_scale) for text in args.lora_path]
+    for path, _ in loras:
+        if not path.exists():
+            raise FileNotFoundError(f"LoRA file not found: {path}")
+    if args.preset:
+        local = checkpoint if checkpoint is not None and checkpoint.is_dir() else None
+        extra = find_preset_loras(PRESETS[args.preset], [p for p, _ in loras], local)
+        loras += [(path, args.lora_scale) for path in extra]
+    return loras
 
 
 def _resolve_steps(args: argparse.Namespace, demo: bool) -> int:
@@ -414,12 +477,23 @@ def load_pipeline(job: EditJob) -> Any:
     _quiet_libraries(job.quiet)
     pipe = ChronoEditPipeline.from_pretrained(path, torch_dtype=getattr(torch, DTYPES[job.dtype]))
     pipe.set_flow_shift(job.flow_shift)
+    _load_loras(pipe, job)
     if job.offload_model:
         pipe.enable_model_cpu_offload(device=job.device)
     else:
         pipe.to(job.device)
     pipe.set_progress_bar_config(disable=job.quiet)
     return pipe
+
+
+def _load_loras(pipe: Any, job: EditJob) -> None:
+    """Attach every LoRA with its own scale, all active together."""
+    names = []
+    for path, scale in job.loras:
+        _stage(job, f"loading LoRA {path} (scale {scale:g})")
+        names.append(pipe.load_lora_weights(str(path), scale=scale, strict=job.lora_strict))
+    if names:
+        pipe.set_adapters(names, [scale for _, scale in job.loras])
 
 
 def generate(pipe: Any, job: EditJob) -> Any:
