@@ -9,7 +9,8 @@
 #
 # torch is installed first when .venv does not have it: $CHRONOEDIT_TORCH if set (pip arguments, e.g.
 # "torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"), else the CUDA build from PyPI when nvidia-smi
-# works, else torch==2.13.0 (CPU). The package is then installed in editable mode, again only when pyproject.toml or the
+# works, else torch==2.13.0 (the CPU build where a local wheel provides it, as on our CI; PyPI's Linux wheel of that
+# version bundles CUDA and also runs on the CPU). The package is then installed in editable mode, again only when pyproject.toml or the
 # requested extras changed since the last install (stamp: .venv/.chronoedit-install-stamp).
 
 _chronoedit_setup() {
@@ -19,7 +20,9 @@ _chronoedit_setup() {
     extras="${1:-}"
     stamp="$venv/.chronoedit-install-stamp"
 
-    if [ ! -x "$venv/bin/python" ]; then
+    # A venv without a working pip (e.g. python3-venv missing when it was made) is rebuilt, not trusted.
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+        rm -rf "$venv"
         _chronoedit_make_venv "$venv" || return 1
     fi
     # One interpreter start: which of torch / chronoedit can be found (without importing them).
@@ -65,8 +68,9 @@ _chronoedit_make_venv() {
         if command -v "$candidate" >/dev/null 2>&1 \
             && "$candidate" -c 'import sys, venv; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1; then
             echo "setup: creating .venv with $("$candidate" -c 'import sys; print(sys.executable, sys.version.split()[0])')" >&2
-            "$candidate" -m venv "$venv" && return 0
-            echo "setup: error: '$candidate -m venv $venv' failed" >&2
+            "$candidate" -m venv "$venv" && "$venv/bin/python" -m pip --version >/dev/null 2>&1 && return 0
+            rm -rf "$venv"
+            echo "setup: error: '$candidate -m venv $venv' failed (on Debian/Ubuntu: apt install python3-venv)" >&2
             return 1
         fi
     done
@@ -85,7 +89,13 @@ _chronoedit_install_torch() {
     fi
     echo "setup: installing $spec into .venv (first run only)" >&2
     # shellcheck disable=SC2086  # CHRONOEDIT_TORCH may hold several pip arguments
-    _chronoedit_pip "$venv" install $spec && return 0
+    if _chronoedit_pip "$venv" install $spec; then
+        if [ "$spec" = "torch>=2.4" ] && ! "$venv/bin/python" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+            echo "setup: warning: nvidia-smi works but the installed torch cannot use the GPU (driver too old for" \
+                "its CUDA build?); set CHRONOEDIT_TORCH to a matching build and delete .venv" >&2
+        fi
+        return 0
+    fi
     echo "setup: error: installing torch ($spec) failed; set CHRONOEDIT_TORCH to pip arguments that work here" >&2
     return 1
 }

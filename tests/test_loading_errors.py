@@ -413,3 +413,12 @@ def test_rope_vs_reference(head_dim):
         torch.testing.assert_close(ours_sin, ref_sin.float(), atol=1e-6, rtol=0)
     else:  # the low frequencies differ: small angles, but clearly more than float32 rounding
         assert (ours_sin - ref_sin.float()).abs().max() > 1e-3, "the reference's split is wrong for this head_dim"
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "image_encoder", "vae"])
+def test_truncated_library_component_weights_name_the_component(ckpt, component):
+    """transformers/diffusers raise SafetensorError for these: still one line naming the component."""
+    weights = sorted((ckpt / component).glob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=rf"cannot load {component} from .*{component}"):
+        loading.load_pipeline_components(ckpt, **_others(component))

@@ -118,10 +118,15 @@ BAD_CALLS = {
         {"return_trajectory": True, "enable_temporal_reasoning": True, "num_temporal_reasoning_steps": 0},
         r"return_trajectory needs .*at least 1 reasoning step",
     ),
-    "trajectory_with_5_frames": (
+    "reasoning_with_5_frames": (
         {"return_trajectory": True, "enable_temporal_reasoning": True, "num_frames": 5},
-        r"return_trajectory",
+        r"num_frames must be 4k\+1 and at least 9 with temporal reasoning",
     ),
+    "fractional_reasoning_steps": (
+        {"enable_temporal_reasoning": True, "num_frames": 9, "num_temporal_reasoning_steps": 1.5},
+        r"num_temporal_reasoning_steps must be between 0 and 2, got 1.5",
+    ),
+    "nan_guidance": ({"guidance_scale": float("nan")}, r"guidance_scale must be a finite number >= 0, got nan"),
     "output_type": ({"output_type": "mp4"}, r"output_type must be one of np, pt, pil, latent, got 'mp4'"),
     "steps_zero": ({"num_inference_steps": 0}, r"num_inference_steps must be a positive integer, got 0"),
     "videos_per_prompt_zero": ({"num_videos_per_prompt": 0}, r"num_videos_per_prompt must be >= 1, got 0"),

@@ -105,11 +105,11 @@ def check_size(width: int, height: int, multiple: int = 16, minimum: int = 16) -
 
 
 def resize_for_edit(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize to exactly ``(width, height)`` with LANCZOS (diffusers' VaeImageProcessor default)."""
+    """Resize to exactly ``(width, height)`` with bicubic, as NVIDIA's script does (PIL's ``resize`` default)."""
     image = to_rgb(image)
     if image.size == (width, height):
         return image.copy()
-    return image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    return image.resize((width, height), resample=Image.Resampling.BICUBIC)
 
 
 # ------------------------------------------------------------------------------------------------- output checks

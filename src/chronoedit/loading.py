@@ -29,6 +29,8 @@ IGNORED_KEYS = ("norm_added_q",)
 FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 FP8_MARKERS = ("scaled_fp8",)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# diffusers' from_pretrained options that have no meaning here (we always read safetensors, lazily).
+DIFFUSERS_LOADING_OPTIONS = {"variant", "use_safetensors", "low_cpu_mem_usage", "local_files_only", "revision"}
 COMPONENTS = ("tokenizer", "text_encoder", "image_encoder", "image_processor", "vae", "scheduler", "transformer")
 
 
@@ -40,16 +42,23 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike[str]) -> Path:
     if path.exists():
         raise ValueError(f"checkpoint path is not a folder: {path}")
     text = str(path_or_repo_id)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if not looks_like_repo_id(text):
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(text))
     except Exception as err:  # offline, unknown repo, withdrawn weights ...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise FileNotFoundError(
-            f"checkpoint folder not found: {path}, and hub repo {text!r} could not be fetched ({type(err).__name__})"
+            f"checkpoint folder not found: {path} "
+            f"(no such local folder; as a hub repo it could not be fetched: {reason})"
         ) from err
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """``owner/name`` that is not a local-looking path: the only strings tried on the hub."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith("/")
 
 
 def component_dir(root: Path, name: str) -> Path:
@@ -259,6 +268,8 @@ def load_pipeline_components(
         "scheduler": lambda: _load_with("scheduler", root, _scheduler),
         "transformer": lambda: load_transformer(root, subfolder="transformer", torch_dtype=torch_dtype),
     }
+    for option in sorted(set(given) & DIFFUSERS_LOADING_OPTIONS):
+        logger.info("from_pretrained: ignoring diffusers option %s=%r", option, given.pop(option))
     unknown = set(given) - set(loaders)
     if unknown:
         raise ValueError(f"unknown pipeline component(s): {sorted(unknown)}")
@@ -270,9 +281,11 @@ def _load_with(name: str, root: Path, load: Any) -> Any:
     folder = component_dir(root, name)
     for path in sorted(folder.glob("*.json")):
         read_json(path)  # name a corrupt config file; the libraries' JSON errors carry no path
+    from safetensors import SafetensorError
+
     try:
         return load(folder)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot load {name} from {folder}: {first}") from err
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from .reasoning import ReasoningPlan
 
 PLAIN_EDIT_FRAMES = 5
 REASONING_FRAMES = 29
+MIN_REASONING_FRAMES = 9  # 3 latent frames: at least one reasoning frame between the input and the edit
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
@@ -74,6 +76,8 @@ def check_inputs(pipe: Any, args: dict[str, Any]) -> EditRequest:
     width, height = _check_size(image, args["width"], args["height"], pipe)
     num_frames, plan = _check_frames(args)
     output_type = args["output_type"]
+    if not math.isfinite(float(args["guidance_scale"])) or args["guidance_scale"] < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {args['guidance_scale']}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
     if args["num_videos_per_prompt"] < 1:
@@ -144,17 +148,18 @@ def _check_frames(args: dict[str, Any]) -> tuple[int, ReasoningPlan]:
         raise ValueError(
             f"num_frames={num_frames} needs enable_temporal_reasoning=True (a plain edit is {PLAIN_EDIT_FRAMES} frames)"
         )
-    if reasoning and (num_frames < PLAIN_EDIT_FRAMES or (num_frames - 1) % 4):
-        raise ValueError(f"num_frames must be 4k+1 and at least 5 with temporal reasoning (e.g. 29), got {num_frames}")
+    if reasoning and (num_frames < MIN_REASONING_FRAMES or (num_frames - 1) % 4):
+        raise ValueError(
+            f"num_frames must be 4k+1 and at least {MIN_REASONING_FRAMES} with temporal reasoning "
+            f"(e.g. {REASONING_FRAMES}), got {num_frames}"
+        )
     reasoning_steps = args["num_temporal_reasoning_steps"]
     reasoning_steps = steps if reasoning_steps is None else reasoning_steps
-    if reasoning and not 0 <= reasoning_steps <= steps:
+    if reasoning and (not _is_int(reasoning_steps) or not 0 <= reasoning_steps <= steps):
         raise ValueError(f"num_temporal_reasoning_steps must be between 0 and {steps}, got {reasoning_steps}")
     plan = ReasoningPlan(num_inference_steps=steps, reasoning_steps=reasoning_steps, enabled=reasoning)
-    if args["return_trajectory"] and (not reasoning or reasoning_steps == 0 or num_frames == PLAIN_EDIT_FRAMES):
-        raise ValueError(
-            "return_trajectory needs enable_temporal_reasoning=True, at least 1 reasoning step and num_frames > 5"
-        )
+    if args["return_trajectory"] and (not reasoning or reasoning_steps == 0):
+        raise ValueError("return_trajectory needs enable_temporal_reasoning=True and at least 1 reasoning step")
     return num_frames, plan
 
 

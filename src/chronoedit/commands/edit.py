@@ -7,6 +7,7 @@ the model (input image, output paths, sizes, frame counts, step counts) is check
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -16,7 +17,10 @@ from typing import Any
 from PIL import Image
 
 from .. import io as cio
+from ..loading import looks_like_repo_id
 from ..presets import PRESETS, find_preset_loras
+from ..request import MIN_REASONING_FRAMES, REASONING_FRAMES
+from ..request import PLAIN_EDIT_FRAMES as EDIT_FRAMES
 
 DEMO = "demo"
 DEMO_PROMPT = "put a red hat on the cup"
@@ -24,8 +28,6 @@ DEMO_MAX_AREA = 256 * 256
 DEMO_STEPS = 4
 DEFAULT_STEPS = 50
 DEFAULT_OUTPUT = Path("outputs/edit.png")
-EDIT_FRAMES = 5
-REASONING_FRAMES = 29
 VIDEO_FPS = 8
 MODEL_PATH_ENV = "CHRONOEDIT_MODEL_PATH"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -312,10 +314,12 @@ def _resolve_steps(args: argparse.Namespace, demo: bool) -> int:
         steps = DEMO_STEPS if demo else DEFAULT_STEPS
     if steps < 1:
         raise ValueError(f"--num-inference-steps must be at least 1, got {steps}")
-    if args.guidance_scale < 0:
-        raise ValueError(f"--guidance-scale must not be negative, got {args.guidance_scale}")
-    if args.flow_shift <= 0:
-        raise ValueError(f"--flow-shift must be positive, got {args.flow_shift}")
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
+        raise ValueError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}")
+    if not math.isfinite(args.flow_shift) or not 0.01 <= args.flow_shift <= 100:
+        raise ValueError(f"--flow-shift must be between 0.01 and 100, got {args.flow_shift}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     return steps
 
 
@@ -331,7 +335,7 @@ def _resolve_reasoning(args: argparse.Namespace, steps: int) -> tuple[bool, int,
             )
         return False, 0, EDIT_FRAMES
     frames = args.num_frames if args.num_frames is not None else REASONING_FRAMES
-    if frames < 9 or (frames - 1) % 4:
+    if frames < MIN_REASONING_FRAMES or (frames - 1) % 4:
         raise ValueError(
             f"with --enable-temporal-reasoning, --num-frames must be 4k+1 and at least 9 "
             f"(e.g. {REASONING_FRAMES}), got {frames}"
@@ -415,8 +419,7 @@ def _resolve_device(args: argparse.Namespace, demo: bool) -> tuple[str, str]:
 def _check_model_path(model_path: str) -> None:
     """Fail fast on a local path that does not exist (anything shaped like owner/name is left to the loader)."""
     path = Path(model_path).expanduser()
-    repo_like = model_path.count("/") == 1 and not model_path.startswith((".", "/", "~"))
-    if not path.exists() and not repo_like:
+    if not path.exists() and not looks_like_repo_id(model_path):
         raise FileNotFoundError(
             f"model folder not found: {model_path} (point --model-path or {MODEL_PATH_ENV} at a "
             "ChronoEdit diffusers checkpoint folder, or use --model-path demo)"
@@ -473,6 +476,8 @@ def load_pipeline(job: EditJob) -> Any:
     from .. import ChronoEditPipeline
 
     path = resolve_model_path(job)
+    if job.device == "cpu" and job.model_path != DEMO:
+        _stage(job, "note: a real checkpoint on the CPU takes hours per edit and ~70 GB of RAM in fp32 (use a GPU)")
     _stage(job, f"loading model from {path} ({job.dtype}, {job.device})")
     _quiet_libraries(job.quiet)
     pipe = ChronoEditPipeline.from_pretrained(path, torch_dtype=getattr(torch, DTYPES[job.dtype]))
