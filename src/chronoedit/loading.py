@@ -18,7 +18,7 @@ import torch
 
 from .keymap import is_original_layout, original_to_ours, strip_prefix
 from .model import ChronoEditTransformer3DModel, TransformerConfig
-from .model.transformer import FP32_MODULES
+from .model.transformer import keeps_fp32
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def iter_safetensors(path: Path, device: str | torch.device = "cpu") -> Iterator
 
 def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     """float32 for the islands that stay fp32 in reduced precision, else ``dtype``."""
-    return torch.float32 if any(part in FP32_MODULES for part in name.split(".")) else dtype
+    return torch.float32 if keeps_fp32(name) else dtype
 
 
 @dataclass

@@ -7,8 +7,12 @@ them at temporal positions 0 and ``temporal_skip_len - 1`` (0 and 7), the ends o
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
+
+CACHE_SIZE = 4  # (grid, device) tables kept: plain edit + reasoning, at a couple of sizes
 
 
 def axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -33,8 +37,8 @@ def _axis_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tenso
 class RotaryEmbedding(nn.Module):
     """Builds cos/sin tables for a (frames, rows, cols) token grid.
 
-    Tables are computed in float64, returned in float32 and cached per grid and device. They are not buffers, so no
-    ``.to(dtype)`` on the model can lower their precision.
+    Tables are computed in float64, returned in float32 and cached for the last few grids and devices. They are not
+    buffers, so no ``.to(dtype)`` on the model can lower their precision.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, temporal_skip_len: int, theta: float = 10000.0) -> None:
@@ -43,13 +47,17 @@ class RotaryEmbedding(nn.Module):
         self.max_seq_len = max_seq_len
         self.temporal_skip_len = temporal_skip_len
         self.theta = theta
-        self._cache: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: OrderedDict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """grid: (F, H, W) in patches -> (cos, sin), each [1, F*H*W, 1, head_dim // 2] float32."""
         key = (*grid, device)
-        if key not in self._cache:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
             self._cache[key] = self._build(grid, device)
+            if len(self._cache) > CACHE_SIZE:  # a server sees many sizes; keep the recent few
+                self._cache.popitem(last=False)
         return self._cache[key]
 
     def _build(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,11 @@ TEXT_TOKENS = 512  # the UMT5 context length; image tokens are the ones before t
 FP32_MODULES = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
 
+def keeps_fp32(name: str) -> bool:
+    """Whether the parameter ``name`` stays float32 when the model runs in bf16/fp16."""
+    return any(part in FP32_MODULES for part in name.split("."))
+
+
 class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input and parameter dtypes; returns the input dtype."""
 
@@ -250,8 +255,7 @@ class ChronoEditTransformer3DModel(nn.Module):
     def cast_to(self, dtype: torch.dtype) -> ChronoEditTransformer3DModel:
         """Cast to ``dtype`` keeping the float32 islands (time embedder, scale-shift tables, affine norms) in fp32."""
         for name, param in self.named_parameters():
-            keep = any(part in FP32_MODULES for part in name.split("."))
-            param.data = param.data.to(torch.float32 if keep else dtype)
+            param.data = param.data.to(torch.float32 if keeps_fp32(name) else dtype)
         return self
 
     def forward(
@@ -264,7 +268,10 @@ class ChronoEditTransformer3DModel(nn.Module):
         attention_kwargs: dict[str, Any] | None = None,
     ) -> TransformerOutput | tuple[torch.Tensor]:
         """hidden_states: [B, C_in, F, H, W]; timestep: [B]; encoder_hidden_states: [B, 512, text_dim];
-        encoder_hidden_states_image: [B, N, image_dim] -> sample [B, C_out, F, H, W]."""
+        encoder_hidden_states_image: [B, N, image_dim] -> sample [B, C_out, F, H, W].
+
+        ``attention_kwargs`` is accepted for diffusers compatibility and unused: LoRA scales live on the adapters."""
+        self.check_context(encoder_hidden_states, encoder_hidden_states_image)
         batch, _, frames, height, width = hidden_states.shape
         pt, ph, pw = self.config.patch_size
         grid = (frames // pt, height // ph, width // pw)
@@ -289,6 +296,15 @@ class ChronoEditTransformer3DModel(nn.Module):
         x = self.proj_out(x)  # [B, L, C_out * pt * ph * pw]
         out = self.unpatchify(x, batch, grid)
         return TransformerOutput(sample=out) if return_dict else (out,)
+
+    def check_context(self, text: torch.Tensor, image: torch.Tensor | None) -> None:
+        """The cross-attention splits image from text tokens by position: the text must be exactly 512 tokens."""
+        if self.config.added_kv_proj_dim is None:
+            return
+        if text.shape[1] != TEXT_TOKENS:
+            raise ValueError(f"encoder_hidden_states must have {TEXT_TOKENS} tokens (zero-padded), got {text.shape[1]}")
+        if image is None:
+            raise ValueError("this model attends to CLIP image tokens: pass encoder_hidden_states_image")
 
     def unpatchify(self, x: torch.Tensor, batch: int, grid: tuple[int, int, int]) -> torch.Tensor:
         """x: [B, L, C * pt * ph * pw] -> [B, C, F * pt, H * ph, W * pw]."""
