@@ -115,6 +115,62 @@ class ChronoEditPipeline:
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
+    # ----- LoRA (diffusers' method names; the work is in chronoedit.lora) --------------------------------------
+    def load_lora_weights(
+        self, path: Any, adapter_name: str | None = None, scale: float = 1.0, strict: bool = True
+    ) -> str:
+        """Attach a LoRA of any layout (diffusers, Wan/ComfyUI, DiffSynth, musubi) from ``path``: a file, a folder
+        holding one ``*.safetensors`` or a state dict; active at ``scale`` together with the others. Returns the
+        adapter name (default: the file stem, made unique). ``strict=False`` warns about keys that match no layer
+        instead of failing."""
+        from .lora import load_lora
+
+        return load_lora(self.transformer, path, adapter_name, scale=scale, strict=strict)
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
+        """Make exactly these adapters active, each at its weight (default: its current scale)."""
+        from .lora import set_adapters
+
+        set_adapters(self.transformer, adapter_names, adapter_weights)
+
+    def disable_lora(self) -> None:
+        """Run the base model; the adapters stay loaded."""
+        from .lora import disable_lora
+
+        disable_lora(self.transformer)
+
+    def enable_lora(self) -> None:
+        """Undo :meth:`disable_lora`."""
+        from .lora import enable_lora
+
+        enable_lora(self.transformer)
+
+    def fuse_lora(self, adapter_names: list[str] | None = None) -> None:
+        """Merge adapters (default: the active ones, at their scales) into the transformer's weights."""
+        from .lora import fuse_lora
+
+        fuse_lora(self.transformer, adapter_names)
+
+    def unfuse_lora(self) -> None:
+        """Take fused adapters out of the weights again (they still apply, unfused)."""
+        from .lora import unfuse_lora
+
+        unfuse_lora(self.transformer)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA: the transformer is the plain model again, its weights the originals."""
+        from .lora import unload_lora
+
+        unload_lora(self.transformer)
+
+    def get_active_adapters(self) -> list[str]:
+        """Names of the adapters that shape the output now ([] when none or disabled)."""
+        from .lora import active_adapters
+
+        return list(active_adapters(self.transformer))
+
+    # ----- end of LoRA -----------------------------------------------------------------------------------------
+
     # ----- the algorithm ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
