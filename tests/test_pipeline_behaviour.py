@@ -99,3 +99,43 @@ def test_default_size_is_the_720x1280_area_at_the_image_aspect(pipe, monkeypatch
         pipe(image=Image.new("RGB", (640, 360)), prompt="x")
     req = caught.value.args[0]
     assert (req.width, req.height, req.num_frames) == (1280, 720, 5)
+
+
+def test_flow_shift_reaches_flow_match_euler(pipe):
+    """FlowMatchEuler calls it ``shift``: the setting must not be silently lost."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    pipe.set_flow_shift(2.0)
+    assert pipe.scheduler.config.shift == 2.0
+    with pytest.raises(ValueError, match="flow_shift must be a positive finite number"):
+        pipe.set_flow_shift(float("inf"))
+
+
+def test_nan_is_caught_at_the_step_that_made_it(pipe, image):
+    calls = []
+
+    def poison_second(_pipe, step, _t, tensors):
+        calls.append(step)
+        return {"latents": tensors["latents"] * (float("nan") if step == 0 else 1.0)}
+
+    with pytest.raises(ValueError, match="after step 2"):
+        pipe(image=image, callback_on_step_end=poison_second, **{**ARGS, "num_inference_steps": 4})
+    assert calls == [0]  # stopped right after the poisoned latents went through one step
+
+
+@pytest.mark.parametrize("kind", ["pil_rgba", "tensor_minus1_1", "tensor_batched"])
+def test_image_inputs_match_the_equivalent_pil(kind):
+    """Tensors in [-1, 1] (diffusers' convention) and [1, 3, H, W] are understood; RGBA goes on white."""
+    import torch
+
+    from chronoedit.request import as_pil
+
+    rgb = np.random.RandomState(2).randint(0, 256, (8, 8, 3)).astype(np.uint8)
+    if kind == "pil_rgba":
+        rgba = np.dstack([rgb, np.zeros((8, 8), np.uint8)])  # fully transparent: white
+        assert np.all(np.asarray(as_pil(Image.fromarray(rgba, "RGBA"))) == 255)
+        return
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
+    given = tensor * 2 - 1 if kind == "tensor_minus1_1" else tensor[None]
+    assert np.abs(np.asarray(as_pil(given), dtype=int) - rgb.astype(int)).max() <= 1

@@ -22,6 +22,29 @@ def free_device_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def module_bytes(module: torch.nn.Module | None) -> int:
+    """Bytes of a module's parameters and buffers."""
+    if module is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def make_room(device: torch.device, needed: int, evictable: list[torch.nn.Module]) -> None:
+    """On CUDA, send ``evictable`` modules (in order) back to the CPU until ``needed`` bytes are free.
+
+    Lets a 48 GB card that holds the transformer between calls still fit UMT5 for the next call's encoding.
+    """
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    margin = 1.25  # activations and allocator slack
+    for module in evictable:
+        if torch.cuda.mem_get_info(device)[0] >= needed * margin:
+            return
+        if any(p.device.type == "cuda" for p in module.parameters()):
+            module.to(CPU)
+            free_device_cache(device)
+
+
 @contextmanager
 def resident(module: torch.nn.Module | None, device: torch.device, offload: bool) -> Iterator[None]:
     """Put ``module`` on ``device`` for the block; with ``offload`` send it back to the CPU afterwards."""

@@ -6,6 +6,7 @@ denoise (dropping the reasoning frames at their step) -> decode -> postprocess.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +19,9 @@ from tqdm.auto import tqdm
 from . import reasoning
 from .encoders import TEXT_TOKENS, encode_image, encode_text
 from .latents import decode_latents, encode_condition, first_frame_mask, image_to_tensor, latent_frames, postprocess
-from .memory import CPU, resident
+from .memory import CPU, make_room, module_bytes, resident
 from .model import ChronoEditTransformer3DModel
 from .request import EditRequest, check_inputs
-
-OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
 @dataclass
@@ -89,11 +88,9 @@ class ChronoEditPipeline:
 
     # ----- placement -------------------------------------------------------------------------------------------
     def to(self, device: str | torch.device) -> ChronoEditPipeline:
-        """Run on ``device``: transformer and VAE live there; the encoders visit it only to encode."""
+        """Run on ``device``. Components move there when first used: the encoders visit to encode and leave, so on
+        the first call they never share the device with the transformer; the transformer and VAE then stay."""
         self.device = torch.device(device)
-        if not self.offload_models:
-            self.transformer.to(self.device)
-            self.vae.to(self.device)
         return self
 
     def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> ChronoEditPipeline:
@@ -105,8 +102,14 @@ class ChronoEditPipeline:
         return self
 
     def set_flow_shift(self, flow_shift: float) -> None:
-        """Rebuild the scheduler with another flow shift (5.0 by default; 2.0 for the 8-step distilled LoRA)."""
-        self.scheduler = type(self.scheduler).from_config(self.scheduler.config, flow_shift=flow_shift)
+        """Rebuild the scheduler with another flow shift (5.0 by default; 2.0 for the 8-step distilled LoRA).
+        UniPC / DPM-Solver call it ``flow_shift``, FlowMatchEuler ``shift``."""
+        if not math.isfinite(flow_shift) or flow_shift <= 0:
+            raise ValueError(f"flow_shift must be a positive finite number, got {flow_shift}")
+        name = next((k for k in ("flow_shift", "shift") if k in self.scheduler.config), None)
+        if name is None:
+            raise ValueError(f"{type(self.scheduler).__name__} has no flow shift setting")
+        self.scheduler = type(self.scheduler).from_config(self.scheduler.config, **{name: flow_shift})
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         self._progress = kwargs
@@ -211,6 +214,8 @@ class ChronoEditPipeline:
     def encode_conditioning(self, req: EditRequest) -> Conditioning:
         """Text embeddings (negative only with CFG) and CLIP image tokens, each encoder visiting the device."""
         batch = len(req.prompts) * req.num_videos_per_prompt
+        evictable = [self.transformer, self.vae]  # after the first call they may sit on the device
+        make_room(self.device, module_bytes(self.text_encoder) + module_bytes(self.image_encoder), evictable)
         with resident(self.text_encoder, self.device, self.offload_encoders or self.offload_models):
             positive = req.prompt_embeds
             if positive is None:
@@ -266,11 +271,10 @@ class ChronoEditPipeline:
                 if i == plan.capture_step and req.return_trajectory:
                     trajectory_latents = reasoning.clean_prediction(latents, flow, self.scheduler.sigmas[i])
                 latents = self.scheduler.step(flow, t, latents, return_dict=False)[0]
+                check_finite(latents, i)
                 if req.callback is not None:
                     latents, cond = self.run_callback(req, i, t, latents, cond)
                 bar.update()
-        if not torch.isfinite(latents).all():
-            raise ValueError("the denoised latents contain NaN or Inf (an fp16 overflow? run in bf16 or fp32)")
         return DenoiseResult(latents=latents, trajectory_latents=trajectory_latents)
 
     def predict_flow(
@@ -338,6 +342,14 @@ class ChronoEditPipeline:
     @property
     def vae_spatial_factor(self) -> int:
         return int(getattr(self.vae.config, "scale_factor_spatial", 8))
+
+
+def check_finite(latents: torch.Tensor, step: int) -> None:
+    """Stop at the first step that produced NaN/Inf rather than after all of them."""
+    if not torch.isfinite(latents).all():
+        raise ValueError(
+            f"the latents contain NaN or Inf after step {step + 1} (an fp16 overflow? run in bf16 or fp32)"
+        )
 
 
 def expand(embeds: torch.Tensor, copies: int) -> torch.Tensor:

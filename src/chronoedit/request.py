@@ -13,7 +13,8 @@ import PIL.Image
 import torch
 
 from .encoders import TEXT_TOKENS
-from .io import auto_size
+from .io import auto_size, to_rgb
+from .latents import latent_frames
 from .reasoning import ReasoningPlan
 
 PLAIN_EDIT_FRAMES = 5
@@ -51,13 +52,19 @@ class EditRequest:
 
 
 def as_pil(image: Any) -> PIL.Image.Image:
-    """PIL image, HxWx3 array (uint8, or float in [0, 1]) or 3xHxW tensor in [0, 1] -> RGB PIL image."""
+    """PIL image (transparency composited on white, as the CLI does), HxWx3 array (uint8, or float in [0, 1]) or
+    [1,]3xHxW tensor (in [0, 1], or in [-1, 1] when it has negative values, as diffusers accepts) -> RGB image."""
     if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, torch.Tensor):
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
         if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"image tensor must be [3, H, W] in [0, 1], got shape {tuple(image.shape)}")
-        image = image.detach().float().permute(1, 2, 0).cpu().numpy()
+            raise ValueError(f"image tensor must be [3, H, W] or [1, 3, H, W], got shape {tuple(image.shape)}")
+        image = image.detach().float().cpu()
+        if torch.isfinite(image).all() and image.min() < 0:
+            image = (image + 1.0) / 2.0
+        image = image.permute(1, 2, 0).numpy()
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image array must be [H, W, 3], got shape {image.shape}")
@@ -175,7 +182,7 @@ def _check_tensors(req: EditRequest, pipe: Any) -> None:
         raise ValueError(f"got {len(req.generator)} generators for {batch * req.num_videos_per_prompt} videos")
     if req.latents is not None:
         factor = pipe.vae_spatial_factor
-        shape = (batch * req.num_videos_per_prompt, pipe.vae.config.z_dim, (req.num_frames - 1) // 4 + 1,
+        shape = (batch * req.num_videos_per_prompt, pipe.vae.config.z_dim, latent_frames(req.num_frames),
                  req.height // factor, req.width // factor)  # fmt: skip
         if tuple(req.latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(req.latents.shape)}")
