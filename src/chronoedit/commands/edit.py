@@ -67,6 +67,7 @@ class EditJob:
     trajectory_sheet: Path | None
     quiet: bool
     loras: list[tuple[Path, float]] = field(default_factory=list)
+    transformer_path: Path | None = None
     lora_strict: bool = True
 
     @property
@@ -186,6 +187,11 @@ def _add_runtime_args(edit: argparse.ArgumentParser) -> None:
         help=f"ChronoEdit diffusers checkpoint folder (default: ${MODEL_PATH_ENV}, else '{DEMO}', "
         "a tiny random-weight model whose output is noise)",
     )
+    group.add_argument(
+        "--transformer", type=Path, metavar="PATH",
+        help="use this transformer instead of the model folder's: a single .safetensors file (diffusers or original "
+        "Wan/ComfyUI names, fp8 included) or a transformer folder; the other components come from --model-path",
+    )  # fmt: skip
     group.add_argument("--device", metavar="DEVICE", help="torch device (default: cuda if available, else cpu)")
     group.add_argument(
         "--dtype",
@@ -249,6 +255,7 @@ def build_edit_job(args: argparse.Namespace) -> EditJob:
         quiet=args.quiet,
         loras=loras,
         lora_strict=not args.lora_allow_unmatched,
+        transformer_path=_check_transformer_path(args.transformer),
     )
 
 
@@ -416,6 +423,17 @@ def _resolve_device(args: argparse.Namespace, demo: bool) -> tuple[str, str]:
     return device, "fp32" if demo or device == "cpu" else "bf16"
 
 
+def _check_transformer_path(path: Path | None) -> Path | None:
+    """``--transformer``: an existing .safetensors file or transformer folder."""
+    if path is None:
+        return None
+    if not path.exists():
+        raise FileNotFoundError(f"--transformer not found: {path}")
+    if path.is_file() and path.suffix != ".safetensors":
+        raise ValueError(f"--transformer must be a .safetensors file or a transformer folder, got {path}")
+    return path
+
+
 def _check_model_path(model_path: str) -> None:
     """Fail fast on a local path that does not exist (anything shaped like owner/name is left to the loader)."""
     path = Path(model_path).expanduser()
@@ -480,7 +498,14 @@ def load_pipeline(job: EditJob) -> Any:
         _stage(job, "note: a real checkpoint on the CPU takes hours per edit and ~70 GB of RAM in fp32 (use a GPU)")
     _stage(job, f"loading model from {path} ({job.dtype}, {job.device})")
     _quiet_libraries(job.quiet)
-    pipe = ChronoEditPipeline.from_pretrained(path, torch_dtype=getattr(torch, DTYPES[job.dtype]))
+    dtype = getattr(torch, DTYPES[job.dtype])
+    transformer = None
+    if job.transformer_path is not None:
+        from ..loading import load_transformer
+
+        _stage(job, f"loading transformer from {job.transformer_path}")
+        transformer = load_transformer(job.transformer_path, torch_dtype=dtype)
+    pipe = ChronoEditPipeline.from_pretrained(path, torch_dtype=dtype, transformer=transformer)
     pipe.set_flow_shift(job.flow_shift)
     _load_loras(pipe, job)
     if job.offload_model:
