@@ -164,13 +164,12 @@ def transformer_config(spec: TinySpec) -> dict[str, Any]:
 def tiny_transformer_state_dict(spec: TinySpec) -> dict[str, torch.Tensor]:
     """Seeded, perturbed fp32 weights of the tiny transformer (diffusers key names), as written by the builder."""
     import torch
-    from diffusers import ChronoEditTransformer3DModel
 
-    kwargs = {k: v for k, v in transformer_config(spec).items() if not k.startswith("_")}
-    kwargs["patch_size"] = tuple(kwargs["patch_size"])
+    from .model import ChronoEditTransformer3DModel, TransformerConfig
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = ChronoEditTransformer3DModel(**kwargs, rope_temporal_skip_len=8)
+        model = ChronoEditTransformer3DModel(TransformerConfig.from_dict(transformer_config(spec)))
     _perturb_(model, spec.seed + 1000)
     return {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
 
@@ -194,25 +193,14 @@ def _split_by_size(sizes: list[tuple[str, int]], shards: int) -> list[list[str]]
 
 
 def _save_transformer(spec: TinySpec, folder: Path) -> None:
-    from safetensors.torch import save_file
+    from .saving import write_shards
 
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "config.json", transformer_config(spec))
     state = tiny_transformer_state_dict(spec)
-    metadata = {"format": "pt"}
-    if spec.shards <= 1:
-        save_file(state, str(folder / SAFETENSORS_NAME), metadata=metadata)
-        return
     keys = sorted(state)
-    sizes = [(k, state[k].numel() * state[k].element_size()) for k in keys]
-    weight_map: dict[str, str] = {}
-    groups = _split_by_size(sizes, spec.shards)
-    for i, group in enumerate(groups, start=1):
-        name = f"diffusion_pytorch_model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file({k: state[k] for k in group}, str(folder / name), metadata=metadata)
-        weight_map.update(dict.fromkeys(group, name))
-    index = {"metadata": {"total_size": sum(size for _, size in sizes)}, "weight_map": weight_map}
-    _write_json(folder / f"{SAFETENSORS_NAME}.index.json", index)
+    write_shards(state, _split_by_size([(k, state[k].numel() * state[k].element_size()) for k in keys], spec.shards),
+                 folder)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- other modules

@@ -36,8 +36,6 @@ def save_transformer(
     model: ChronoEditTransformer3DModel, folder: str | os.PathLike[str], max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> Path:
     """Save ``model`` to ``folder`` (which must not exist) in the layout ``from_pretrained`` reads."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     if folder.exists():
         raise ValueError(f"output folder already exists: {folder}")
@@ -46,24 +44,27 @@ def save_transformer(
     shards = plan_shards([(k, v.numel() * v.element_size()) for k, v in state.items()], max_shard_bytes)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        weight_map = {}
-        for i, keys in enumerate(shards, start=1):
-            name = (
-                WEIGHTS_NAME
-                if len(shards) == 1
-                else f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-            )
-            save_file({k: state[k].to("cpu") for k in keys}, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(keys, name))
-        if len(shards) > 1:
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_shards(state, shards, tmp)
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def write_shards(state: dict[str, torch.Tensor], shards: list[list[str]], folder: Path) -> None:
+    """One safetensors file per group of keys (plus the index when there are several), named as diffusers does."""
+    from safetensors.torch import save_file
+
+    weight_map = {}
+    for i, keys in enumerate(shards, start=1):
+        name = WEIGHTS_NAME if len(shards) == 1 else f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: state[k].to("cpu") for k in keys}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    if len(shards) > 1:
+        total = sum(state[k].numel() * state[k].element_size() for k in weight_map)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def dtype_by_name(name: str) -> torch.dtype:
