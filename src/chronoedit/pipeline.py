@@ -28,7 +28,9 @@ from .request import EditRequest, check_inputs
 class ChronoEditPipelineOutput:
     """``frames``: the generated video(s), shaped like the reference's (np (B, F, H, W, 3), pt (B, F, 3, H, W),
     pil [[Image] * F] * B, or latents); the edited image is the last frame. ``trajectory``: with
-    ``return_trajectory=True``, the reasoning video from the input to the edit, in the same format."""
+    ``return_trajectory=True``, the reasoning video from the input to the edit, in the same format. With
+    ``output_type="latent"`` and an early drop it is the clean-latent prediction of all frames at the last reasoning
+    step (decode it with the final edit's frames after its first to get the pixel trajectory)."""
 
     frames: Any
     trajectory: Any | None = None
