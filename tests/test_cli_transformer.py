@@ -43,5 +43,5 @@ def test_missing_or_wrong_transformer_path_is_one_line(tiny_ckpt_hd128, tmp_path
     bad = tmp_path / "model.ckpt"
     bad.write_bytes(b"x")
     assert cli.main([*base, "--transformer", str(bad)]) == 2
-    assert "must be a .safetensors file or a transformer folder" in capsys.readouterr().err
+    assert "must be a .safetensors or .gguf file or a transformer folder" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()

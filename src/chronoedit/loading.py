@@ -1,7 +1,8 @@
 """Find a checkpoint, read its configs and load its weights, naming exactly what is wrong when something is.
 
 The transformer is built on the meta device and filled tensor by tensor from safetensors (single file or shards with
-an index), each tensor cast to its target dtype as it is read: no second full copy of the weights is ever held.
+an index) or a GGUF file, each tensor cast to its target dtype as it is read: no second full copy of the weights is
+ever held. Quantized Linear weights (fp8, GGUF blocks) stay quantized by default (``chronoedit.quant``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from .keymap import is_original_layout, original_to_ours, strip_prefix
 from .model import ChronoEditTransformer3DModel, TransformerConfig
 from .model.transformer import keeps_fp32
+from .quant import QTensor, from_fp8, replace_linear
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,9 @@ IGNORED_KEYS = ("norm_added_q",)
 FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 FP8_MARKERS = ("scaled_fp8",)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+GGUF_SUFFIX = ".gguf"
+# load_transformer(quantized=...): keep quantized Linear weights quantized, or dequantize everything at load.
+QUANTIZED_MODES = ("keep", "dequantize")
 # diffusers' from_pretrained options that have no meaning here (we always read safetensors, lazily).
 DIFFUSERS_LOADING_OPTIONS = {"variant", "use_safetensors", "low_cpu_mem_usage", "local_files_only", "revision"}
 COMPONENTS = ("tokenizer", "text_encoder", "image_encoder", "image_processor", "vae", "scheduler", "transformer")
@@ -134,14 +139,14 @@ class WeightSource:
 def transformer_source(
     path: str | os.PathLike[str], subfolder: str | None = None, config: TransformerConfig | None = None
 ) -> WeightSource:
-    """A diffusers folder (config.json + single or sharded safetensors) or one safetensors file of any layout.
+    """A diffusers folder (config.json + single or sharded safetensors) or one safetensors / GGUF file of any layout.
 
     Only headers are read here; a single file's config is inferred from its tensor shapes.
     """
     given = Path(path).expanduser()
     if given.is_file():
-        if given.suffix != ".safetensors":
-            raise ValueError(f"transformer path is not a folder or a .safetensors file: {given}")
+        if given.suffix.lower() not in (".safetensors", GGUF_SUFFIX):
+            raise ValueError(f"transformer path is not a folder or a .safetensors file (nor a .gguf file): {given}")
         files, config_path = [given], None
     else:
         folder = resolve_checkpoint(path)
@@ -164,10 +169,18 @@ def load_transformer(
     torch_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     config: TransformerConfig | None = None,
+    quantized: str = "keep",
 ) -> ChronoEditTransformer3DModel:
-    """Build our transformer from a diffusers-layout folder (whatever class name its config carries) or from a single
-    safetensors file with diffusers or original Wan/ComfyUI names, fp8 weights dequantised as they are read.
-    ``config`` overrides the folder's config.json or, for a single file, the config inferred from its shapes."""
+    """Build our transformer from a diffusers-layout folder (whatever class name its config carries), a single
+    safetensors file with diffusers or original Wan/ComfyUI names (fp8 / fp8-scaled included) or a GGUF file.
+    ``config`` overrides the folder's config.json or, for a single file, the config inferred from its shapes.
+
+    ``quantized="keep"`` (default): Linear weights stored quantized (fp8, GGUF Q8_0/Q4_K/...) stay quantized in
+    memory as :class:`~chronoedit.quant.QuantizedLinear` layers, dequantized to the compute dtype per layer as it
+    runs; every other tensor (norms, modulation tables, the patch embedding, biases, F16/BF16/F32 tensors) is
+    dequantized to its target dtype at load. ``"dequantize"``: everything dequantized at load (dense model)."""
+    if quantized not in QUANTIZED_MODES:
+        raise ValueError(f"quantized must be one of {QUANTIZED_MODES}, got {quantized!r}")
     source = transformer_source(path, subfolder, config)
     dtype = torch_dtype or torch.float32
     with torch.device("meta"):
@@ -175,14 +188,14 @@ def load_transformer(
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     seen: set[str] = set()
     for file in source.files:
-        for key, tensor in iter_safetensors(file, device):
+        for key, tensor in iter_weights(file, device):
             name = source.our_name(key)
             if name is None and not key.endswith(FP8_SCALE_SUFFIXES) and key not in FP8_MARKERS:
                 raise ValueError(f"unexpected key {key!r} in {file}: no ChronoEdit weight has this original name")
             if name is None or any(part in IGNORED_KEYS for part in name.split(".")):
                 continue
             check_tensor(name, tensor, expected, file)
-            assign_tensor(model, name, dequantize(tensor, source.scales.get(name)).to(target_dtype(name, dtype)))
+            place_weight(model, name, as_qtensor(tensor, source.scales.get(name)), target_dtype(name, dtype), quantized)
             seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
@@ -192,8 +205,48 @@ def load_transformer(
     return model.eval().requires_grad_(False)
 
 
+def iter_weights(path: Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor | QTensor]]:
+    """(key, tensor) from a safetensors file; (key, QTensor) from a GGUF file (raw blocks, not dequantized)."""
+    if path.suffix.lower() == GGUF_SUFFIX:
+        from .quant.gguf import iter_gguf
+
+        yield from iter_gguf(path, device)
+    else:
+        yield from iter_safetensors(path, device)
+
+
+def as_qtensor(tensor: torch.Tensor | QTensor, scale: torch.Tensor | None) -> torch.Tensor | QTensor:
+    """fp8 tensors (with their scale) as a QTensor; GGUF QTensors and ordinary tensors unchanged."""
+    if isinstance(tensor, torch.Tensor) and tensor.dtype in FP8_DTYPES:
+        return from_fp8(tensor, scale)
+    return tensor
+
+
+def place_weight(
+    model: torch.nn.Module, name: str, tensor: torch.Tensor | QTensor, dtype: torch.dtype, quantized: str
+) -> None:
+    """Put one loaded tensor in the model: a quantized Linear weight (fp8 or GGUF blocks) as a QuantizedLinear
+    when ``quantized == "keep"``; anything else dequantized / cast to ``dtype`` in place of the meta tensor."""
+    if isinstance(tensor, QTensor):
+        if quantized == "keep" and not tensor.is_float and is_linear_weight(model, name):
+            replace_linear(model, name, tensor, dtype)
+            return
+        tensor = tensor.dequantize(dtype if tensor.is_float else torch.float32)
+    assign_tensor(model, name, tensor.to(dtype))
+
+
+def is_linear_weight(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``name`` is the ``weight`` of an ``nn.Linear`` of ``model``."""
+    module_name, _, leaf = name.rpartition(".")
+    return leaf == "weight" and isinstance(model.get_submodule(module_name), torch.nn.Linear)
+
+
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header, without reading the tensors."""
+    """Tensor shapes from a safetensors (or GGUF) header, without reading the tensors."""
+    if path.suffix.lower() == GGUF_SUFFIX:
+        from .quant.gguf import gguf_shapes
+
+        return gguf_shapes(path)
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -209,6 +262,8 @@ def read_fp8_scales(files: list[Path], rename: Any) -> dict[str, torch.Tensor]:
 
     scales: dict[str, torch.Tensor] = {}
     for file in files:
+        if file.suffix.lower() == GGUF_SUFFIX:
+            continue
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118
                 if key.endswith(FP8_SCALE_SUFFIXES):
@@ -217,14 +272,6 @@ def read_fp8_scales(files: list[Path], rename: Any) -> dict[str, torch.Tensor]:
                     if name is not None:
                         scales[name] = handle.get_tensor(key).float()
     return scales
-
-
-def dequantize(tensor: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """fp8 weights (e4m3 / e5m2) to float32 times their per-tensor scale; other tensors unchanged."""
-    if tensor.dtype in FP8_DTYPES:
-        tensor = tensor.float()
-        return tensor * scale.to(tensor.device) if scale is not None else tensor
-    return tensor
 
 
 def check_tensor(key: str, tensor: torch.Tensor, expected: dict[str, tuple[int, ...]], file: Path) -> None:

@@ -54,7 +54,9 @@ def handle(args: argparse.Namespace) -> int:
     source = Path(args.source)
     subfolder = "transformer" if (source / "model_index.json").is_file() else None
     config = TransformerConfig.from_dict(read_json(args.config)) if args.config else None
-    model = load_transformer(source, subfolder=subfolder, torch_dtype=dtype_by_name(args.dtype), config=config)
+    model = load_transformer(
+        source, subfolder=subfolder, torch_dtype=dtype_by_name(args.dtype), config=config, quantized="dequantize"
+    )
     folder = save_transformer(model, args.output, max_shard_bytes=max_bytes)
     files = sorted(p.name for p in folder.iterdir())
     print(f"wrote transformer folder: {folder} ({len(files)} files, {model.config.num_layers} layers, {args.dtype})")

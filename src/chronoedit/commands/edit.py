@@ -190,7 +190,8 @@ def _add_runtime_args(edit: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--transformer", type=Path, metavar="PATH",
         help="use this transformer instead of the model folder's: a single .safetensors file (diffusers or original "
-        "Wan/ComfyUI names, fp8 included) or a transformer folder; the other components come from --model-path",
+        "Wan/ComfyUI names; fp8 kept quantized), a .gguf file (Q8_0, Q4_K, ...; kept quantized, each layer "
+        "dequantized as it runs) or a transformer folder; the other components come from --model-path",
     )  # fmt: skip
     group.add_argument("--device", metavar="DEVICE", help="torch device (default: cuda if available, else cpu)")
     group.add_argument(
@@ -429,8 +430,8 @@ def _check_transformer_path(path: Path | None) -> Path | None:
         return None
     if not path.exists():
         raise FileNotFoundError(f"--transformer not found: {path}")
-    if path.is_file() and path.suffix != ".safetensors":
-        raise ValueError(f"--transformer must be a .safetensors file or a transformer folder, got {path}")
+    if path.is_file() and path.suffix not in (".safetensors", ".gguf"):
+        raise ValueError(f"--transformer must be a .safetensors or .gguf file or a transformer folder, got {path}")
     return path
 
 

@@ -200,6 +200,9 @@ def fuse_lora(transformer: nn.Module, adapter_names: str | list[str] | None = No
     """Merge adapters (default: the active ones, at their scales) into the base weights; they become the active
     set. Any later change (set_adapters, disable, load, unload) unfuses first."""
     state = _require_state(transformer)
+    quantized = [n for n, m in transformer.named_modules() if _is_lora_layer(m) and _is_quantized(_base_layer(m))]
+    if quantized:  # refuse before merging anything, so no layer is left half-fused
+        raise ValueError(f"cannot fuse a LoRA into quantized weights ({quantized[0]}, ...); use it unfused")
     state.enabled = True
     set_adapters(transformer, state.active if adapter_names is None else adapter_names)
     for layer in _lora_layers(transformer):
@@ -328,6 +331,12 @@ def _is_lora_layer(module: nn.Module) -> bool:
     from peft.tuners.lora import LoraLayer
 
     return isinstance(module, LoraLayer)
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    from ..quant import QuantizedLinear
+
+    return isinstance(module, QuantizedLinear)
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
