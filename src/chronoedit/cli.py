@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import convert, edit
+from .commands import batch, convert, edit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     edit.register(subparsers)
     convert.register(subparsers)
+    batch.register(subparsers)
     return parser
 
 

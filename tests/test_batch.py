@@ -1,0 +1,264 @@
+"""``chronoedit batch`` end to end on the tiny checkpoint (CPU, 2 steps, 32x32): outputs, sidecars, resume, failures,
+bad manifests and SIGKILL safety."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("chronoedit.pipeline", reason="chronoedit.pipeline is not importable yet (pipeline not landed)")
+
+from chronoedit import __version__, cli
+from chronoedit.commands import edit as edit_cmd
+
+SMALL = ["--height", "32", "--width", "32", "--num-inference-steps", "2", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path, tmp_path_factory):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHRONOEDIT_HOME", str(tmp_path_factory.getbasetemp() / "chronoedit_home"))
+    monkeypatch.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Count pipeline runs (by row prompt) while still running them."""
+    seen: list[str] = []
+    real = edit_cmd.generate
+
+    def counting(pipe, job):
+        seen.append(job.prompt)
+        return real(pipe, job)
+
+    monkeypatch.setattr(edit_cmd, "generate", counting)
+    return seen
+
+
+def make_images(folder: Path, count: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(count):
+        Image.new("RGB", (48, 32), (40 * i % 256, 120, 200)).save(folder / f"img{i}.png")
+        names.append(f"img{i}.png")
+    return names
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def batch(capsys, manifest, out, *extra, model):
+    code = cli.main(["batch", str(manifest), "--out", str(out), "--model-path", str(model), *SMALL, *map(str, extra)])
+    captured = capsys.readouterr()
+    return code, captured.out.strip().splitlines(), captured.err
+
+
+def three_rows(tmp_path: Path) -> Path:
+    make_images(tmp_path / "data" / "imgs", 3)
+    return write_jsonl(
+        tmp_path / "data" / "m.jsonl",
+        [
+            {"id": "a", "input": "imgs/img0.png", "prompt": "make it red"},
+            {"id": "b", "image": "imgs/img1.png", "prompt": "make it blue", "seed": 7, "output_format": "jpg"},
+            {"input": str(tmp_path / "data" / "imgs" / "img2.png"), "prompt": "add snow", "num_inference_steps": 1,
+             "guidance_scale": 2.5, "output_format": "webp", "negative_prompt": "blurry"},
+        ],
+    )  # fmt: skip
+
+
+def test_jsonl_batch_writes_images_and_sidecars(capsys, tiny_ckpt, tmp_path, calls):
+    manifest = three_rows(tmp_path)
+    code, lines, _ = batch(capsys, manifest, "out", model=tiny_ckpt)
+    assert code == 0 and lines == ["batch: 3 done, 0 skipped, 0 failed (outputs in out)"]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "a.json", "a.png", "b.jpg", "b.json", "img2.json", "img2.webp"]  # fmt: skip
+    for name, fmt in (("a.png", "PNG"), ("b.jpg", "JPEG"), ("img2.webp", "WEBP")):
+        with Image.open(out / name) as image:
+            assert image.format == fmt and image.size == (32, 32)
+    a, b, c = (json.loads((out / f"{i}.json").read_text()) for i in ("a", "b", "img2"))
+    assert a["input"] == str((tmp_path / "data" / "imgs" / "img0.png").resolve())
+    assert (a["output"], a["prompt"], a["seed"], a["num_inference_steps"]) == ("a.png", "make it red", 0, 2)
+    assert (a["height"], a["width"], a["guidance_scale"], a["enable_temporal_reasoning"]) == (32, 32, 5.0, False)
+    assert (b["seed"], b["output"]) == (7, "b.jpg")
+    assert (c["num_inference_steps"], c["guidance_scale"], c["negative_prompt"]) == (1, 2.5, "blurry")
+    for sidecar in (a, b, c):
+        assert sidecar["chronoedit_version"] == __version__ and sidecar["model_path"] == str(tiny_ckpt)
+        assert sidecar["timings"]["generate_s"] > 0 and sidecar["run_id"] == a["run_id"]
+    assert sorted(calls) == ["add snow", "make it blue", "make it red"]
+
+
+def test_csv_manifest(capsys, tiny_ckpt, tmp_path):
+    make_images(tmp_path, 2)
+    with open(tmp_path / "m.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "input", "prompt", "seed", "enable_temporal_reasoning", "num_frames"])
+        writer.writerow(["one", "img0.png", "make it red, please", "3", "", ""])
+        writer.writerow(["two", "img1.png", "add rain", "", "true", "9"])
+    code, lines, _ = batch(capsys, tmp_path / "m.csv", tmp_path / "o", model=tiny_ckpt)
+    assert code == 0, lines
+    one, two = (json.loads((tmp_path / "o" / f"{i}.json").read_text()) for i in ("one", "two"))
+    assert (one["prompt"], one["seed"], one["enable_temporal_reasoning"]) == ("make it red, please", 3, False)
+    assert (two["seed"], two["enable_temporal_reasoning"], two["num_frames"]) == (0, True, 9)
+
+
+def test_rerun_skips_done_rows_and_redoes_partial_ones(capsys, tiny_ckpt, tmp_path, calls, monkeypatch):
+    manifest = three_rows(tmp_path)
+    assert batch(capsys, manifest, "out", model=tiny_ckpt)[0] == 0
+    assert len(calls) == 3
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.json")}
+
+    loads = []
+    real_load = edit_cmd.load_pipeline
+    monkeypatch.setattr(edit_cmd, "load_pipeline", lambda job: loads.append(1) or real_load(job))
+    code, lines, _ = batch(capsys, manifest, "out", model=tiny_ckpt)
+    assert (code, lines) == (0, ["batch: 0 done, 3 skipped, 0 failed (outputs in out)"])
+    assert len(calls) == 3 and loads == []  # nothing ran, the model was not even loaded
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.json")} == before
+
+    (tmp_path / "out" / "b.json").unlink()  # b's image exists but it is not done without its sidecar
+    (tmp_path / "out" / "img2.json").write_text('{"truncated": ')  # a sidecar that does not parse: redo
+    code, lines, _ = batch(capsys, manifest, "out", model=tiny_ckpt)
+    assert (code, lines) == (0, ["batch: 2 done, 1 skipped, 0 failed (outputs in out)"])
+    assert sorted(calls[3:]) == ["add snow", "make it blue"] and loads == [1]
+    assert (tmp_path / "out" / "a.json").read_bytes() == before["a.json"]
+    assert json.loads((tmp_path / "out" / "b.json").read_text())["run_id"] != json.loads(before["b.json"])["run_id"]
+
+
+def test_failed_row_is_recorded_and_the_batch_goes_on(capsys, tiny_ckpt, tmp_path):
+    make_images(tmp_path, 2)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    manifest = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"id": "ok1", "input": "img0.png", "prompt": "x"},
+            {"id": "gone", "input": "missing.png", "prompt": "x"},
+            {"id": "bad", "input": "broken.png", "prompt": "x"},
+            {"id": "badseed", "input": "img1.png", "prompt": "x", "seed": "abc"},
+            {"id": "ok2", "input": "img1.png", "prompt": "y"},
+        ],
+    )
+    code, lines, err = batch(capsys, manifest, "out", model=tiny_ckpt)
+    assert code == 1
+    assert lines == ["batch: 2 done, 0 skipped, 3 failed (outputs in out)"]
+    out = tmp_path / "out"
+    assert (out / "ok1.png").exists() and (out / "ok2.png").exists()
+    errors = {i: json.loads((out / f"{i}.error.json").read_text()) for i in ("gone", "bad", "badseed")}
+    assert "input image not found" in errors["gone"]["error"] and errors["gone"]["manifest_line"] == 2
+    assert "cannot read image" in errors["bad"]["error"]
+    assert "seed must be an integer" in errors["badseed"]["error"]
+    assert all("\n" not in e["error"] for e in errors.values())
+    assert not (out / "gone.png").exists() and not (out / "gone.json").exists()
+    assert "row gone (line 2) failed: input image not found" in err
+
+    (tmp_path / "missing.png").write_bytes((tmp_path / "img0.png").read_bytes())  # fix one row and rerun
+    code, lines, _ = batch(capsys, manifest, "out", model=tiny_ckpt)
+    assert (code, lines) == (1, ["batch: 1 done, 2 skipped, 2 failed (outputs in out)"])
+    assert (out / "gone.json").exists() and not (out / "gone.error.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "expected"),
+    [
+        (None, "m.jsonl", "manifest not found"),
+        ("\n\n", "m.jsonl", "is empty"),
+        ('{"input": "a.png", "prompt": "x"}\n{"input": "b.png", "prompt": \n', "m.jsonl", "cannot parse line 2"),
+        ('{"input": "a.png", "prompt": "x"}\n[1, 2]\n', "m.jsonl", "line 2 is not a JSON object"),
+        ('{"input": "a.png", "prompt": "x", "id": "k"}\n{"input": "b.png", "prompt": "y", "id": "k"}\n', "m.jsonl",
+         "duplicate id 'k' in line 2 (also line 1)"),
+        ('{"input": "a.png", "prompt": "x"}\n{"input": "d/a.png", "prompt": "y"}\n', "m.jsonl", "duplicate id 'a'"),
+        ('{"input": "a.png", "prompt": "x"}\n\n{"input": "b.png"}\n', "m.jsonl", "missing prompt in line 3"),
+        ('{"prompt": "x"}\n', "m.jsonl", "missing input image"),
+        ('{"input": "a.png", "prompt": "x", "seeed": 1}\n', "m.jsonl", "unknown field 'seeed' in line 1"),
+        ('{"input": "a.png", "prompt": "x", "id": "../up"}\n', "m.jsonl", "bad id '../up' in line 1"),
+        ("input,prompt\na.png,x\nb.png,\n", "m.csv", "missing prompt in line 3"),
+        ("input,prompt\na.png,x,extra\n", "m.csv", "line 2 has more cells than the header"),
+    ],
+)  # fmt: skip
+def test_bad_manifest_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, content, name, expected):
+    monkeypatch.setattr(edit_cmd, "load_pipeline", lambda job: pytest.fail("the model must not be loaded"))
+    manifest = tmp_path / name
+    if content is not None:
+        manifest.write_text(content)
+    code, lines, err = batch(capsys, manifest, "out", model="demo")
+    assert code == 2 and lines == []
+    assert len(err.strip().splitlines()) == 1 and err.startswith("chronoedit: error: "), err
+    assert expected in err and "Traceback" not in err
+
+
+def test_bad_flags_exit_2_before_loading(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(edit_cmd, "load_pipeline", lambda job: pytest.fail("the model must not be loaded"))
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"input": "a.png", "prompt": "x"}])
+    code, _, err = batch(capsys, manifest, "out", "--output-format", "gif", model="demo")
+    assert code == 2 and "--output-format must be png, jpg or webp" in err
+    code, _, err = batch(capsys, manifest, "out", model=tmp_path / "nope")
+    assert code == 2 and "model folder not found" in err
+
+
+def test_sigkill_then_rerun_loses_nothing(tiny_ckpt, tmp_path):
+    count = 10
+    make_images(tmp_path, count)
+    manifest = write_jsonl(
+        tmp_path / "m.jsonl", [{"id": f"r{i}", "input": f"img{i}.png", "prompt": f"edit {i}"} for i in range(count)]
+    )
+    out = tmp_path / "out"
+    argv = ["batch", str(manifest), "--out", str(out), "--model-path", str(tiny_ckpt), *SMALL]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    code = f"import sys; from chronoedit.cli import main; sys.exit(main({argv!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 40
+        while not (out.is_dir() and any(p.suffix == ".png" and ".tmp-" not in p.name for p in out.iterdir())):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no output appeared"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    def done_sidecars() -> dict[str, dict]:
+        result = {}
+        for path in out.glob("r*.json"):
+            with contextlib.suppress(ValueError):
+                result[path.stem] = json.loads(path.read_text())
+        return result
+
+    after_kill = done_sidecars()
+    assert len(after_kill) < count, "the batch finished before it was killed"
+    for row_id in after_kill:  # every sidecar written before the kill has its complete image
+        with Image.open(out / f"{row_id}.png") as image:
+            image.load()
+
+    rerun = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.strip() == (
+        f"batch: {count - len(after_kill)} done, {len(after_kill)} skipped, 0 failed (outputs in {out})"
+    )
+    final = done_sidecars()
+    assert sorted(final) == [f"r{i}" for i in range(count)]
+    for row_id, sidecar in final.items():
+        with Image.open(out / f"{row_id}.png") as image:
+            image.load()
+            assert image.size == (32, 32)
+        if row_id in after_kill:  # done before the kill: not produced again
+            assert sidecar == after_kill[row_id]
+    run_ids = {s["run_id"] for s in final.values()}
+    assert len(run_ids) == (2 if after_kill else 1)
+    leftovers = [p.name for p in out.iterdir() if ".tmp-" in p.name or ".probe-" in p.name or "error" in p.name]
+    assert leftovers == []
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        [f"r{i}.png" for i in range(count)] + [f"r{i}.json" for i in range(count)]
+    )
