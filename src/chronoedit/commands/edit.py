@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -527,9 +528,15 @@ def _load_loras(pipe: Any, job: EditJob) -> None:
         pipe.set_adapters(names, [scale for _, scale in job.loras])
 
 
-def generate(pipe: Any, job: EditJob) -> Any:
-    """Run the edit; the result's frames (and trajectory, if any) are checked to be finite."""
+def generate(pipe: Any, job: EditJob, on_step: Callable[[int, int], None] | None = None) -> Any:
+    """Run the edit; the result's frames (and trajectory, if any) are checked to be finite. ``on_step(done, total)``
+    is called after every denoising step."""
     import torch
+
+    def callback(_pipe: Any, step: int, _t: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
+        if on_step is not None:
+            on_step(step + 1, job.num_inference_steps)
+        return {}
 
     reasoning = (
         f", temporal reasoning for {job.num_temporal_reasoning_steps} steps" if job.enable_temporal_reasoning else ""
@@ -553,6 +560,7 @@ def generate(pipe: Any, job: EditJob) -> Any:
         enable_temporal_reasoning=job.enable_temporal_reasoning,
         num_temporal_reasoning_steps=job.num_temporal_reasoning_steps,
         return_trajectory=job.return_trajectory,
+        callback_on_step_end=callback if on_step is not None else None,
     )
     cio.check_finite(out.frames)
     if getattr(out, "trajectory", None) is not None:

@@ -1,0 +1,131 @@
+"""``chronoedit serve``: keep the model loaded and serve edits over HTTP (API + web UI), with a persistent queue.
+
+See :mod:`chronoedit.serve`. The server's flags set the model and every job's defaults; clients choose per-job
+options within the limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ipaddress
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import edit as edit_cmd
+
+TOKEN_ENV = "CHRONOEDIT_API_TOKEN"
+EPILOG = f"""\
+API: POST /v1/edits (multipart: image file + options JSON) -> job id; GET /v1/edits/ID (status, progress);
+GET /v1/edits/ID/result (edited image), /trajectory (mp4), /trajectory-sheet (png); DELETE /v1/edits/ID (cancel a
+queued job); GET /v1/health; GET /v1/config; OpenAPI at /openapi.json and /docs. Web UI at /.
+
+state: the queue is a SQLite file (--db, default STATE/jobs.sqlite3); uploads and results live in STATE/results/ID/.
+Queued and finished jobs survive a restart; a job that was running when the process died is run again.
+
+auth: set ${TOKEN_ENV} (or the variable named by --token-env) to require "Authorization: Bearer <token>" on every
+/v1 route but /v1/health. Without it anyone who can reach the port can submit edits; results are reachable only by
+their unguessable job id."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand; the parsed arguments carry :func:`handle` as ``handler``."""
+    parser = subparsers.add_parser(
+        "serve", help="serve edits over HTTP: API, persistent job queue and web UI",
+        description="Keep the model loaded and run edits submitted over HTTP, one at a time, in order.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    group.add_argument("--state-dir", type=Path, default=Path("chronoedit-serve"), metavar="DIR",
+                       help="queue database and results (default ./chronoedit-serve)")  # fmt: skip
+    group.add_argument("--db", type=Path, metavar="PATH", help="job queue database (default STATE/jobs.sqlite3)")
+    group.add_argument("--token-env", default=TOKEN_ENV, metavar="VAR",
+                       help=f"environment variable holding the bearer token (default {TOKEN_ENV})")  # fmt: skip
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB", help="upload size (20)")
+    limits.add_argument("--max-input-pixels", type=int, default=4096 * 4096, metavar="N",
+                        help="pixels of an uploaded image (4096*4096)")  # fmt: skip
+    limits.add_argument("--max-queue", type=int, default=100, metavar="N",
+                        help="queued + running jobs; more get 429 (100)")  # fmt: skip
+    limits.add_argument("--max-steps", type=int, default=100, metavar="N", help="steps per job (100)")
+    limits.add_argument("--max-reasoning-steps", type=int, default=100, metavar="N",
+                        help="temporal reasoning steps per job (100)")  # fmt: skip
+    parser.add_argument("--negative-prompt", metavar="TEXT", default=None, help="default negative prompt")
+    edit_cmd._add_sampling_args(parser)
+    edit_cmd._add_runtime_args(parser)
+    edit_cmd._add_lora_args(parser)
+    parser.set_defaults(handler=handle, num_frames=None)
+    return parser
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Build the server and run it until interrupted."""
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise ValueError("chronoedit serve needs the serve extra: pip install 'chronoedit[serve]'") from exc
+    state = build_state(args)
+    from ..serve.app import create_app
+
+    app = create_app(state)
+    auth = "bearer token required" if state.token else f"no auth (set {args.token_env} to require a token)"
+    queued = state.store.counts()["queued"]
+    url = f"http://{_url_host(args.host)}:{args.port}/"
+    print(f"chronoedit serve: {url} ({state.model_name}; {auth}; queue {state.store.path}, {queued} queued)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    if not state.token and not _is_loopback(args.host):
+        print(f"chronoedit: warning: listening on {args.host} without a token", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
+def build_state(args: argparse.Namespace) -> Any:
+    """Validate the flags, open the queue and make the (not yet started) worker."""
+    from ..runner import EditRunner
+    from ..serve.app import ServerState
+    from ..serve.store import JobStore
+    from ..serve.worker import Worker
+
+    limits = _limits(args)
+    base = copy.copy(args)  # per-job arguments start from the flags as given
+    results = args.state_dir / "results"
+    check = copy.copy(args)
+    check.input, check.prompt, check.output = None, "serve check", results / "check.png"
+    check.output_image = check.trajectory = check.trajectory_sheet = None
+    check.enable_temporal_reasoning, check.num_temporal_reasoning_steps = False, None
+    model_job = edit_cmd.build_edit_job(check)  # every server-wide flag checked before the model loads
+    store = JobStore(args.db or args.state_dir / "jobs.sqlite3")
+    if store.requeued:
+        print(f"chronoedit serve: re-queued {store.requeued} job(s) interrupted by the last shutdown", file=sys.stderr)
+    worker = Worker(store, EditRunner(model_job), base, results, limits)
+    token = os.environ.get(args.token_env) or None
+    defaults = {"num_inference_steps": model_job.num_inference_steps, "guidance_scale": model_job.guidance_scale,
+                "flow_shift": model_job.flow_shift, "width": model_job.width, "height": model_job.height}  # fmt: skip
+    return ServerState(store=store, worker=worker, results_dir=results, limits=limits, token=token,
+                       model_name=model_job.model_path, defaults=defaults)  # fmt: skip
+
+
+def _limits(args: argparse.Namespace) -> Any:
+    from ..serve.options import Limits
+
+    for flag in ("max_upload_mb", "max_input_pixels", "max_queue", "max_steps", "max_reasoning_steps"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
+    return Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_input_pixels=args.max_input_pixels,
+                  max_queue=args.max_queue, max_steps=args.max_steps,
+                  max_reasoning_steps=args.max_reasoning_steps)  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

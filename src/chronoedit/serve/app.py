@@ -1,0 +1,256 @@
+"""The HTTP API and web UI of ``chronoedit serve`` (FastAPI).
+
+- ``POST /v1/edits``: multipart ``image`` (file) + ``options`` (JSON, see :class:`EditOptions`) -> 202 and a job id
+- ``GET /v1/edits/{id}``: status, queue position, progress (step/total), error, timings
+- ``GET /v1/edits/{id}/result`` (the edited image), ``/trajectory`` (mp4), ``/trajectory-sheet`` (png), ``/input``
+- ``DELETE /v1/edits/{id}``: cancel a queued job
+- ``GET /v1/health``, ``GET /v1/config`` (presets, limits, defaults for clients), ``/docs`` and ``/openapi.json``
+- ``/``: the web UI (static files shipped in the package)
+
+Every error is JSON ``{"detail": "<one line>"}`` with a 4xx status for anything the client can fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+
+from .. import __version__
+from .. import io as cio
+from ..presets import PRESETS
+from .editing import INPUT_NAME, BadImage, TooLarge, build_job, decode_upload, resolved_settings, with_seed
+from .options import MEDIA_TYPES, EditOptions, Limits
+from .store import FINISHED, QUEUED, RUNNING, Job, JobStore, QueueFull, new_job_id
+from .worker import BROKEN, Worker
+
+STATIC_DIR = Path(__file__).with_name("static")
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+FILE_ROLES = {"result": "result", "trajectory": "trajectory", "trajectory-sheet": "trajectory_sheet"}
+
+
+@dataclass
+class ServerState:
+    """Everything the routes need; built by :func:`chronoedit.commands.serve` or by tests."""
+
+    store: JobStore
+    worker: Worker
+    results_dir: Path
+    limits: Limits
+    token: str | None = None
+    model_name: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI application over ``state`` (the worker is started and stopped with the app)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
+        if not state.worker.alive:
+            state.worker.start()
+        yield
+        state.worker.stop()
+
+    app = FastAPI(title="ChronoEdit", version=__version__, lifespan=lifespan,
+                  description="Physically consistent image editing by video generation.")  # fmt: skip
+    app.state.chronoedit = state
+    _add_error_handlers(app)
+    app.include_router(_api_routes(state))
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+        @app.get("/", include_in_schema=False)
+        def index() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": describe_validation(exc.errors())}, status_code=422)
+
+
+def describe_validation(errors: Any) -> str:
+    """pydantic / FastAPI validation errors as one line: ``where: what; where: what``."""
+    parts = []
+    for error in errors:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
+    from fastapi import APIRouter
+
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_auth(state))])
+
+    @router.post("/edits", status_code=202, summary="Queue an edit")
+    async def submit(
+        image: Annotated[UploadFile, File(description="the image to edit (PNG, JPEG, WebP, ...)")],
+        options: Annotated[str, Form(description='JSON edit options, e.g. {"prompt": "..."}')],
+    ) -> dict[str, Any]:
+        if state.worker.state == BROKEN:
+            raise HTTPException(503, f"the model did not load: {state.worker.error}")
+        opts = parse_options(options)
+        data = await read_limited(image, state.limits.max_upload_bytes)
+        return submit_job(state, opts, data)
+
+    @router.get("/edits/{job_id}", summary="Status and progress of an edit")
+    def status(job_id: str) -> dict[str, Any]:
+        return describe_job(state, find_job(state, job_id))
+
+    @router.delete("/edits/{job_id}", summary="Cancel a queued edit")
+    def cancel(job_id: str) -> dict[str, Any]:
+        job = find_job(state, job_id)
+        if not state.store.cancel(job.id):
+            raise HTTPException(409, f"edit {job.id} is {job.status}: only queued edits can be cancelled")
+        return describe_job(state, find_job(state, job_id))
+
+    @router.get("/edits/{job_id}/input", summary="The input image as the server stored it")
+    def input_image(job_id: str) -> FileResponse:
+        job = find_job(state, job_id)
+        return _file(state.results_dir / job.id / INPUT_NAME)
+
+    @router.get("/edits/{job_id}/{role}", summary="The edited image (result), trajectory video or contact sheet")
+    def result(job_id: str, role: str) -> FileResponse:
+        if role not in FILE_ROLES:
+            raise HTTPException(404, f"no such resource: {role} (result, trajectory, trajectory-sheet, input)")
+        job = find_job(state, job_id)
+        if job.status != "done":
+            reason = f": {job.error}" if job.error else ""
+            raise HTTPException(409, f"edit {job.id} is {job.status}{reason}")
+        name = job.files.get(FILE_ROLES[role])
+        if name is None:
+            raise HTTPException(404, f"edit {job.id} has no {role} (ask for return_trajectory with reasoning)")
+        return _file(state.results_dir / job.id / name)
+
+    @router.get("/health", summary="Liveness, model state and queue")
+    def health() -> dict[str, Any]:
+        counts = state.store.counts()
+        worker = state.worker.describe()
+        ok = worker["state"] != BROKEN and worker["alive"]
+        return {"status": "ok" if ok else "error", "version": __version__, "model": state.model_name,
+                "worker": worker, "queue": {"queued": counts[QUEUED], "running": counts[RUNNING],
+                                            "limit": state.limits.max_queue}}  # fmt: skip
+
+    @router.get("/config", summary="Presets, limits and defaults, for clients")
+    def config() -> dict[str, Any]:
+        presets = [{"name": p.name, "summary": p.summary, "num_inference_steps": p.num_inference_steps,
+                    "guidance_scale": p.guidance_scale} for p in PRESETS.values()]  # fmt: skip
+        return {"model": state.model_name, "presets": presets, "limits": asdict(state.limits),
+                "defaults": state.defaults, "output_formats": ["png", "jpeg", "webp"]}  # fmt: skip
+
+    return router
+
+
+def _auth(state: ServerState):  # type: ignore[no-untyped-def]
+    """A dependency: with a token configured, every /v1 route but /v1/health needs ``Authorization: Bearer``."""
+
+    def check(request: Request) -> None:
+        if state.token is None or request.url.path == "/v1/health":
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), state.token.encode()):
+            raise HTTPException(401, "a valid bearer token is required (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    return check
+
+
+def parse_options(text: str) -> EditOptions:
+    """The ``options`` form field; 422 naming the bad field."""
+    try:
+        return EditOptions.model_validate_json(text)
+    except ValidationError as exc:
+        raise HTTPException(422, "options: " + describe_validation(exc.errors())) from None
+
+
+async def read_limited(upload: UploadFile, limit: int) -> bytes:
+    """The uploaded file's bytes; 413 as soon as it is over ``limit``."""
+    chunks, size = [], 0
+    while chunk := await upload.read(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"the image is over this server's upload limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def submit_job(state: ServerState, options: EditOptions, data: bytes) -> dict[str, Any]:
+    """Decode, validate and queue one edit; the job's folder exists only if it was queued."""
+    try:
+        image = decode_upload(data, state.limits)
+    except TooLarge as exc:
+        raise HTTPException(413, str(exc)) from None
+    except BadImage as exc:
+        raise HTTPException(400, str(exc)) from None
+    options = with_seed(options)
+    job_id = new_job_id()
+    job_dir = state.results_dir / job_id
+    try:
+        job_dir.mkdir(parents=True)
+        cio.save_image(image, job_dir / INPUT_NAME)
+        edit_job = build_job(state.worker.base_args, options, job_dir, state.limits)
+        state.store.submit(
+            options.model_dump(exclude_none=True),
+            state.limits.max_queue,
+            job_id=job_id,
+            total=edit_job.num_inference_steps,
+        )
+    except QueueFull as exc:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise HTTPException(429, str(exc), headers={"Retry-After": "10"}) from None
+    except ValueError as exc:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise HTTPException(422, " ".join(str(exc).split())) from None
+    except BaseException:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+    state.worker.wake()
+    return describe_job(state, find_job(state, job_id)) | {"settings": resolved_settings(edit_job)}
+
+
+def find_job(state: ServerState, job_id: str) -> Job:
+    """The job with this id; 404 for anything else (ids are checked before any lookup)."""
+    job = state.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
+    if job is None:
+        raise HTTPException(404, "no edit with this id")
+    return job
+
+
+def describe_job(state: ServerState, job: Job) -> dict[str, Any]:
+    """A job as the API shows it (links only to the files it has)."""
+    progress = state.worker.progress
+    step, total = job.step, job.total
+    if job.status == RUNNING and progress is not None and progress.job_id == job.id:
+        step, total = progress.step, progress.total
+    base = f"/v1/edits/{job.id}"
+    links = {"self": base, "input": f"{base}/input"}
+    if job.status == "done":
+        links |= {role: f"{base}/{role}" for role, key in FILE_ROLES.items() if key in job.files}
+    return {
+        "id": job.id, "status": job.status, "position": job.position, "progress": {"step": step, "total": total},
+        "error": job.error, "created_at": job.created_at, "started_at": job.started_at,
+        "finished_at": job.finished_at, "options": job.options, "timings": job.timings, "links": links,
+        "finished": job.status in FINISHED,
+    }  # fmt: skip
+
+
+def _file(path: Path) -> FileResponse:
+    if not path.is_file():
+        raise HTTPException(404, "this file is no longer on the server")
+    return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix.lstrip("."), "application/octet-stream"),
+                        headers={"Cache-Control": "private, max-age=86400"})  # fmt: skip
