@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import re
 import secrets
 import warnings
 from pathlib import Path
@@ -95,11 +96,22 @@ def job_args(base: argparse.Namespace, options: EditOptions, job_dir: Path) -> a
     return args
 
 
+def api_message(exc: BaseException) -> str:
+    """An error of ``chronoedit edit``'s validation as one line in the API's words (``--seed`` -> ``seed``)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for name in EditOptions.model_fields:
+        text = re.sub(rf"--{name.replace('_', '-')}(?![\w-])", name, text)
+    return text
+
+
 def build_job(base: argparse.Namespace, options: EditOptions, job_dir: Path, limits: Limits) -> edit_cmd.EditJob:
-    """The validated edit job (ValueError naming the problem); ``job_dir/input.png`` must exist."""
+    """The validated edit job (ValueError naming the problem in the API's words); ``job_dir/input.png`` must exist."""
     if options.return_trajectory and not options.enable_temporal_reasoning:
         raise ValueError("return_trajectory needs enable_temporal_reasoning")
-    job = edit_cmd.build_edit_job(job_args(base, options, job_dir))
+    try:
+        job = edit_cmd.build_edit_job(job_args(base, options, job_dir))
+    except ValueError as exc:
+        raise ValueError(api_message(exc)) from exc
     limits.check_steps(job.num_inference_steps, job.num_temporal_reasoning_steps if job.enable_temporal_reasoning
                        else None)  # fmt: skip
     if options.return_trajectory and job.num_temporal_reasoning_steps < 1:

@@ -1,0 +1,91 @@
+"""Helpers for the server tests: a server state on the demo model, a real uvicorn server in a thread, polling."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from chronoedit import cli
+from chronoedit.commands.serve import build_state
+
+TINY_FLAGS = ["--height", "32", "--width", "32", "--num-inference-steps", "2", "--device", "cpu", "--quiet"]
+
+
+def serve_args(state_dir: Path, *extra: str) -> Any:
+    """Parsed ``chronoedit serve`` flags for the demo model at 32x32, 2 steps."""
+    return cli.parse_args(["serve", "--state-dir", str(state_dir), *TINY_FLAGS, *extra])
+
+
+def make_state(state_dir: Path, *extra: str) -> Any:
+    return build_state(serve_args(state_dir, *extra))
+
+
+def png_bytes(size: tuple[int, int] = (48, 32), color: tuple[int, int, int] = (200, 120, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def submit(client: Any, options: dict[str, Any] | str, image: bytes | None = None, **kwargs: Any) -> Any:
+    """POST /v1/edits with a multipart image and JSON options (a str is sent as is)."""
+    files = {"image": ("in.png", png_bytes() if image is None else image, "image/png")}
+    data = {"options": options if isinstance(options, str) else json.dumps(options)}
+    return client.post("/v1/edits", files=files, data=data, **kwargs)
+
+
+def wait_ready(client: Any, timeout: float = 120.0) -> dict[str, Any]:
+    """Poll /v1/health until the worker has loaded the model."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = client.get("/v1/health").json()
+        if health["worker"]["state"] != "loading":
+            return health
+        time.sleep(0.1)
+    raise TimeoutError("the worker did not load the model in time")
+
+
+def wait_finished(client: Any, job_id: str, timeout: float = 120.0, **kwargs: Any) -> dict[str, Any]:
+    """Poll a job until it is done, failed or cancelled; returns its last status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(f"/v1/edits/{job_id}", **kwargs).json()
+        if status["finished"]:
+            return status
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} did not finish in time")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """A real uvicorn server on 127.0.0.1 in a thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -1,0 +1,296 @@
+"""``chronoedit serve`` on the demo model: submit, poll, fetch; limits; malformed requests; auth; concurrency."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+
+import httpx
+from fastapi.testclient import TestClient
+from serve_helpers import (
+    TINY_FLAGS,
+    free_port,
+    make_state,
+    png_bytes,
+    running_server,
+    submit,
+    wait_finished,
+    wait_ready,
+)
+
+from chronoedit.serve.app import create_app
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("chronoedit_home")
+
+
+@pytest.fixture(autouse=True)
+def _home(monkeypatch, demo_home):
+    monkeypatch.setenv("CHRONOEDIT_HOME", str(demo_home))
+    monkeypatch.delenv("CHRONOEDIT_MODEL_PATH", raising=False)
+    monkeypatch.delenv("CHRONOEDIT_API_TOKEN", raising=False)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, demo_home):
+    """One server for the module (the model loads once), with small limits to test against."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CHRONOEDIT_HOME", str(demo_home))
+    mp.delenv("CHRONOEDIT_MODEL_PATH", raising=False)
+    mp.delenv("CHRONOEDIT_API_TOKEN", raising=False)
+    state = make_state(tmp_path_factory.mktemp("serve"), "--max-upload-mb", "0.05", "--max-input-pixels", "40000",
+                       "--max-steps", "6", "--max-reasoning-steps", "3")  # fmt: skip
+    with TestClient(create_app(state)) as test_client:
+        assert wait_ready(test_client)["status"] == "ok"
+        yield test_client
+    mp.undo()
+
+
+def test_submit_poll_and_fetch_result(client):
+    response = submit(client, {"prompt": "put a red hat on the cup", "seed": 7, "output_format": "webp"})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] in ("queued", "running") and job["settings"]["seed"] == 7
+    assert job["settings"]["num_inference_steps"] == 2 and (job["settings"]["width"], job["settings"]["height"]) == (
+        32,
+        32,
+    )
+    status = wait_finished(client, job["id"])
+    assert status["status"] == "done", status
+    assert status["progress"] == {"step": 2, "total": 2}
+    assert status["timings"]["generate_s"] > 0
+    result = client.get(status["links"]["result"])
+    assert result.status_code == 200 and result.headers["content-type"] == "image/webp"
+    image = Image.open(io.BytesIO(result.content))
+    assert image.format == "WEBP" and image.size == (32, 32)
+    stored_input = Image.open(io.BytesIO(client.get(f"/v1/edits/{job['id']}/input").content))
+    assert stored_input.size == (48, 32)
+    assert client.get(f"/v1/edits/{job['id']}/trajectory").status_code == 404  # not asked for
+
+
+def test_same_seed_same_result_and_trajectory(client):
+    options = {"prompt": "melt the cup", "seed": 3, "enable_temporal_reasoning": True,
+               "num_temporal_reasoning_steps": 1, "return_trajectory": True}  # fmt: skip
+    first = wait_finished(client, submit(client, options).json()["id"])
+    second = wait_finished(client, submit(client, {**options, "return_trajectory": False}).json()["id"])
+    assert first["status"] == second["status"] == "done"
+    assert client.get(first["links"]["result"]).content == client.get(second["links"]["result"]).content
+    video = client.get(first["links"]["trajectory"])
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4" and len(video.content) > 1000
+    sheet = Image.open(io.BytesIO(client.get(first["links"]["trajectory-sheet"]).content))
+    assert sheet.width > 32 * 4  # several frames side by side
+    assert "trajectory" not in second["links"]
+
+
+def test_preset_changes_settings(client):
+    # distill needs its LoRA file: the demo model has none, so the request is refused before queueing.
+    response = submit(client, {"prompt": "a hat", "preset": "distill"})
+    assert response.status_code == 422 and "distill" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"prompt": "x", "colour": "red"}, "colour: Extra inputs are not permitted"),
+        ({"prompt": "x", "seed": "abc"}, "seed"),
+        ({"prompt": "x", "num_inference_steps": 2.5}, "num_inference_steps"),
+        ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format"),
+        ({"prompt": "x", "preset": "nope"}, "preset"),
+        ({"seed": 1}, "prompt: Field required"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x", "num_inference_steps": 7}, "over this server's limit of 6"),
+        ({"prompt": "x", "num_inference_steps": 6, "enable_temporal_reasoning": True,
+          "num_temporal_reasoning_steps": 4}, "limit of 3"),
+        ({"prompt": "x", "return_trajectory": True}, "return_trajectory needs enable_temporal_reasoning"),
+        ({"prompt": "x", "enable_temporal_reasoning": True, "num_temporal_reasoning_steps": 5},
+         "num_temporal_reasoning_steps must be between 0 and num_inference_steps (2), got 5"),
+        ("{not json", "options: "),
+        ('["a list"]', "options: "),
+    ],
+)
+def test_bad_options_are_422_with_a_clear_message(client, options, fragment):
+    response = submit(client, options)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and fragment in detail
+
+
+@pytest.mark.parametrize(
+    ("image", "status", "fragment"),
+    [
+        (b"not an image at all", 400, "cannot be read"),
+        (b"", 400, "empty"),
+        (png_bytes()[:40], 400, "cannot be read"),  # truncated PNG
+        (png_bytes((300, 200)), 413, "pixels"),  # 60000 pixels > 40000
+        (b"\0" * 60_000, 413, "upload limit"),  # 60 kB > 0.05 MB
+    ],
+)
+def test_bad_images_are_4xx(client, image, status, fragment):
+    response = submit(client, {"prompt": "x"}, image=image)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["detail"]
+
+
+def test_malformed_requests_are_4xx(client):
+    assert client.post("/v1/edits", data={"options": json.dumps({"prompt": "x"})}).status_code == 422  # no image
+    no_options = client.post("/v1/edits", files={"image": ("a.png", png_bytes(), "image/png")})
+    assert no_options.status_code == 422 and "options" in no_options.json()["detail"]
+    assert client.post("/v1/edits", content=b"garbage", headers={"content-type": "text/plain"}).status_code == 422
+    assert client.get("/v1/edits/not-a-job-id-at-all").status_code == 404
+    assert client.get("/v1/edits/../../etc/passwd").status_code == 404
+    assert client.get("/v1/edits/" + "A" * 22 + "/result").status_code == 404
+    assert client.get("/v1/edits/" + "A" * 22 + "/whatever").status_code == 404
+    assert client.put("/v1/edits").status_code == 405
+
+
+def test_health_config_and_openapi(client):
+    health = client.get("/v1/health").json()
+    assert health["status"] == "ok" and health["worker"]["state"] == "ready" and health["queue"]["limit"] == 100
+    config = client.get("/v1/config").json()
+    assert {p["name"] for p in config["presets"]} >= {"distill", "upscale", "paint-brush"}
+    assert config["limits"]["max_steps"] == 6 and config["defaults"]["num_inference_steps"] == 2
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/v1/edits" in paths and "/v1/edits/{job_id}" in paths
+
+
+def test_fifty_concurrent_submissions_all_complete(tmp_path, demo_home):
+    state = make_state(tmp_path)
+    with running_server(create_app(state)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        wait_ready(http)
+
+        def one(i: int) -> str:
+            response = submit(http, {"prompt": f"edit {i}", "seed": i}, image=png_bytes(color=(i * 5, 100, 200)))
+            assert response.status_code == 202, response.text
+            return response.json()["id"]
+
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            ids = list(pool.map(one, range(50)))
+        assert len(set(ids)) == 50
+        statuses = [wait_finished(http, job_id, timeout=300) for job_id in ids]
+        assert [s["status"] for s in statuses] == ["done"] * 50
+        started = sorted(statuses, key=lambda s: s["started_at"])
+        assert all(a["finished_at"] <= b["started_at"] for a, b in itertools.pairwise(started))  # one at a time
+        for status in statuses[:5]:
+            assert Image.open(io.BytesIO(http.get(status["links"]["result"]).content)).size == (32, 32)
+    assert state.worker.jobs_run == 50
+
+
+def test_queue_limit_cancel_and_restart(tmp_path, demo_home):
+    """With the worker held back: 429 when full, cancel, and a restart keeps the queue (and re-queues running)."""
+    state = make_state(tmp_path, "--max-queue", "3")
+    gate = threading.Event()
+    load = state.worker.runner.load
+    state.worker.runner.load = lambda: (gate.wait(), load())[1]
+    with TestClient(create_app(state)) as client:
+        ids = [submit(client, {"prompt": f"job {i}", "seed": i}).json()["id"] for i in range(3)]
+        full = submit(client, {"prompt": "one too many"})
+        assert full.status_code == 429 and "queue is full" in full.json()["detail"]
+        assert full.headers["retry-after"]
+        assert client.get(f"/v1/edits/{ids[2]}").json()["position"] == 3
+        assert client.delete(f"/v1/edits/{ids[0]}").json()["status"] == "cancelled"
+        assert client.get(f"/v1/edits/{ids[1]}").json()["position"] == 1
+        assert client.get(f"/v1/edits/{ids[1]}/result").status_code == 409
+        gate.set()  # the lifespan stops the worker; it may or may not start a job before it does
+    state.store.claim_next()  # as if the process died in the middle of a job
+    state.store.close()
+
+    restarted = make_state(tmp_path, "--max-queue", "3")
+    assert restarted.store.requeued in (1, 2)
+    with TestClient(create_app(restarted)) as client:
+        results = [wait_finished(client, job_id) for job_id in ids]
+        assert [r["status"] for r in results] == ["cancelled", "done", "done"]
+        assert client.delete(f"/v1/edits/{ids[1]}").status_code == 409  # finished jobs cannot be cancelled
+
+
+def test_bearer_token(tmp_path, demo_home, monkeypatch):
+    monkeypatch.setenv("CHRONOEDIT_API_TOKEN", "s3cret")
+    state = make_state(tmp_path)
+    with TestClient(create_app(state)) as client:
+        assert client.get("/v1/health").status_code == 200  # liveness stays open
+        denied = submit(client, {"prompt": "x"})
+        assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+        assert submit(client, {"prompt": "x"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = submit(client, {"prompt": "x"}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 202
+        assert client.get(f"/v1/edits/{ok.json()['id']}").status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert wait_finished(client, ok.json()["id"], headers=auth)["status"] == "done"
+
+
+def _start_server(state_dir, port, env):
+    command = [sys.executable, "-m", "chronoedit.cli", "serve", "--state-dir", str(state_dir), "--port", str(port),
+               *TINY_FLAGS, "--max-steps", "200"]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_up(process, url):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        try:
+            if httpx.get(url + "/v1/health").json()["worker"]["state"] == "ready":
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the server did not come up")
+
+
+def test_sigkill_mid_job_then_restart_runs_it_again(tmp_path, demo_home):
+    """The real command, killed with SIGKILL while a job runs: after a restart the job is re-queued and completes,
+    the job queued behind it too, and no partial output is left behind."""
+    env = {**os.environ, "CHRONOEDIT_HOME": str(demo_home)}
+    env.pop("CHRONOEDIT_API_TOKEN", None)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _start_server(tmp_path, port, env)
+    try:
+        _wait_up(server, url)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            long_job = submit(http, {"prompt": "slow", "num_inference_steps": 120, "seed": 1}).json()["id"]
+            queued_job = submit(http, {"prompt": "next", "seed": 2}).json()["id"]
+            deadline = time.monotonic() + 60
+            while http.get(f"/v1/edits/{long_job}").json()["progress"]["step"] < 2:
+                assert time.monotonic() < deadline, "the long job did not start"
+                time.sleep(0.05)
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+    finally:
+        server.kill()
+    assert not list((tmp_path / "results" / long_job).glob("result*"))
+
+    server = _start_server(tmp_path, port, env)
+    try:
+        _wait_up(server, url)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            first = wait_finished(http, long_job, timeout=240)
+            second = wait_finished(http, queued_job, timeout=60)
+            assert (first["status"], second["status"]) == ("done", "done")
+            assert first["progress"] == {"step": 120, "total": 120}
+            assert first["finished_at"] <= second["started_at"]  # still in submission order
+            assert Image.open(io.BytesIO(http.get(first["links"]["result"]).content)).size == (32, 32)
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    assert "re-queued 1 job" in server.stderr.read()
+    leftovers = [p.name for p in (tmp_path / "results").rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
