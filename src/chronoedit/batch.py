@@ -31,13 +31,15 @@ from typing import Any
 from . import __version__
 from . import io as cio
 from .commands import edit as edit_cmd
+from .presets import PRESETS
+from .runner import EditRunner
 
 OUTPUT_FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
 INT_FIELDS = ("seed", "num_inference_steps", "num_temporal_reasoning_steps", "height", "width", "max_area",
               "num_frames")  # fmt: skip
 FLOAT_FIELDS = ("guidance_scale",)
 BOOL_FIELDS = ("enable_temporal_reasoning",)
-TEXT_FIELDS = ("negative_prompt", "output_format")
+TEXT_FIELDS = ("negative_prompt", "output_format", "preset")
 KNOWN_FIELDS = {"id", "input", "image", "prompt", *INT_FIELDS, *FLOAT_FIELDS, *BOOL_FIELDS, *TEXT_FIELDS}
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 LOCK_NAME = ".chronoedit-batch.lock"
@@ -229,6 +231,13 @@ def row_args(base: argparse.Namespace, row: Row, output: Path) -> argparse.Names
         if not isinstance(values["negative_prompt"], str):
             raise ValueError(f"negative_prompt must be a string, got {values['negative_prompt']!r}")
         args.negative_prompt = values["negative_prompt"]
+    if "preset" in values:  # the row's preset sets what the row itself does not
+        if values["preset"] not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(sorted(PRESETS))}, got {values['preset']!r}")
+        args.preset = values["preset"]
+        for name in ("num_inference_steps", "guidance_scale", "flow_shift", "max_area"):
+            if name not in values:
+                setattr(args, name, None)
     if "enable_temporal_reasoning" in values:
         args.enable_temporal_reasoning = _bool("enable_temporal_reasoning", values["enable_temporal_reasoning"])
         if not args.enable_temporal_reasoning:  # the batch's reasoning defaults do not apply to this row
@@ -368,7 +377,7 @@ def run_batch(manifest: str | Path, out_dir: str | Path, args: argparse.Namespac
                 summary.skipped += 1
             else:
                 pending.append(row)
-        pipe = None
+        runner: EditRunner | None = None
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(rows), initial=summary.skipped, desc="batch", unit="row", disable=args.quiet,
@@ -376,14 +385,14 @@ def run_batch(manifest: str | Path, out_dir: str | Path, args: argparse.Namespac
         try:
             for row in pending:
                 bar.set_postfix_str(row.id)
-                if pipe is None:  # loaded once, before the first row that runs; its errors end the batch (exit 2)
+                if runner is None:  # loaded once, before the first row that runs; its errors end the batch (exit 2)
                     t_load = time.perf_counter()
-                    pipe = edit_cmd.load_pipeline(model_job)
+                    runner = EditRunner(model_job)
                     with contextlib.suppress(AttributeError):
-                        pipe.set_progress_bar_config(disable=True)
+                        runner.load().set_progress_bar_config(disable=True)
                     summary.model_load_s = time.perf_counter() - t_load
                 try:
-                    _run_row(pipe, row, args, manifest, out_dir, default_fmt, run_id)
+                    _run_row(runner, row, args, manifest, out_dir, default_fmt, run_id)
                 except Exception as exc:  # a failed row is recorded and the batch goes on
                     summary.failed += 1
                     message = _one_line(exc)
@@ -404,19 +413,20 @@ def run_batch(manifest: str | Path, out_dir: str | Path, args: argparse.Namespac
     return summary
 
 
-def _run_row(pipe: Any, row: Row, args: argparse.Namespace, manifest: Path, out_dir: Path, default_fmt: str,
+def _run_row(runner: EditRunner, row: Row, args: argparse.Namespace, manifest: Path, out_dir: Path, default_fmt: str,
              run_id: str) -> None:  # fmt: skip
     """Validate, edit and write one row: the image atomically, then its sidecar atomically."""
     started, t0 = _now(), time.perf_counter()
     fmt = output_format(row, default_fmt)
-    job = edit_cmd.build_edit_job(row_args(args, row, out_dir / f"{row.id}.{fmt}"))
+    job_args = row_args(args, row, out_dir / f"{row.id}.{fmt}")
+    job = edit_cmd.build_edit_job(job_args)
     timings = {"prepare_s": time.perf_counter() - t0}
     t1 = time.perf_counter()
-    out = edit_cmd.generate(pipe, job)
+    out = runner.run(job)
     timings["generate_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # edit's "wrote ..." lines; the batch has its own summary
         edit_cmd.write_outputs(job, out)
     timings["write_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
-    write_json(sidecar_path(out_dir, row.id), _sidecar(job, row, args, manifest, fmt, run_id, timings, started))
+    write_json(sidecar_path(out_dir, row.id), _sidecar(job, row, job_args, manifest, fmt, run_id, timings, started))

@@ -15,7 +15,8 @@ from . import edit as edit_cmd
 EPILOG = """\
 manifest: JSONL (one JSON object a line) or CSV (.csv, with a header row). Fields: input (or image), prompt, and
 optionally id, seed, num_inference_steps, guidance_scale, enable_temporal_reasoning, num_temporal_reasoning_steps,
-num_frames, height, width, max_area, output_format (png/jpg/webp), negative_prompt. Relative input paths are relative
+num_frames, height, width, max_area, output_format (png/jpg/webp), negative_prompt, preset (distill, upscale,
+paint-brush: its LoRAs are loaded once and switched per row). Relative input paths are relative
 to the manifest's folder; the id defaults to the input file's name without suffix. Row values override the flags.
 
 outputs: DIR/<id>.<fmt> (written atomically), then DIR/<id>.json with the exact settings used. A row is done when
