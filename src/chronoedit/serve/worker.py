@@ -12,7 +12,6 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,6 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="chronoedit-worker", daemon=True)
-        self.on_job_done: Callable[[Job], None] | None = None  # for tests and metrics
 
     def start(self) -> None:
         self._thread.start()
@@ -115,8 +113,6 @@ class Worker:
         finally:
             self.progress = None
             self.jobs_run += 1
-        if self.on_job_done is not None:
-            self.on_job_done(job)
 
     def _on_step(self, step: int, total: int) -> None:
         if self.progress is not None:

@@ -1,0 +1,133 @@
+"""Throughput of ``chronoedit serve`` and its overhead per job beyond the pipeline's own time.
+
+What it measures (demo model, CPU, fp32; ``--size`` pixels square, ``--steps`` steps, ``--jobs`` edits):
+1. ``direct``: the same edits run back to back in this process through the runner the server uses (validation,
+   pipeline, writing the result) with no HTTP, no queue: the floor.
+2. ``server``: a real uvicorn server on 127.0.0.1 in this process; ``--jobs`` edits submitted at once by
+   ``--clients`` threads over HTTP (multipart upload), then polled until all are done. Throughput is jobs / wall time
+   from the first submit to the last job done.
+3. ``idle latency``: one job submitted to an idle server, polled every 10 ms: submit -> done, next to the job's own
+   pipeline time.
+Overhead per job = server wall time / jobs - direct wall time / jobs (HTTP, upload decode, SQLite queue, polling
+load); the worker's own split (prepare / generate / write) is printed from the jobs' timings.
+
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serve.py [--jobs 50 --size 32 --steps 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import httpx
+from PIL import Image
+from serve_helpers import png_bytes, running_server, submit, wait_ready
+
+from chronoedit import cli
+from chronoedit.commands.serve import build_state
+from chronoedit.serve.app import create_app
+from chronoedit.serve.editing import INPUT_NAME, build_job
+from chronoedit.serve.options import EditOptions
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument("--clients", type=int, default=50, help="threads submitting at once")
+    parser.add_argument("--size", type=int, default=32, help="output height and width (multiple of 16)")
+    parser.add_argument("--steps", type=int, default=2)
+    return parser.parse_args()
+
+
+def make_state(state_dir: Path, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    flags = ["serve", "--state-dir", str(state_dir), "--height", str(args.size), "--width", str(args.size),
+             "--num-inference-steps", str(args.steps), "--device", "cpu", "--quiet", "--max-queue", "100000"]
+    return build_state(cli.parse_args(flags))
+
+
+def run_direct(state, jobs: int, work: Path) -> float:  # type: ignore[no-untyped-def]
+    """Seconds for ``jobs`` edits through the server's runner, no HTTP/queue (validation + pipeline + write)."""
+    from chronoedit.commands import edit as edit_cmd
+    from chronoedit.io import save_image
+
+    state.worker.runner.load()
+    image = png_bytes()
+    start = time.perf_counter()
+    for i in range(jobs):
+        job_dir = work / f"direct{i}"
+        job_dir.mkdir(parents=True)
+        save_image(Image.open(io.BytesIO(image)).convert("RGB"), job_dir / INPUT_NAME)
+        job = build_job(state.worker.base_args, EditOptions(prompt=f"edit {i}", seed=i), job_dir, state.limits)
+        out = state.worker.runner.run(job)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            edit_cmd.write_outputs(job, out)
+    return time.perf_counter() - start
+
+
+def run_server(url: str, jobs: int, clients: int) -> tuple[float, list[dict]]:
+    """Submit ``jobs`` at once from ``clients`` threads; poll (one thread, every 50 ms) until all are done."""
+    with httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients)) as http:
+        wait_ready(http)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            ids = list(pool.map(lambda i: submit(http, {"prompt": f"edit {i}", "seed": i}).json()["id"], range(jobs)))
+        pending, done = set(ids), {}
+        while pending:
+            for job_id in list(pending):
+                status = http.get(f"/v1/edits/{job_id}").json()
+                if status["finished"]:
+                    done[job_id] = status
+                    pending.discard(job_id)
+            time.sleep(0.05)
+        return time.perf_counter() - start, [done[i] for i in ids]
+
+
+def idle_latency(url: str) -> tuple[float, dict]:
+    with httpx.Client(base_url=url, timeout=120) as http:
+        start = time.perf_counter()
+        job_id = submit(http, {"prompt": "one", "seed": 1}).json()["id"]
+        while not (status := http.get(f"/v1/edits/{job_id}").json())["finished"]:
+            time.sleep(0.01)
+        return time.perf_counter() - start, status
+
+
+def main() -> None:
+    args = parse()
+    threading.current_thread().name = "bench"
+    with tempfile.TemporaryDirectory() as tmp:
+        state = make_state(Path(tmp) / "state", args)
+        direct_s = run_direct(state, args.jobs, Path(tmp) / "direct")
+        with running_server(create_app(state)) as url:
+            server_s, statuses = run_server(url, args.jobs, args.clients)
+            latency_s, one = idle_latency(url)
+    assert all(s["status"] == "done" for s in statuses), [s["error"] for s in statuses if s["status"] != "done"]
+    mean = {k: statistics.mean(s["timings"][k] for s in statuses) for k in ("prepare_s", "generate_s", "write_s")}
+    print(f"chronoedit serve, demo model, {args.size}x{args.size}, {args.steps} steps, {args.jobs} jobs, "
+          f"{args.clients} clients, torch threads {__import__('torch').get_num_threads()}\n")  # fmt: skip
+    print(f"{'run':<34}{'wall s':>9}{'jobs/s':>9}{'s/job':>9}")
+    for name, wall in (("direct (runner, no HTTP/queue)", direct_s), ("server (HTTP + SQLite queue)", server_s)):
+        print(f"{name:<34}{wall:>9.2f}{args.jobs / wall:>9.2f}{wall / args.jobs:>9.3f}")
+    overhead = server_s / args.jobs - direct_s / args.jobs
+    print(f"\nserver / direct time ratio: {server_s / direct_s:.3f}; overhead per job: {overhead * 1000:+.1f} ms")
+    print("worker's split per job (mean): " + ", ".join(f"{k[:-2]} {v * 1000:.1f} ms" for k, v in mean.items()))
+    print(f"idle latency (submit -> done seen, 10 ms polling): {latency_s * 1000:.0f} ms, of which pipeline "
+          f"{one['timings']['generate_s'] * 1000:.0f} ms")  # fmt: skip
+    print(json.dumps({"jobs_per_s": args.jobs / server_s, "direct_jobs_per_s": args.jobs / direct_s,
+                      "overhead_ms_per_job": overhead * 1000}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
