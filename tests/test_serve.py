@@ -294,3 +294,19 @@ def test_sigkill_mid_job_then_restart_runs_it_again(tmp_path, demo_home):
     assert "re-queued 1 job" in server.stderr.read()
     leftovers = [p.name for p in (tmp_path / "results").rglob("*") if ".tmp-" in p.name]
     assert leftovers == []
+
+
+def test_a_job_that_keeps_killing_the_server_is_failed_after_three_tries(tmp_path):
+    from chronoedit.serve.store import MAX_ATTEMPTS, JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    poison = store.submit({"prompt": "boom"}, max_pending=10).id
+    other = store.submit({"prompt": "fine"}, max_pending=10).id
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        assert store.claim_next().id == poison  # the process "dies" while running it
+        store.close()
+        store = JobStore(tmp_path / "jobs.sqlite3")
+        assert store.requeued == (1 if attempt < MAX_ATTEMPTS else 0)
+    job = store.get(poison)
+    assert job.status == "failed" and "stopped 3 times" in job.error
+    assert store.claim_next().id == other

@@ -21,6 +21,7 @@ from typing import Any
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
+MAX_ATTEMPTS = 3  # a job that was running when the process died this many times is failed, not run again
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -108,8 +109,14 @@ class JobStore:
             self._db.execute("COMMIT")
 
     def _requeue_running(self) -> int:
-        """Jobs left ``running`` by a process that died go back to the queue, in their original order."""
+        """Jobs left ``running`` by a process that died go back to the queue, in their original order; one that
+        was running at :data:`MAX_ATTEMPTS` deaths (it may be what kills the process) is failed instead."""
+        error = f"the server stopped {MAX_ATTEMPTS} times while running this edit; not trying again"
         with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET status=?, finished_at=?, error=? WHERE status=? AND attempts>=?",
+                (FAILED, time.time(), error, RUNNING, MAX_ATTEMPTS),
+            )
             cursor = db.execute("UPDATE jobs SET status=?, step=0, started_at=NULL WHERE status=?", (QUEUED, RUNNING))
             return cursor.rowcount
 
