@@ -88,22 +88,24 @@ async function loadConfig() {
   updateStepHints();
 }
 
-async function watchHealth() {
-  for (;;) {
-    let text;
-    let ready = false;
-    try {
-      const health = await getJson("health");
-      const { state, error } = health.worker;
-      ready = state === "ready";
-      const queue = health.queue.queued + health.queue.running;
-      text = error ? `model ${health.model}: ${error}` : `model ${health.model} · ${state} · ${queue} in queue`;
-    } catch (err) {
-      text = err.message;
-    }
-    $("server-status").textContent = text;
-    await sleep(ready ? 10 * RETRY_MS : RETRY_MS);
+/** The header's server line (model, worker state, queue); true when the model is ready. */
+async function updateHealth() {
+  try {
+    const health = await getJson("health");
+    const { state, error } = health.worker;
+    const queue = health.queue.queued + health.queue.running;
+    $("server-status").textContent = error
+      ? `model ${health.model}: ${error}`
+      : `model ${health.model} · ${state} · ${queue} in queue`;
+    return state === "ready";
+  } catch (err) {
+    $("server-status").textContent = err.message;
+    return false;
   }
+}
+
+async function watchHealth() {
+  for (;;) await sleep((await updateHealth()) ? 10 * RETRY_MS : RETRY_MS);
 }
 
 // ---------------------------------------------------------------- auth
@@ -251,6 +253,7 @@ async function submitEdit(event) {
     const job = await (await api("edits", { method: "POST", body })).json();
     addToHistory(job);
     openJob(job.id);
+    updateHealth();
   } catch (err) {
     showError(err.message, err.status);
   } finally {
@@ -299,7 +302,10 @@ async function openJob(id) {
         await sleep(RETRY_MS);
         continue;
       }
-      if (err.status === 404) removeFromHistory(id);
+      if (err.status === 404) {
+        removeFromHistory(id);
+        history.replaceState(null, "", location.pathname);
+      }
       showJobError(err.status === 404 ? "This edit is no longer on the server." : err.message);
       return;
     }
@@ -310,6 +316,7 @@ async function openJob(id) {
     if (job.finished) break;
     await sleep(POLL_MS);
   }
+  updateHealth();
   if (job.status === "done") await showResult(job, generation);
 }
 
