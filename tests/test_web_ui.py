@@ -42,6 +42,8 @@ CHROMIUM_FLAGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,2000",
 ]  # fmt: skip
 EDIT_TIMEOUT_S = 120
+TOKEN = "web-ui-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 # ---------------------------------------------------------------- static files, offline
@@ -83,11 +85,12 @@ def test_static_files_are_served_and_work_offline(tmp_path):
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    """A running ``chronoedit serve`` on the demo model (tiny settings), on a free port of 127.0.0.1."""
+    """A running ``chronoedit serve`` on the demo model (tiny settings) on a free port of 127.0.0.1, with a token: the
+    UI must ask for it and send it with every request, images and video included."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CHRONOEDIT_HOME", str(tmp_path_factory.mktemp("chronoedit_home")))
         mp.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
-        mp.delenv(serve_cmd.TOKEN_ENV, raising=False)
+        mp.setenv(serve_cmd.TOKEN_ENV, TOKEN)
         args = cli.parse_args(["serve", "--state-dir", str(tmp_path_factory.mktemp("serve_state")), *SMALL])
         app = create_app(serve_cmd.build_state(args))
         sock = socket.socket()
@@ -152,6 +155,21 @@ def _severe(entries: list[dict], allow_network: bool = False) -> list[dict]:
     return [e for e in entries if e["level"] == "SEVERE" and not (allow_network and e.get("source") == "network")]
 
 
+def _sign_in(driver, server_url: str) -> None:
+    """Load the page: it finds the server wants a token and asks for it; once given, the page loads the config."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver.get(server_url)
+    _until(driver, "!document.getElementById('auth-box').hidden", message="the token field")
+    assert "bearer token is required" in driver.find_element(By.ID, "auth-message").text
+    driver.find_element(By.ID, "token-input").send_keys(TOKEN, Keys.ENTER)
+    _until(driver, "document.getElementById('preset').options.length > 1", message="presets from /v1/config")
+    assert not driver.find_element(By.ID, "auth-box").is_displayed()
+    unauthorized = driver.get_log("browser")  # the 401s that made the page ask
+    assert unauthorized and all("401" in e["message"] for e in _severe(unauthorized)), unauthorized
+
+
 def _image(path: Path) -> Path:
     Image.new("RGB", (48, 32), (200, 120, 40)).save(path)
     return path
@@ -173,13 +191,12 @@ def _fetched_size(driver, element_id: str) -> int:
 
 
 def test_edit_with_reasoning_in_the_browser(driver, server_url, tmp_path):
-    """Upload, edit with temporal reasoning, see the result and the trajectory, compare, download, find it in the
-    history after a reload; no console errors."""
+    """Give the token, upload, edit with temporal reasoning, see the result and the trajectory, compare, download, find
+    it in the history after a reload (the token is remembered); no console errors."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    driver.get(server_url)
-    _until(driver, "document.getElementById('preset').options.length > 1", message="presets from /v1/config")
+    _sign_in(driver, server_url)
     driver.find_element(By.ID, "image-input").send_keys(str(_image(tmp_path / "cup.png")))
     _until(driver, _loaded("input-preview"), message="the preview of the chosen image")
     driver.find_element(By.ID, "prompt").send_keys("put a red hat on the cup")
@@ -215,7 +232,7 @@ def test_edit_with_reasoning_in_the_browser(driver, server_url, tmp_path):
         slider.send_keys(Keys.ARROW_RIGHT)
     assert after.value_of_css_property("clip-path") == "inset(0px 0px 0px 3%)"
 
-    files = {role: httpx.get(f"{server_url}v1/edits/{job_id}/{role}").content for role in
+    files = {role: httpx.get(f"{server_url}v1/edits/{job_id}/{role}", headers=AUTH).content for role in
              ("result", "trajectory", "trajectory-sheet")}  # fmt: skip
     for link, role, suffix in (("download-result", "result", ".png"), ("download-trajectory", "trajectory", ".mp4"),
                                ("download-sheet", "trajectory-sheet", ".png")):  # fmt: skip
@@ -232,7 +249,7 @@ def test_edit_with_reasoning_in_the_browser(driver, server_url, tmp_path):
     assert driver.save_screenshot(str(ARTIFACTS / "web-ui.png"))
     console = driver.get_log("browser")
 
-    driver.refresh()  # the history is in localStorage, and the page's #id reopens the job
+    driver.refresh()  # the token and the history are in localStorage, and the page's #id reopens the job
     _until(driver, f'document.querySelector("{item}") !== null', message="the history entry after a reload")
     _until(driver, _loaded("result-image"), message="the job reopened after a reload")
     assert "put a red hat on the cup" in driver.find_element(By.ID, "history-list").text
@@ -241,7 +258,8 @@ def test_edit_with_reasoning_in_the_browser(driver, server_url, tmp_path):
 
 def _api_error(server_url: str, image: Path, options: str) -> str:
     """What the API itself answers to this submission (a 4xx's ``detail``)."""
-    response = httpx.post(f"{server_url}v1/edits", files={"image": image.read_bytes()}, data={"options": options})
+    files, data = {"image": image.read_bytes()}, {"options": options}
+    response = httpx.post(f"{server_url}v1/edits", files=files, data=data, headers=AUTH)
     assert 400 <= response.status_code < 500
     return response.json()["detail"]
 
@@ -250,8 +268,7 @@ def test_server_errors_are_shown_verbatim(driver, server_url, tmp_path):
     """A missing prompt and a file that is not an image: the page shows the server's own message; nothing is queued."""
     from selenium.webdriver.common.by import By
 
-    driver.get(server_url)
-    _until(driver, "document.getElementById('preset').options.length > 1", message="presets from /v1/config")
+    _sign_in(driver, server_url)
     image = _image(tmp_path / "cup.png")
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")

@@ -112,7 +112,8 @@ async function watchHealth() {
 
 function showAuth(message) {
   $("auth-box").hidden = false;
-  $("auth-message").textContent = message;
+  const refused = localStorage.getItem(TOKEN_KEY) ? "The stored token was refused: " : "";
+  $("auth-message").textContent = refused + message;
   if (!document.activeElement || document.activeElement === document.body) $("token-input").focus();
 }
 
@@ -463,7 +464,7 @@ function renderDetails(job) {
     ["Steps", options.num_inference_steps ?? settings.num_inference_steps],
     ["Guidance", options.guidance_scale ?? settings.guidance_scale],
     ["Size", settings.width ? `${settings.width}×${settings.height}` : undefined],
-    ["Reasoning", options.enable_temporal_reasoning ? `${reasoningSteps ?? "all"} steps` : "off"],
+    ["Reasoning", options.enable_temporal_reasoning ? plural(reasoningSteps, "step") : "off"],
     ["Negative prompt", options.negative_prompt],
     ["Time", job.timings?.total_s != null ? `${job.timings.total_s.toFixed(2)} s` : undefined],
   ];
@@ -628,6 +629,11 @@ async function watchUnfinished() {
 }
 
 // ---------------------------------------------------------------- start
+
+function plural(count, noun) {
+  if (count === undefined || count === null) return `all ${noun}s`;
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
+}
 
 function formatBytes(bytes) {
   if (bytes < 1024) return `${bytes} B`;
