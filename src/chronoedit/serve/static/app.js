@@ -45,11 +45,11 @@ async function detailOf(response) {
   const text = await response.text().catch(() => "");
   try {
     const body = JSON.parse(text);
-    if (body && body.detail !== undefined) return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    if (body?.detail !== undefined) return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
   } catch {
     // not JSON: show the text itself
   }
-  return text.trim() || `HTTP ${response.status} ${response.statusText}`.trim();
+  return text.trim().slice(0, 500) || `HTTP ${response.status} ${response.statusText}`.trim(); // e.g. a proxy's page
 }
 
 const getJson = async (path) => (await api(path)).json();
