@@ -249,11 +249,24 @@ def test_edit_with_reasoning_in_the_browser(driver, server_url, tmp_path):
     assert driver.save_screenshot(str(ARTIFACTS / "web-ui.png"))
     console = driver.get_log("browser")
 
+    gone = "A" * 22  # a well-formed id this server never issued: the reload must drop it from the history
+    driver.execute_script(
+        "const list = JSON.parse(localStorage.getItem('chronoedit.history'));"
+        "list.push({id: arguments[0], prompt: 'gone', created: Date.now(), status: 'done'});"
+        "localStorage.setItem('chronoedit.history', JSON.stringify(list));",
+        gone,
+    )
     driver.refresh()  # the token and the history are in localStorage, and the page's #id reopens the job
     _until(driver, f'document.querySelector("{item}") !== null', message="the history entry after a reload")
     _until(driver, _loaded("result-image"), message="the job reopened after a reload")
-    assert "put a red hat on the cup" in driver.find_element(By.ID, "history-list").text
-    assert not _severe(console + driver.get_log("browser"))
+    _until(driver, f"document.querySelector(\"[data-id='{gone}']\") === null", message="the unknown job dropped")
+    assert driver.find_element(By.ID, "history-list").text.splitlines()[0] == "put a red hat on the cup"
+    after_reload = [e for e in driver.get_log("browser") if gone not in e["message"]]  # its 404s are expected
+    assert not _severe(console + after_reload)
+
+    driver.find_element(By.ID, "history-clear").click()
+    assert driver.find_elements(By.CSS_SELECTOR, "#history-list li") == []
+    assert driver.execute_script("return JSON.parse(localStorage.getItem('chronoedit.history'))") == []
 
 
 def _api_error(server_url: str, image: Path, options: str) -> str:
