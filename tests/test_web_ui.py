@@ -249,6 +249,12 @@ def test_edit_with_reasoning_in_the_browser(driver, server_url, tmp_path):
     assert driver.save_screenshot(str(ARTIFACTS / "web-ui.png"))
     console = driver.get_log("browser")
 
+    driver.find_element(By.ID, "edit-result").click()  # the edited image becomes the next edit's input
+    _until(driver, "document.getElementById('input-preview').naturalWidth === 32", message="the result as input")
+    assert driver.find_element(By.ID, "image-name").text.startswith(f"chronoedit-{job_id[:8]}-edited.png")
+    assert driver.find_element(By.ID, "prompt").get_attribute("value") == ""
+    assert driver.find_element(By.ID, "reasoning").is_selected()  # the other settings are kept
+
     gone = "A" * 22  # a well-formed id this server never issued: the reload must drop it from the history
     driver.execute_script(
         "const list = JSON.parse(localStorage.getItem('chronoedit.history'));"

@@ -286,6 +286,7 @@ function rollSeed() {
 // ---------------------------------------------------------------- one job: progress, result, trajectory
 
 let viewing = 0; // bumped whenever another job is opened: the older loops stop
+let shownJob = null; // the last status of the job on view
 
 async function openJob(id) {
   const generation = ++viewing;
@@ -311,6 +312,7 @@ async function openJob(id) {
       return;
     }
     if (generation !== viewing) return;
+    shownJob = job;
     renderStatus(job);
     if (loadHistory().some((e) => e.id === id)) updateHistory(job);
     else addToHistory(job); // opened from a link: remember it like the others
@@ -330,6 +332,8 @@ function resetJobView(id) {
   $("trajectory").hidden = true;
   $("job-error").hidden = true;
   $("cancel-job").hidden = true;
+  $("edit-result").hidden = true;
+  shownJob = null;
   $("status-text").textContent = "Loading…";
   $("progress").removeAttribute("value");
   const entry = loadHistory().find((e) => e.id === id);
@@ -345,6 +349,7 @@ function renderStatus(job) {
   const progress = $("progress");
   $("job").dataset.status = job.status;
   $("cancel-job").hidden = job.status !== "queued";
+  $("edit-result").hidden = job.status !== "done";
   $("job-prompt").textContent = job.options?.prompt ? `“${job.options.prompt}”` : "";
   let text;
   if (job.status === "queued") {
@@ -475,6 +480,35 @@ function renderDetails(job) {
     list.append(Object.assign(document.createElement("dt"), { textContent: name }));
     list.append(Object.assign(document.createElement("dd"), { textContent: String(value) }));
   }
+}
+
+/** Fill the form with the shown job's options, and its input (or, with `fromResult`, its edited image). */
+async function reuseJob(fromResult) {
+  const job = shownJob;
+  if (!job) return;
+  const options = job.options || {};
+  $("prompt").value = fromResult ? "" : options.prompt ?? "";
+  $("preset").value = options.preset ?? "";
+  $("seed").value = options.seed ?? "";
+  $("steps").value = options.num_inference_steps ?? "";
+  $("guidance").value = options.guidance_scale ?? "";
+  $("negative-prompt").value = options.negative_prompt ?? "";
+  $("output-format").value = options.output_format === "jpg" ? "jpeg" : options.output_format || "png";
+  $("reasoning").checked = Boolean(options.enable_temporal_reasoning);
+  syncReasoning();
+  $("reasoning-steps").value = options.num_temporal_reasoning_steps ?? "";
+  $("keep-trajectory").checked = Boolean(options.return_trajectory);
+  updateStepHints();
+  const role = fromResult ? "result" : "input";
+  try {
+    const file = await blobUrl(`edits/${job.id}/${role}`);
+    const blob = await (await fetch(file.url)).blob();
+    const name = `chronoedit-${job.id.slice(0, 8)}-${fromResult ? "edited" : "input"}.${EXTENSIONS[blob.type] || "png"}`;
+    chooseFile(new File([blob], name, { type: blob.type }));
+  } catch (err) {
+    showError(err.message, err.status);
+  }
+  $("prompt").focus();
 }
 
 // ---------------------------------------------------------------- before / after slider
@@ -664,6 +698,8 @@ function bindEvents() {
   $("steps").addEventListener("input", updateStepHints);
   $("seed-dice").addEventListener("click", rollSeed);
   $("cancel-job").addEventListener("click", cancelJob);
+  $("reuse-settings").addEventListener("click", () => reuseJob(false));
+  $("edit-result").addEventListener("click", () => reuseJob(true));
   $("history-clear").addEventListener("click", clearHistory);
   $("trajectory-video").addEventListener("error", videoFailed);
   window.addEventListener("storage", (event) => {
