@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import threading
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,10 +21,9 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 
-import uvicorn
 from fastapi.testclient import TestClient
+from serve_helpers import make_state, running_server
 
-from chronoedit import cli
 from chronoedit.commands import edit as edit_cmd
 from chronoedit.commands import serve as serve_cmd
 from chronoedit.serve.app import STATIC_DIR, ServerState, create_app
@@ -36,7 +33,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 REQUIRE_BROWSER = "CHRONOEDIT_REQUIRE_BROWSER"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-SMALL = ["--height", "32", "--width", "32", "--num-inference-steps", "2", "--device", "cpu", "--quiet"]
 CHROMIUM_FLAGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,2000",
@@ -91,18 +87,9 @@ def server_url(tmp_path_factory):
         mp.setenv("CHRONOEDIT_HOME", str(tmp_path_factory.mktemp("chronoedit_home")))
         mp.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
         mp.setenv(serve_cmd.TOKEN_ENV, TOKEN)
-        args = cli.parse_args(["serve", "--state-dir", str(tmp_path_factory.mktemp("serve_state")), *SMALL])
-        app = create_app(serve_cmd.build_state(args))
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        _wait_for(lambda: server.started, 30, "the server did not start")
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+        state = make_state(tmp_path_factory.mktemp("serve_state"))
+        with running_server(create_app(state)) as url:
+            yield url + "/"
 
 
 def _wait_for(condition, timeout_s: float, message: str) -> None:
