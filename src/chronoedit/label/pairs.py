@@ -7,7 +7,8 @@ Folder conventions (checked in this order):
 
 CSV: a header row with ``source`` and ``target`` columns (``source_image``/``target_image`` and ``before``/``after``
 also work, so a chronoedit dataset's own ``metadata.csv`` can be relabelled), optionally ``key`` and ``instruction``
-(a known instruction skips stage 1). Relative paths are relative to the CSV's folder.
+(a known instruction skips stage 1). Relative paths are relative to the CSV's folder. Without a key column the key is
+the file name without suffix (``SOURCE-TARGET`` when the two names differ).
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def read_pairs(path: str | Path) -> list[Pair]:
     for pair in pairs:
         other = seen.setdefault(pair.key.lower(), pair)
         if other is not pair:
-            raise PairsError(f"duplicate key '{pair.key}' in {pair.origin} (also {other.origin}); keys must be unique")
+            raise PairsError(
+                f"duplicate key '{pair.key}' in {pair.origin} (also {other.origin}); keys must be unique "
+                "(a CSV can give them in a 'key' column)"
+            )
     return pairs
 
 
@@ -168,7 +172,8 @@ def _csv_pair(record: dict, columns: dict[str, str | None], path: Path, line: in
             raise PairsError(f"{origin}: the {columns[role]} cell is empty")
         image = Path(cell(role)).expanduser()
         images[role] = image if image.is_absolute() else path.parent / image
-    key = make_key(cell("key") or images["source"].stem, origin)
+    stems = images["source"].stem, images["target"].stem
+    key = make_key(cell("key") or (stems[0] if stems[0] == stems[1] else "-".join(stems)), origin)
     return Pair(key, images["source"], images["target"], origin, cell("instruction") or None)
 
 
