@@ -176,6 +176,17 @@ def test_rerun_makes_no_new_requests(capsys, server, tmp_path):
     assert len(server.requests) == count + 2
 
 
+def test_retry_skipped_asks_again_about_skipped_pairs_only(capsys, server, tmp_path):
+    pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue"), "b": ("green", "green")})
+    out = tmp_path / "ds"
+    assert label(capsys, pairs, out, server.url)[0] == 0
+    assert len(server.requests) == 3
+    code, stdout, _ = label(capsys, pairs, out, server.url, "--retry-skipped")
+    assert code == 0 and "0 labeled, 1 filtered as no change, 1 already done" in stdout
+    assert len(server.requests) == 4 and [colour(i) for i in user_images(server.requests[3])] == ["green", "green"]
+    assert [r["key"] for r in rows(out / "skipped.csv")] == ["b"]  # recorded once, not twice
+
+
 def test_torn_last_line_is_repaired(capsys, server, tmp_path):
     pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue"), "c": ("yellow", "grey")})
     out = tmp_path / "ds"

@@ -40,6 +40,7 @@ def test_strip_thinking():
     assert strip_thinking("reasoning without an opening tag</think> answer") == "answer"
     assert strip_thinking("<THINK>x</THINK>one<think>y</think> two") == "one two"
     assert strip_thinking("plain") == "plain"
+    assert strip_thinking("<think>The user wants to ... out of tokens") == ""  # unclosed: nothing usable
 
 
 def test_fit_image_keeps_aspect_and_small_images():
@@ -139,6 +140,30 @@ def test_openai_empty_answer_is_an_error():
             vlm.chat("s", "hello")
     finally:
         fake.close()
+
+
+def test_openai_adapts_to_reasoning_models_that_refuse_max_tokens_and_temperature():
+    fake = FakeOpenAIServer(lambda request: "fine")
+    fake.failures = [
+        (400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens'."),
+        (400, "Unsupported value: 'temperature' does not support 0 with this model."),
+    ]
+    try:
+        with load_vlm(config(fake.url)) as vlm:
+            assert vlm.chat("s", "one") == "fine"
+            assert vlm.chat("s", "two") == "fine"  # remembered: no more refusals
+    finally:
+        fake.close()
+    sent = [{k for k in ("max_tokens", "max_completion_tokens", "temperature") if k in r} for r in fake.requests]
+    assert sent == [{"max_tokens", "temperature"}, {"max_completion_tokens", "temperature"},
+                    {"max_completion_tokens"}, {"max_completion_tokens"}]  # fmt: skip
+
+
+def test_openai_other_bad_requests_are_reported(server):
+    server.failures = [(400, "image too large")]
+    with load_vlm(config(server.url)) as vlm, pytest.raises(VLMError, match=r"HTTP 400: image too large$"):
+        vlm.chat("s", "t")
+    assert len(server.requests) == 1
 
 
 def test_openai_closed_client_refuses(server):

@@ -21,6 +21,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024
 DEFAULT_MAX_NEW_TOKENS = 1024
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+_THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
 
 
 class VLMError(RuntimeError):
@@ -100,10 +101,11 @@ class BaseVLM:
 
 
 def strip_thinking(text: str) -> str:
-    """Drop reasoning models' ``<think>…</think>`` blocks (and anything before a lone ``</think>``)."""
+    """Drop reasoning models' ``<think>…</think>`` blocks, anything before a lone ``</think>`` (the template opened
+    it) and an unclosed ``<think>`` to the end (the answer ran out of tokens while thinking)."""
     text = _THINK_BLOCK.sub("", text)
-    parts = _THINK_CLOSE.split(text)
-    return parts[-1].strip()
+    text = _THINK_CLOSE.split(text)[-1]
+    return _THINK_OPEN.split(text)[0].strip()
 
 
 def fit_image(image: Image.Image, max_pixels: int) -> Image.Image:

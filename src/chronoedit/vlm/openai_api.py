@@ -34,6 +34,7 @@ class OpenAIVLM(BaseVLM):
         self.base_url = config.base_url.rstrip("/")
         self.name = f"model '{config.model}' at {self.base_url}"
         self._key_set = bool(os.environ.get(config.api_key_env))
+        self._params: dict[str, Any] = {"max_tokens": config.max_new_tokens, "temperature": config.temperature}
         self._client: Any = openai.OpenAI(
             base_url=self.base_url,
             api_key=os.environ.get(config.api_key_env) or NO_KEY_PLACEHOLDER,
@@ -54,15 +55,33 @@ class OpenAIVLM(BaseVLM):
         content.append({"type": "text", "text": text})
         messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
         try:
-            response = self._client.chat.completions.create(
-                model=self.config.model,
-                messages=messages,
-                max_tokens=self.config.max_new_tokens,
-                temperature=self.config.temperature,
-            )
+            response = self._create(messages)
         except openai.OpenAIError as exc:
             raise VLMError(describe_error(exc, self)) from exc
         return self._answer(response)
+
+    def _create(self, messages: list[dict[str, Any]]) -> Any:
+        """``chat.completions.create``; a 400 that refuses ``max_tokens`` or ``temperature`` (OpenAI's reasoning
+        models) is answered once by sending ``max_completion_tokens`` / no temperature, remembered for later calls."""
+        import openai
+
+        while True:
+            try:
+                return self._client.chat.completions.create(model=self.config.model, messages=messages,
+                                                            **self._params)  # fmt: skip
+            except openai.BadRequestError as exc:
+                if not self._adapt(_server_message(exc).lower()):
+                    raise
+
+    def _adapt(self, message: str) -> bool:
+        """Drop the parameter the server refused; False when there is nothing left to adapt."""
+        if "max_tokens" in self._params and "max_tokens" in message and "max_completion_tokens" in message:
+            self._params["max_completion_tokens"] = self._params.pop("max_tokens")
+            return True
+        if "temperature" in self._params and "temperature" in message:
+            del self._params["temperature"]
+            return True
+        return False
 
     def _answer(self, response: Any) -> str:
         """The first choice's text, thinking stripped; VLMError when there is none."""
