@@ -83,13 +83,13 @@ ENHANCER_PREFIX = "prompt-enhancer"
 
 def add_enhancer_args(parser: argparse.ArgumentParser) -> None:
     """``--use-prompt-enhancer`` and the ``--prompt-enhancer-*`` VLM flags (NVIDIA's names) for ``chronoedit edit``."""
-    add_vlm_args(parser, prefix=ENHANCER_PREFIX, title="prompt enhancer")
-    group = next(g for g in parser._action_groups if g.title == "prompt enhancer")
+    group = parser.add_argument_group("prompt enhancer")
     group.add_argument(
         "--use-prompt-enhancer", action="store_true",
         help="rewrite --prompt with a VLM into ChronoEdit's dense 'The user wants to ...' form first (printed and "
         "saved as <output stem>.prompt.txt); the VLM is released before the editing model loads",
     )  # fmt: skip
+    add_vlm_args(parser, prefix=ENHANCER_PREFIX, group=group)
 
 
 def check_enhancer_args(args: argparse.Namespace) -> VLMConfig | None:

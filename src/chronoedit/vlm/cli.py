@@ -14,9 +14,11 @@ DEFAULT_VLM_MODEL = "Qwen/Qwen3-VL-30B-A3B-Instruct"  # NVIDIA's default prompt 
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
-def add_vlm_args(parser: argparse.ArgumentParser, prefix: str = "vlm", title: str = "vision-language model") -> None:
-    """Add ``--PREFIX-model``, ``--PREFIX-base-url`` and the backend knobs as one argument group."""
-    group = parser.add_argument_group(title)
+def add_vlm_args(parser: argparse.ArgumentParser, prefix: str = "vlm", title: str = "vision-language model",
+                 group: argparse._ArgumentGroup | None = None) -> argparse._ArgumentGroup:  # fmt: skip
+    """Add ``--PREFIX-model``, ``--PREFIX-base-url`` and the backend knobs as one argument group (a new one titled
+    ``title``, or ``group``); returns the group."""
+    group = group if group is not None else parser.add_argument_group(title)
     flag = f"--{prefix}"
     group.add_argument(
         f"{flag}-model", metavar="MODEL", default=None,
@@ -51,10 +53,11 @@ def add_vlm_args(parser: argparse.ArgumentParser, prefix: str = "vlm", title: st
         default=DEFAULT_MAX_NEW_TOKENS,
         help=f"longest answer in tokens ({DEFAULT_MAX_NEW_TOKENS}; reasoning models need more)",
     )
+    return group
 
 
-def vlm_config_from_args(args: argparse.Namespace, prefix: str = "vlm", device: str | None = None) -> VLMConfig:
-    """The :class:`VLMConfig` the flags of :func:`add_vlm_args` describe; ``device`` is the fallback device."""
+def vlm_config_from_args(args: argparse.Namespace, prefix: str = "vlm") -> VLMConfig:
+    """The :class:`VLMConfig` the flags of :func:`add_vlm_args` describe."""
     dest = prefix.replace("-", "_")
 
     def value(name: str) -> object:
@@ -68,7 +71,7 @@ def vlm_config_from_args(args: argparse.Namespace, prefix: str = "vlm", device: 
         model=model or DEFAULT_VLM_MODEL,
         base_url=base_url,
         api_key_env=value("api_key_env"),
-        device=value("device") or device,
+        device=value("device"),
         dtype=value("dtype"),
         timeout=value("timeout"),
         max_retries=value("max_retries"),
