@@ -210,6 +210,14 @@ def test_local_vlm_missing_folder(tmp_path):
         load_vlm(VLMConfig(model=str(tmp_path / "nowhere"), device="cpu"))
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(("device", "message"), [("cuda", "CUDA is not available"), ("auto", "CUDA is not available"),
+                                                 ("banana", "unknown VLM device 'banana'")])  # fmt: skip
+def test_local_vlm_device_checked_before_loading(tiny_vlm_dir, device, message):
+    with pytest.raises(ValueError, match=message):
+        load_vlm(VLMConfig(model=str(tiny_vlm_dir), device=device))
+
+
 def test_local_vlm_folder_without_a_model(tmp_path):
     with pytest.raises(VLMError, match="cannot load"):
         load_vlm(VLMConfig(model=str(tmp_path), device="cpu"))

@@ -26,6 +26,15 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device != "auto":
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"unknown VLM device {device!r}") from err
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"VLM device {device}: CUDA is not available on this machine (use cpu)")
+    elif not torch.cuda.is_available():
+        raise ValueError("VLM device auto spreads the model over GPUs, but CUDA is not available (use cpu)")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown VLM dtype {dtype!r}: use one of {', '.join(sorted(DTYPES))}")
     return device, dtype or ("fp32" if device == "cpu" else "bf16")
@@ -127,14 +136,12 @@ def _image_only_processor(model: str) -> Any:
 
 
 def _load_model(model: str, device: str, dtype: Any) -> Any:
-    """``AutoModelForImageTextToText`` in ``dtype`` on ``device`` (``auto``: accelerate's device map), in eval mode."""
+    """``AutoModelForImageTextToText`` in ``dtype``, loaded straight onto ``device`` (``auto``: spread over the GPUs
+    by accelerate), in eval mode."""
     from transformers import AutoModelForImageTextToText
 
     try:
-        if device == "auto":
-            loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map="auto")
-        else:
-            loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device)
+        loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device)
     except (OSError, ValueError, KeyError) as exc:
         raise VLMError(f"cannot load the VLM {model}: {_one_line(exc)}") from exc
     return loaded.eval()
