@@ -154,6 +154,7 @@ def test_suffix_convention_and_metadata_relabel(tmp_path):
 def test_clean_instruction():
     assert clean_instruction('<think>x</think>**Instruction:** "Add a hat."') == "Add a hat."
     assert clean_instruction("a; b; c; d; e") == "a; b; c"
+    assert clean_instruction("Instructions:\n1. add a hat;\n2. make the sky pink\n") == "add a hat; make the sky pink"
     for nothing in ("No change.", "no change", "No visible change", "NO CHANGES!", "None"):
         assert clean_instruction(nothing) is None
     assert clean_instruction("Nonetheless add a hat") == "Nonetheless add a hat"
@@ -185,6 +186,18 @@ def test_retry_skipped_asks_again_about_skipped_pairs_only(capsys, server, tmp_p
     assert code == 0 and "0 labeled, 1 filtered as no change, 1 already done" in stdout
     assert len(server.requests) == 4 and [colour(i) for i in user_images(server.requests[3])] == ["green", "green"]
     assert [r["key"] for r in rows(out / "skipped.csv")] == ["b"]  # recorded once, not twice
+
+
+def test_out_must_be_a_label_dataset_and_not_in_use(capsys, server, tmp_path):
+    from chronoedit.label import open_dataset
+
+    pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue")})
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "metadata.csv").write_text("file_name,text\nx.png,hi\n")
+    assert "has the columns file_name,text, expected key,video,prompt" in bad_run(capsys, server, pairs, foreign)
+    with open_dataset(tmp_path / "busy"):
+        assert "another chronoedit label is writing to" in bad_run(capsys, server, pairs, tmp_path / "busy")
 
 
 def test_torn_last_line_is_repaired(capsys, server, tmp_path):

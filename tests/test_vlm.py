@@ -166,6 +166,12 @@ def test_openai_other_bad_requests_are_reported(server):
     assert len(server.requests) == 1
 
 
+def test_openai_vllm_image_limit_gets_a_hint(server):
+    server.failures = [(400, "At most 1 image(s) may be provided in one request.")]
+    with load_vlm(config(server.url)) as vlm, pytest.raises(VLMError, match="--limit-mm-per-prompt"):
+        vlm.chat("s", "t", [noise(8, 8, 0), noise(8, 8, 1)])
+
+
 def test_openai_closed_client_refuses(server):
     vlm = load_vlm(config(server.url))
     vlm.close()

@@ -23,6 +23,7 @@ stages:
   1. the VLM writes the editing instruction from the two images (up to 3 changes joined by ';'), or "no change"
      (such pairs are filtered out); skipped when the CSV gives an instruction.
   2. the VLM rewrites it into ChronoEdit's 80-100 word "The user wants to ..." prompt.
+  Each request carries both images (serve vLLM with --limit-mm-per-prompt '{"image": 2}').
 
 dataset (--out DIR):
   metadata.csv (key,video,prompt,source_image,target_image; paths relative to DIR), videos/KEY.mp4 (2 frames),

@@ -42,7 +42,8 @@ DENSE_SYSTEM_PROMPT = (
 
 _NO_CHANGE = re.compile(r"^(no (visible |meaningful |significant )?(change|changes|difference|differences|edit)"
                         r"|none|nothing changed|the images are identical|identical)\b")  # fmt: skip
-_LABEL = re.compile(r"^(edit(ing)? )?instruction\s*:\s*", re.IGNORECASE)
+_LABEL = re.compile(r"^(edit(ing)? )?instructions?\s*:\s*", re.IGNORECASE)
+_BULLET = re.compile(r"^\s*(#+|>|[-*•]|\d+[.)])\s+")
 
 
 def dense_user_message(instruction: str) -> str:
@@ -55,10 +56,10 @@ def dense_user_message(instruction: str) -> str:
 
 def clean_instruction(answer: str) -> str | None:
     """Stage 1's answer as one line, at most three changes; None for "no change"; PromptError when empty."""
-    text = strip_thinking(answer)
-    text = re.sub(r"(\*\*|__|`)", "", text)
-    text = " ".join(text.split())
-    text = _LABEL.sub("", text).strip("\"'“”‘’ ")
+    text = re.sub(r"(\*\*|__|`)", "", strip_thinking(answer))
+    lines = [_LABEL.sub("", _BULLET.sub("", line)).strip().rstrip(";") for line in text.splitlines()]
+    text = "; ".join(line for line in lines if line)  # a list of changes becomes one line joined by semicolons
+    text = " ".join(text.split()).strip("\"'“”‘’ ")
     if not text:
         raise PromptError("the VLM's instruction is empty")
     if _NO_CHANGE.match(text.lower().strip(" .!")):

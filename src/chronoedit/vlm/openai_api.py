@@ -122,6 +122,8 @@ def describe_error(exc: Exception, vlm: OpenAIVLM) -> str:
             return f"{name}: not found (HTTP 404: {server}); check the model name and that the base URL ends in /v1"
         if status == 429:
             return f"{name}: rate limited (HTTP 429: {server}){retries}"
+        if status == 400 and "image" in server.lower() and "at most" in server.lower():
+            return f"{name}: HTTP 400: {server} (for vLLM pass --limit-mm-per-prompt '{{\"image\": 2}}')"
         return f"{name}: HTTP {status}: {server}{retries if status >= 500 else ''}"
     return f"{name}: {_one_line(exc)}"
 
