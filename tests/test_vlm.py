@@ -194,7 +194,7 @@ def test_local_vlm_runs_images_through_the_vision_tower_and_releases(tiny_vlm_di
     vision.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     answer = vlm.chat("You describe images.", "What changed?", [noise(40, 24, 3), noise(24, 24, 4)])
     assert isinstance(answer, str) and answer.strip() == answer
-    assert len(seen) == 1 and seen[0] > 0  # both images' patches, in one vision forward
+    assert seen == [(40 // 4) * (24 // 4) + (24 // 4) * (24 // 4)]  # both images' 4x4 patches, in one forward
     assert isinstance(vlm.chat("sys", "text only"), str)
     assert len(seen) == 1  # no image, no vision forward
     model_ref = weakref.ref(vlm.model)

@@ -37,6 +37,8 @@ class FakeOpenAIServer:
         self.delay = 0.0
         self.api_key: str | None = None
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._httpd.daemon_threads = True  # a handler still sleeping (timeout tests) does not hold up close()
+        self._httpd.block_on_close = False
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
