@@ -177,6 +177,39 @@ def test_rerun_makes_no_new_requests(capsys, server, tmp_path):
     assert len(server.requests) == count + 2
 
 
+def test_workers_ask_about_several_pairs_at_once(capsys, tmp_path):
+    lock, active, peak = threading.Lock(), [0], [0]
+
+    def slow(request):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.15)
+        with lock:
+            active[0] -= 1
+        return answer(request)
+
+    fake = FakeOpenAIServer(slow)
+    pairs = make_pairs(tmp_path / "pairs", PAIRS)
+    try:
+        code, stdout, stderr = label(capsys, pairs, tmp_path / "ds", fake.url, "--workers", "3", "--quiet")
+    finally:
+        fake.close()
+    assert code == 0, stderr
+    assert "3 labeled, 1 filtered as no change" in stdout
+    metadata = sorted(rows(tmp_path / "ds" / "metadata.csv"), key=lambda r: r["key"])
+    assert [(r["key"], r["prompt"]) for r in metadata] == [("a", dense("turn the red square blue")),
+                                                           ("c", dense("turn the yellow square grey")),
+                                                           ("d", dense("turn the blue square red"))]  # fmt: skip
+    assert len(fake.requests) == 7 and peak[0] > 1
+
+
+def test_workers_need_an_endpoint(capsys, tmp_path):
+    pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue")})
+    code = cli.main(["label", str(pairs), "--out", str(tmp_path / "ds"), "--vlm-model", "x", "--workers", "2"])
+    assert code == 2 and "--workers needs --vlm-base-url" in capsys.readouterr().err
+
+
 def test_retry_skipped_asks_again_about_skipped_pairs_only(capsys, server, tmp_path):
     pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue"), "b": ("green", "green")})
     out = tmp_path / "ds"

@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="label the pairs recorded in skipped.csv again (no change, bad or unusable)",
     )
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="with --vlm-base-url, ask about N pairs at once (servers like vLLM batch them; a crash "
+                        "then loses at most the N pairs in flight) (1)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     add_vlm_args(parser)
     parser.set_defaults(handler=handle)
@@ -68,11 +71,13 @@ def handle(args: argparse.Namespace) -> int:
     from ..vlm import load_vlm
 
     config = vlm_config_from_args(args)
+    if args.workers != 1 and not config.base_url:
+        raise ValueError("--workers needs --vlm-base-url: a local VLM answers one request at a time")
     pairs = read_pairs(args.pairs)
     if not args.quiet:
         where = f"at {config.base_url}" if config.base_url else "(local)"
         print(f"chronoedit: labelling {len(pairs)} pairs with {config.model} {where}", file=sys.stderr, flush=True)
     summary = label_pairs(pairs, args.out, lambda: load_vlm(config), skip_bad=args.skip_bad_pairs,
-                          retry_skipped=args.retry_skipped, quiet=args.quiet)  # fmt: skip
+                          retry_skipped=args.retry_skipped, quiet=args.quiet, workers=args.workers)  # fmt: skip
     print(summary.line(args.out), flush=True)
     return 0
