@@ -21,6 +21,7 @@ from ..loading import looks_like_repo_id
 from ..presets import PRESETS, find_preset_loras
 from ..request import MIN_REASONING_FRAMES, REASONING_FRAMES
 from ..request import PLAIN_EDIT_FRAMES as EDIT_FRAMES
+from .enhance import add_enhancer_args, check_enhancer_args, enhance_for_edit
 
 DEMO = "demo"
 DEMO_PROMPT = "put a red hat on the cup"
@@ -91,8 +92,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_reasoning_args(edit)
     _add_runtime_args(edit)
     _add_lora_args(edit)
-    from .enhance import add_enhancer_args
-
     add_enhancer_args(edit)
     edit.set_defaults(handler=handle)
     return edit
@@ -100,8 +99,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def handle(args: argparse.Namespace) -> int:
     """Run ``chronoedit edit`` on parsed arguments; errors propagate to the CLI's error policy."""
-    from .enhance import check_enhancer_args, enhance_for_edit
-
     enhancer = check_enhancer_args(args)  # before anything loads
     instruction = args.prompt
     job = build_edit_job(args)
