@@ -186,9 +186,11 @@ def tiny_vlm_dir():
     return tiny_qwen_vl_dir()
 
 
-def test_local_vlm_runs_images_through_the_vision_tower_and_releases(tiny_vlm_dir):
-    vlm = load_vlm(VLMConfig(model=str(tiny_vlm_dir), device="cpu", max_new_tokens=5))
-    assert type(vlm).__name__ == "LocalVLM" and vlm.dtype == "fp32"
+@pytest.mark.parametrize(("family", "model_class"), [("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+                                                     ("qwen3_vl", "Qwen3VLForConditionalGeneration")])  # fmt: skip
+def test_local_vlm_runs_images_through_the_vision_tower_and_releases(family, model_class):
+    vlm = load_vlm(VLMConfig(model=str(tiny_qwen_vl_dir(family)), device="cpu", max_new_tokens=5))
+    assert type(vlm).__name__ == "LocalVLM" and vlm.dtype == "fp32" and type(vlm.model).__name__ == model_class
     vision = vlm.model.model.visual
     seen: list[int] = []
     vision.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))

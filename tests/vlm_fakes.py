@@ -133,17 +133,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_qwen_vl(folder: Path, seed: int = 0) -> Path:
-    """A random-weight Qwen2.5-VL (1 text layer, 1 vision block, hidden 32, patch 4) with a character-level
-    tokenizer, saved in the hub folder layout (config, weights, tokenizer, image processor, chat template)."""
+def build_tiny_qwen_vl(folder: Path, family: str = "qwen2_5_vl", seed: int = 0) -> Path:
+    """A random-weight Qwen2.5-VL or Qwen3-VL (``family``; 1 text layer, 1 vision block, hidden 32, patch 4) with a
+    character-level tokenizer, saved in the hub folder layout (weights, tokenizer, image processor, template)."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-    )
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
 
     vocab = {token: i for i, token in enumerate([*_SPECIALS, *map(chr, range(32, 127)), "\n"])}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
@@ -156,43 +152,67 @@ def build_tiny_qwen_vl(folder: Path, seed: int = 0) -> Path:
                                                max_pixels=32 * 32)  # fmt: skip
     ids = {"eos_token_id": vocab["<|im_end|>"], "pad_token_id": 0, "bos_token_id": 0}
     mrope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_parameters=mrope, **ids),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                           fullatt_block_indexes=[0]),
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"], **ids,
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=2048,
+        rope_parameters=mrope,
+        **ids,
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    if family == "qwen3_vl":
+        vision.update(deepstack_visual_indexes=[0], num_position_embeddings=16)
+        mrope["mrope_interleaved"] = True
+        names = ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor")
+    else:
+        vision.update(window_size=16, fullatt_block_indexes=[0])
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
+        names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
+    config = getattr(transformers, names[0])(
+        text_config=text, vision_config=vision, image_token_id=vocab["<|image_pad|>"],
+        video_token_id=vocab["<|video_pad|>"], vision_start_token_id=vocab["<|vision_start|>"],
+        vision_end_token_id=vocab["<|vision_end|>"], **ids,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = getattr(transformers, names[1])(config)
     model.generation_config.update(**ids)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     image_processor.save_pretrained(folder)
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}))
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": names[2]}))
     return folder
 
 
-_TINY_DIR: Path | None = None
+_TINY_DIRS: dict[str, Path] = {}
 
 
-def tiny_qwen_vl_dir() -> Path:
-    """The tiny VLM folder, built once per test process (in a temp folder removed at exit). Treat it as read-only."""
-    global _TINY_DIR
-    if _TINY_DIR is None:
+def tiny_qwen_vl_dir(family: str = "qwen2_5_vl") -> Path:
+    """The tiny VLM folder of ``family``, built once per test process (in a temp folder removed at exit). Read-only."""
+    if family not in _TINY_DIRS:
         import atexit
         import shutil
         import tempfile
 
         root = Path(tempfile.mkdtemp(prefix="chronoedit-tiny-vlm-"))
         atexit.register(shutil.rmtree, root, ignore_errors=True)
-        _TINY_DIR = build_tiny_qwen_vl(root / "tiny-qwen2.5-vl")
-    return _TINY_DIR
+        _TINY_DIRS[family] = build_tiny_qwen_vl(root / f"tiny-{family}", family)
+    return _TINY_DIRS[family]
 
 
 def closed_port() -> int:
