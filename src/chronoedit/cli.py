@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import batch, convert, edit, serve
+from .commands import batch, convert, edit, enhance, label, serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.register(subparsers)
     batch.register(subparsers)
     serve.register(subparsers)
+    enhance.register(subparsers)
+    label.register(subparsers)
     return parser
 
 

@@ -22,6 +22,7 @@ from ..loading import looks_like_repo_id
 from ..presets import PRESETS, find_preset_loras
 from ..request import MIN_REASONING_FRAMES, REASONING_FRAMES
 from ..request import PLAIN_EDIT_FRAMES as EDIT_FRAMES
+from .enhance import add_enhancer_args, check_enhancer_args, enhance_for_edit
 
 DEMO = "demo"
 DEMO_PROMPT = "put a red hat on the cup"
@@ -92,13 +93,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_reasoning_args(edit)
     _add_runtime_args(edit)
     _add_lora_args(edit)
+    add_enhancer_args(edit)
     edit.set_defaults(handler=handle)
     return edit
 
 
 def handle(args: argparse.Namespace) -> int:
     """Run ``chronoedit edit`` on parsed arguments; errors propagate to the CLI's error policy."""
-    run_edit(build_edit_job(args))
+    enhancer = check_enhancer_args(args)  # before anything loads
+    instruction = args.prompt
+    job = build_edit_job(args)
+    if enhancer is not None:  # the VLM is loaded, used and released before the editing model loads
+        enhance_for_edit(job, enhancer, DEMO_PROMPT if instruction is None else instruction, args.preset)
+    run_edit(job)
     return 0
 
 

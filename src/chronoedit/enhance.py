@@ -1,0 +1,68 @@
+"""The prompt enhancer: a VLM rewrites a terse edit instruction into the dense prompt ChronoEdit was trained on.
+
+ChronoEdit's training captions are 80-100 word paragraphs that start "The user wants to ...", say what changes and what
+must stay, and add motion and camera cues; the model follows such prompts far better than terse ones. This module
+holds our system prompt, the user message and the cleanup of the answer; the VLM comes from :mod:`chronoedit.vlm`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from PIL import Image
+
+from .vlm import VLM, strip_thinking
+
+PREFIX = "The user wants to"
+
+SYSTEM_PROMPT = (
+    "You turn short image-editing requests into the detailed prompts an image-editing video model was trained on. "
+    "You are shown the input image and the user's request.\n"
+    'Write one paragraph of 80 to 100 words in English that begins exactly with "The user wants to". '
+    "First state precisely what should change: which object or region, and its new appearance (colour, material, "
+    "shape, size, position, lighting) as it fits this image. Then state what must stay exactly as it is: the identity, "
+    "face, pose and expression of any person or animal, the art style, the composition and layout, the background and "
+    "the camera framing. Add brief motion and camera cues, as if the change unfolds in a short clip shot with a steady "
+    "camera (for example: the new object appears naturally while the camera remains still).\n"
+    "Describe only the requested change and do not invent others. Answer with the paragraph alone: no title, no "
+    "quotes, no lists, no markdown, no explanation."
+)
+
+
+class PromptError(ValueError):
+    """A VLM answer that cannot be turned into a usable prompt."""
+
+
+def user_message(instruction: str) -> str:
+    """The user turn that goes with the image: the instruction and a reminder of the expected form."""
+    instruction = " ".join(instruction.split())
+    if not instruction:
+        raise ValueError("the edit instruction to enhance is empty")
+    return (
+        f"Edit request: {instruction}\n\n"
+        f'Rewrite this request for the image above as one paragraph of 80 to 100 words that starts with "{PREFIX}".'
+    )
+
+
+def clean_dense_prompt(answer: str) -> str:
+    """The "The user wants to ..." paragraph inside a VLM answer, as one line; PromptError if there is none.
+
+    Thinking blocks, markdown (fences, emphasis, headings, bullets), labels such as "Enhanced prompt:", surrounding
+    quotes and trailing notes in later paragraphs are removed; a lower-case "the user wants to" is capitalised.
+    """
+    text = strip_thinking(answer).replace("```", "\n\n")
+    text = re.sub(r"(\*\*|__|`)", "", text)
+    text = re.sub(r"(?m)^\s*(#+|>|[-*•]|\d+[.)])\s+", "", text)
+    for paragraph in re.split(r"\n\s*\n", text):
+        start = paragraph.lower().find(PREFIX.lower())
+        if start >= 0:
+            body = " ".join(paragraph[start + len(PREFIX) :].split()).rstrip("\"'“”‘’ ")
+            if body:
+                return f"{PREFIX} {body}" if body[0].isalnum() else f"{PREFIX}{body}"
+    shown = " ".join(text.split())[:120]
+    raise PromptError(f"the VLM's answer does not contain a prompt starting with '{PREFIX}': {shown!r}")
+
+
+def enhance_prompt(vlm: VLM, image: Image.Image, instruction: str) -> str:
+    """Rewrite ``instruction`` for ``image`` into ChronoEdit's dense "The user wants to ..." form."""
+    return clean_dense_prompt(vlm.chat(SYSTEM_PROMPT, user_message(instruction), [image]))
