@@ -112,6 +112,13 @@ def test_auto_size_matches_nvidia_recipe(width, height):
     assert cio.auto_size(width, height) == (recipe_w, recipe_h)
 
 
+@pytest.mark.parametrize("width, height", [(1, 5000), (16_777_216, 1), (10_000, 7), (3, 1), (1, 1)])
+def test_auto_size_never_exceeds_the_area(width, height):
+    for area in (256 * 256, 720 * 1280):
+        w, h = cio.auto_size(width, height, max_area=area)
+        assert w % 16 == 0 and h % 16 == 0 and w * h <= area
+
+
 def test_auto_size_exact_figures():
     assert cio.auto_size(1024, 1024) == (960, 960)
     assert cio.auto_size(1280, 720) == (1280, 720)
@@ -119,7 +126,8 @@ def test_auto_size_exact_figures():
     assert cio.auto_size(640, 480) == (1104, 816)
     assert cio.auto_size(3000, 2000) == (1168, 784)
     assert cio.auto_size(512, 384, max_area=256 * 256) == (288, 208)
-    assert cio.auto_size(1, 5000, max_area=256 * 256) == (16, 18096)  # never below the multiple
+    assert cio.auto_size(1, 5000, max_area=256 * 256) == (16, 4096)  # never below the multiple, area kept
+    assert cio.auto_size(16_777_216, 1) == (57600, 16)  # a 1-pixel-high strip stays within 720*1280 pixels
     assert cio.auto_size(64, 64, max_area=16) == (16, 16)
 
 

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -72,7 +73,8 @@ def test_submit_poll_and_fetch_result(client):
     )
     status = wait_finished(client, job["id"])
     assert status["status"] == "done", status
-    assert status["progress"] == {"step": 2, "total": 2}
+    assert status["progress"] == {"step": 2, "total": 2, "stage": None}
+    assert status["settings"]["prompt_used"] == "put a red hat on the cup" and status["settings"]["seed"] == 7
     assert status["timings"]["generate_s"] > 0
     result = client.get(status["links"]["result"])
     assert result.status_code == 200 and result.headers["content-type"] == "image/webp"
@@ -120,6 +122,12 @@ def test_preset_changes_settings(client):
         ({"prompt": "x", "return_trajectory": True}, "return_trajectory needs enable_temporal_reasoning"),
         ({"prompt": "x", "enable_temporal_reasoning": True, "num_temporal_reasoning_steps": 5},
          "num_temporal_reasoning_steps must be between 0 and num_inference_steps (2), got 5"),
+        ({"prompt": "x", "enable_temporal_reasoning": "yes"}, "enable_temporal_reasoning"),
+        ({"prompt": "x", "num_inference_steps": True}, "num_inference_steps"),
+        ({"prompt": "x", "guidance_scale": "5"}, "guidance_scale"),
+        ({"prompt": "x", "seed": 1e18}, "seed"),
+        ('{"prompt": "x", "guidance_scale": NaN}', "guidance_scale"),
+        ({"prompt": "x", "num_inference_steps": 10**400}, "num_inference_steps"),
         ("{not json", "options: "),
         ('["a list"]', "options: "),
     ],
@@ -139,6 +147,7 @@ def test_bad_options_are_422_with_a_clear_message(client, options, fragment):
         (png_bytes()[:40], 400, "cannot be read"),  # truncated PNG
         (png_bytes((300, 200)), 413, "pixels"),  # 60000 pixels > 40000
         (b"\0" * 60_000, 413, "upload limit"),  # 60 kB > 0.05 MB
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 400, "cannot be read"),  # no EPS renderer
     ],
 )
 def test_bad_images_are_4xx(client, image, status, fragment):
@@ -282,7 +291,7 @@ def test_sigkill_mid_job_then_restart_runs_it_again(tmp_path, demo_home):
             first = wait_finished(http, long_job, timeout=240)
             second = wait_finished(http, queued_job, timeout=60)
             assert (first["status"], second["status"]) == ("done", "done")
-            assert first["progress"] == {"step": 120, "total": 120}
+            assert first["progress"] == {"step": 120, "total": 120, "stage": None}
             assert first["finished_at"] <= second["started_at"]  # still in submission order
             assert Image.open(io.BytesIO(http.get(first["links"]["result"]).content)).size == (32, 32)
     finally:
@@ -310,3 +319,101 @@ def test_a_job_that_keeps_killing_the_server_is_failed_after_three_tries(tmp_pat
     job = store.get(poison)
     assert job.status == "failed" and "stopped 3 times" in job.error
     assert store.claim_next().id == other
+
+
+def test_exif_orientation_is_applied(client):
+    image = Image.new("RGB", (60, 30), (10, 200, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the photo is upright at 30x60
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", exif=exif)
+    job = submit(client, {"prompt": "x", "seed": 1}, image=buf.getvalue()).json()
+    stored = Image.open(io.BytesIO(client.get(f"/v1/edits/{job['id']}/input").content))
+    assert stored.size == (30, 60)
+    wait_finished(client, job["id"])
+
+
+def test_decompression_bomb_is_413_without_decoding(client):
+    buf = io.BytesIO()
+    Image.new("1", (14_000, 14_000)).save(buf, "PNG")  # 196 M pixels in ~25 kB
+    response = submit(client, {"prompt": "x"}, image=buf.getvalue())
+    assert response.status_code == 413 and "pixels" in response.json()["detail"]
+
+
+def test_worker_survives_a_queue_error_and_a_dead_worker_refuses_jobs(tmp_path, demo_home):
+    state = make_state(tmp_path)
+    real_claim, calls = state.store.claim_next, []
+
+    def flaky_claim():
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_claim()
+
+    state.store.claim_next = flaky_claim
+    state.worker.poll_s = 0.05
+    with TestClient(create_app(state)) as client:
+        wait_ready(client)
+        job = submit(client, {"prompt": "x", "seed": 1}).json()["id"]
+        assert wait_finished(client, job)["status"] == "done"  # the worker went on after the error
+        def dying(job):
+            raise SystemExit("boom")  # not an Exception: ends the worker's loop
+
+        state.worker.run_job = dying
+        submit(client, {"prompt": "y"})
+        deadline = time.monotonic() + 30
+        while state.worker.alive:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.get("/v1/health").json()["status"] == "error"
+        refused = submit(client, {"prompt": "z"})
+        assert refused.status_code == 503 and "cannot run edits" in refused.json()["detail"]
+
+
+def test_clean_shutdown_interrupts_the_running_job_and_requeues_it(tmp_path, demo_home):
+    state = make_state(tmp_path, "--max-steps", "500")
+    with TestClient(create_app(state)) as client:
+        wait_ready(client)
+        job = submit(client, {"prompt": "slow", "num_inference_steps": 500}).json()["id"]
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/edits/{job}").json()["progress"]["step"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stop_started = time.monotonic()
+    assert time.monotonic() - stop_started < 10  # stopped at the next step, not after 500
+    stored = state.store.get(job)
+    assert stored.status == "queued" and stored.attempts == 0 and stored.position == 1
+
+
+def test_auth_and_size_are_checked_before_the_body_is_read(tmp_path, demo_home, monkeypatch):
+    monkeypatch.setenv("CHRONOEDIT_API_TOKEN", "s3cret")
+    state = make_state(tmp_path, "--max-upload-mb", "1")
+    with TestClient(create_app(state)) as client:
+        multipart = {"content-type": "multipart/form-data; boundary=x"}
+        garbage = client.post("/v1/edits", content=b"--x\r\nnot multipart", headers=multipart)
+        assert garbage.status_code == 401
+        big = client.post("/v1/edits", content=b"0" * (3 << 20), headers={"Authorization": "Bearer s3cret",
+                          "content-type": "multipart/form-data; boundary=x"})  # fmt: skip
+        assert big.status_code == 413 and "limit" in big.json()["detail"]
+
+
+def test_one_queue_one_server(tmp_path):
+    from chronoedit.serve.store import JobStore, StoreInUse
+
+    first = JobStore(tmp_path / "jobs.sqlite3")
+    with pytest.raises(StoreInUse, match="another chronoedit serve"):
+        JobStore(tmp_path / "jobs.sqlite3")
+    first.close()
+    JobStore(tmp_path / "jobs.sqlite3").close()  # free again once the first is closed
+
+
+def test_errors_shown_to_clients_carry_no_server_paths(tmp_path):
+    from chronoedit.serve.editing import api_message, redact
+
+    results = tmp_path / "state" / "results"
+    text = f"input image not found: {results}/abc/input.png; --preset distill needs a *distill* LoRA: pass it " \
+           f"with --lora-path (none in {tmp_path}/models/ckpt/lora)"  # fmt: skip
+    shown = redact(api_message(ValueError(text)), {"<results>": results, "<model>": tmp_path / "models" / "ckpt"})
+    assert str(tmp_path) not in shown
+    assert shown == ("input image not found: <results>/abc/input.png; preset distill needs a *distill* LoRA: the "
+                     "server has none (none in <model>/lora)")  # fmt: skip

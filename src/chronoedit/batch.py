@@ -425,8 +425,7 @@ def _run_row(runner: EditRunner, row: Row, args: argparse.Namespace, manifest: P
     out = runner.run(job)
     timings["generate_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # edit's "wrote ..." lines; the batch has its own summary
-        edit_cmd.write_outputs(job, out)
+    edit_cmd.write_outputs(job, out, echo=False)  # the batch has its own summary
     timings["write_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
     write_json(sidecar_path(out_dir, row.id), _sidecar(job, row, job_args, manifest, fmt, run_id, timings, started))

@@ -77,17 +77,20 @@ def _wide_grey_to_l(image: Image.Image) -> Image.Image:
 def auto_size(width: int, height: int, max_area: int = DEFAULT_MAX_AREA, multiple: int = 16) -> tuple[int, int]:
     """NVIDIA's sizing recipe: keep the aspect ratio at ``max_area`` pixels, snap down to ``multiple``.
 
-    ``ar = H / W; h = round(sqrt(A * ar)) // m * m; w = round(sqrt(A / ar)) // m * m``; never below ``multiple``.
-    Returns ``(width, height)``.
+    ``ar = H / W; h = round(sqrt(A * ar)) // m * m; w = round(sqrt(A / ar)) // m * m``; never below ``multiple``, and
+    for extreme aspect ratios the long side is capped so that the area stays within ``max_area``. Returns
+    ``(width, height)``.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if max_area <= 0 or multiple <= 0:
         raise ValueError(f"max_area and multiple must be positive, got {max_area} and {multiple}")
     aspect = height / width
-    new_height = round(math.sqrt(max_area * aspect)) // multiple * multiple
-    new_width = round(math.sqrt(max_area / aspect)) // multiple * multiple
-    return max(multiple, new_width), max(multiple, new_height)
+    new_height = max(multiple, round(math.sqrt(max_area * aspect)) // multiple * multiple)
+    new_width = max(multiple, round(math.sqrt(max_area / aspect)) // multiple * multiple)
+    # A side raised to the minimum must not leave the other at a size that blows the area (a 10000x1 image).
+    longest = max(multiple, max_area // multiple // multiple * multiple)
+    return min(new_width, longest), min(new_height, longest)
 
 
 def check_size(width: int, height: int, multiple: int = 16, minimum: int = 16) -> None:

@@ -575,8 +575,9 @@ def generate(pipe: Any, job: EditJob, on_step: Callable[[int, int], None] | None
     return out
 
 
-def write_outputs(job: EditJob, out: Any) -> list[str]:
-    """Write every requested output atomically; return one 'wrote ...' line per file (also printed as written)."""
+def write_outputs(job: EditJob, out: Any, echo: bool = True) -> list[str]:
+    """Write every requested output atomically; return one 'wrote ...' line per file (also printed as written,
+    unless ``echo`` is False)."""
     frames = out.frames[0]
     trajectory = out.trajectory[0] if getattr(out, "trajectory", None) is not None else None
     edited = cio.frames_to_pil(frames[-1:])[0]
@@ -587,7 +588,8 @@ def write_outputs(job: EditJob, out: Any) -> list[str]:
     def report(line: str) -> None:
         """Record and print one output line."""
         lines.append(line)
-        print(line, flush=True)
+        if echo:
+            print(line, flush=True)
 
     if job.output is not None and cio.output_kind(job.output) == "image":
         report(f"wrote edited image: {cio.save_image(edited, job.output)} ({edited.width}x{edited.height})")

@@ -17,6 +17,7 @@ from typing import Any
 from . import edit as edit_cmd
 
 TOKEN_ENV = "CHRONOEDIT_API_TOKEN"
+ENHANCER_PREFIX = "prompt-enhancer"
 EPILOG = f"""\
 API: POST /v1/edits (multipart: image file + options JSON) -> job id; GET /v1/edits/ID (status, progress);
 GET /v1/edits/ID/result (edited image), /trajectory (mp4), /trajectory-sheet (png); DELETE /v1/edits/ID (cancel a
@@ -24,6 +25,9 @@ queued job); GET /v1/health; GET /v1/config; OpenAPI at /openapi.json and /docs.
 
 state: the queue is a SQLite file (--db, default STATE/jobs.sqlite3); uploads and results live in STATE/results/ID/.
 Queued and finished jobs survive a restart; a job that was running when the process died is run again.
+
+prompt enhancer: with --prompt-enhancer-base-url URL --prompt-enhancer-model NAME (an OpenAI-compatible endpoint,
+e.g. vLLM serving Qwen3-VL), requests may set enhance_prompt; the rewritten prompt is at /v1/edits/ID/prompt.
 
 auth: set ${TOKEN_ENV} (or the variable named by --token-env) to require "Authorization: Bearer <token>" on every
 /v1 route but /v1/health. Without it anyone who can reach the port can submit edits; results are reachable only by
@@ -58,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     edit_cmd._add_sampling_args(parser)
     edit_cmd._add_runtime_args(parser)
     edit_cmd._add_lora_args(parser)
+    from ..vlm.cli import add_vlm_args
+
+    add_vlm_args(parser, prefix=ENHANCER_PREFIX, title="prompt enhancer (for requests with enhance_prompt)")
     parser.set_defaults(handler=handle, num_frames=None)
     return parser
 
@@ -101,12 +108,31 @@ def build_state(args: argparse.Namespace) -> Any:
     store = JobStore(args.db or args.state_dir / "jobs.sqlite3")
     if store.requeued:
         print(f"chronoedit serve: re-queued {store.requeued} job(s) interrupted by the last shutdown", file=sys.stderr)
-    worker = Worker(store, EditRunner(model_job), base, results, limits)
+    private = {"<state>": args.state_dir}  # server folders never shown to clients
+    if model_job.model_path != edit_cmd.DEMO:
+        private["<model>"] = Path(model_job.model_path)
+    if model_job.transformer_path is not None:
+        private["<transformer>"] = model_job.transformer_path
+    worker = Worker(store, EditRunner(model_job), base, results, limits, enhancer=_enhancer(args), redact=private)
     token = os.environ.get(args.token_env) or None
     defaults = {"num_inference_steps": model_job.num_inference_steps, "guidance_scale": model_job.guidance_scale,
                 "flow_shift": model_job.flow_shift, "width": model_job.width, "height": model_job.height}  # fmt: skip
     return ServerState(store=store, worker=worker, results_dir=results, limits=limits, token=token,
-                       model_name=model_job.model_path, defaults=defaults)  # fmt: skip
+                       model_name=Path(model_job.model_path).name, defaults=defaults)  # fmt: skip
+
+
+def _enhancer(args: argparse.Namespace) -> Any:
+    """The prompt enhancer's VLM config: an OpenAI-compatible endpoint, or None when not configured."""
+    from ..vlm.cli import vlm_config_from_args
+
+    if args.prompt_enhancer_base_url is None:
+        if args.prompt_enhancer_model is not None:
+            raise ValueError(
+                "chronoedit serve runs the prompt enhancer through an endpoint: give --prompt-enhancer-base-url "
+                "(a local VLM would have to share the GPU with the editing model for every job)"
+            )
+        return None
+    return vlm_config_from_args(args, prefix=ENHANCER_PREFIX)
 
 
 def _limits(args: argparse.Namespace) -> Any:

@@ -2,7 +2,8 @@
 
 - ``POST /v1/edits``: multipart ``image`` (file) + ``options`` (JSON, see :class:`EditOptions`) -> 202 and a job id
 - ``GET /v1/edits/{id}``: status, queue position, progress (step/total), error, timings
-- ``GET /v1/edits/{id}/result`` (the edited image), ``/trajectory`` (mp4), ``/trajectory-sheet`` (png), ``/input``
+- ``GET /v1/edits/{id}/result`` (the edited image), ``/trajectory`` (mp4), ``/trajectory-sheet`` (png), ``/input``,
+  ``/prompt`` (the enhanced prompt, text)
 - ``DELETE /v1/edits/{id}``: cancel a queued job
 - ``GET /v1/health``, ``GET /v1/config`` (presets, limits, defaults for clients), ``/docs`` and ``/openapi.json``
 - ``/``: the web UI (static files shipped in the package)
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -36,7 +37,9 @@ from .worker import BROKEN, Worker
 
 STATIC_DIR = Path(__file__).with_name("static")
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
-FILE_ROLES = {"result": "result", "trajectory": "trajectory", "trajectory-sheet": "trajectory_sheet"}
+FILE_ROLES = {
+    "result": "result", "trajectory": "trajectory", "trajectory-sheet": "trajectory_sheet", "prompt": "prompt",
+}  # fmt: skip
 
 
 @dataclass
@@ -65,6 +68,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="ChronoEdit", version=__version__, lifespan=lifespan,
                   description="Physically consistent image editing by video generation.")  # fmt: skip
     app.state.chronoedit = state
+    app.middleware("http")(_guard(state))
     _add_error_handlers(app)
     app.include_router(_api_routes(state))
     if STATIC_DIR.is_dir():
@@ -95,17 +99,21 @@ def describe_validation(errors: Any) -> str:
 def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
     from fastapi import APIRouter
 
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_auth(state))])
+    router = APIRouter(prefix="/v1")
 
     @router.post("/edits", status_code=202, summary="Queue an edit")
-    async def submit(
-        image: Annotated[UploadFile, File(description="the image to edit (PNG, JPEG, WebP, ...)")],
+    def submit(
+        image: Annotated[UploadFile, File(description="the image to edit (PNG, JPEG, WebP, GIF, BMP, TIFF)")],
         options: Annotated[str, Form(description='JSON edit options, e.g. {"prompt": "..."}')],
     ) -> dict[str, Any]:
-        if state.worker.state == BROKEN:
-            raise HTTPException(503, f"the model did not load: {state.worker.error}")
+        # A plain function: FastAPI runs it in a worker thread, so decoding never blocks the event loop.
+        if not state.worker.accepting:
+            raise HTTPException(503, f"this server cannot run edits now: {state.worker.error or 'worker stopped'}")
+        check_queue_room(state)  # cheap, before any decoding (checked again when the job is queued)
         opts = parse_options(options)
-        data = await read_limited(image, state.limits.max_upload_bytes)
+        if opts.enhance_prompt and state.worker.enhancer is None:
+            raise HTTPException(422, "enhance_prompt: this server has no prompt enhancer")
+        data = read_limited(image, state.limits.max_upload_bytes)
         return submit_job(state, opts, data)
 
     @router.get("/edits/{job_id}", summary="Status and progress of an edit")
@@ -116,6 +124,7 @@ def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
     def cancel(job_id: str) -> dict[str, Any]:
         job = find_job(state, job_id)
         if not state.store.cancel(job.id):
+            job = find_job(state, job_id)  # its status now, not before the attempt
             raise HTTPException(409, f"edit {job.id} is {job.status}: only queued edits can be cancelled")
         return describe_job(state, find_job(state, job_id))
 
@@ -151,23 +160,43 @@ def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
         presets = [{"name": p.name, "summary": p.summary, "num_inference_steps": p.num_inference_steps,
                     "guidance_scale": p.guidance_scale} for p in PRESETS.values()]  # fmt: skip
         return {"model": state.model_name, "presets": presets, "limits": asdict(state.limits),
-                "defaults": state.defaults, "output_formats": ["png", "jpeg", "webp"]}  # fmt: skip
+                "defaults": state.defaults, "output_formats": ["png", "jpeg", "webp"],
+                "prompt_enhancer": state.worker.enhancer is not None}  # fmt: skip
 
     return router
 
 
-def _auth(state: ServerState):  # type: ignore[no-untyped-def]
-    """A dependency: with a token configured, every /v1 route but /v1/health needs ``Authorization: Bearer``."""
+FORM_SLACK_BYTES = 1 << 20  # room for the options and the multipart framing beside the image
 
-    def check(request: Request) -> None:
-        if state.token is None or request.url.path == "/v1/health":
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), state.token.encode()):
-            raise HTTPException(401, "a valid bearer token is required (Authorization: Bearer <token>)",
-                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
-    return check
+def _guard(state: ServerState):  # type: ignore[no-untyped-def]
+    """HTTP middleware run before any body is read: with a token configured every /v1 route but /v1/health needs
+    ``Authorization: Bearer``; an upload whose Content-Length is over the limit is refused at once."""
+
+    async def guard(request: Request, call_next: Any) -> Any:
+        path = request.url.path
+        if state.token is not None and path.startswith("/v1/") and path != "/v1/health":
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), state.token.encode()):
+                return JSONResponse({"detail": "a valid bearer token is required (Authorization: Bearer <token>)"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        if request.method == "POST" and path == "/v1/edits":
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > state.limits.max_upload_bytes + FORM_SLACK_BYTES:
+                limit = state.limits.max_upload_bytes
+                return JSONResponse({"detail": f"the upload is over this server's limit of {limit} bytes"},
+                                    status_code=413)  # fmt: skip
+        return await call_next(request)
+
+    return guard
+
+
+def check_queue_room(state: ServerState) -> None:
+    """429 when the queue is already full."""
+    counts = state.store.counts()
+    if counts[QUEUED] + counts[RUNNING] >= state.limits.max_queue:
+        raise HTTPException(429, f"the queue is full (the limit is {state.limits.max_queue} jobs waiting or "
+                                 "running); try again later", headers={"Retry-After": "10"})  # fmt: skip
 
 
 def parse_options(text: str) -> EditOptions:
@@ -178,10 +207,10 @@ def parse_options(text: str) -> EditOptions:
         raise HTTPException(422, "options: " + describe_validation(exc.errors())) from None
 
 
-async def read_limited(upload: UploadFile, limit: int) -> bytes:
+def read_limited(upload: UploadFile, limit: int) -> bytes:
     """The uploaded file's bytes; 413 as soon as it is over ``limit``."""
     chunks, size = [], 0
-    while chunk := await upload.read(1 << 20):
+    while chunk := upload.file.read(1 << 20):
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"the image is over this server's upload limit of {limit} bytes")
@@ -215,7 +244,7 @@ def submit_job(state: ServerState, options: EditOptions, data: bytes) -> dict[st
         raise HTTPException(429, str(exc), headers={"Retry-After": "10"}) from None
     except ValueError as exc:
         shutil.rmtree(job_dir, ignore_errors=True)
-        raise HTTPException(422, " ".join(str(exc).split())) from None
+        raise HTTPException(422, state.worker.public_error(exc)) from None
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
@@ -234,15 +263,16 @@ def find_job(state: ServerState, job_id: str) -> Job:
 def describe_job(state: ServerState, job: Job) -> dict[str, Any]:
     """A job as the API shows it (links only to the files it has)."""
     progress = state.worker.progress
-    step, total = job.step, job.total
+    step, total, stage = job.step, job.total, None
     if job.status == RUNNING and progress is not None and progress.job_id == job.id:
-        step, total = progress.step, progress.total
+        step, total, stage = progress.step, progress.total, progress.stage
     base = f"/v1/edits/{job.id}"
     links = {"self": base, "input": f"{base}/input"}
     if job.status == "done":
         links |= {role: f"{base}/{role}" for role, key in FILE_ROLES.items() if key in job.files}
     return {
-        "id": job.id, "status": job.status, "position": job.position, "progress": {"step": step, "total": total},
+        "id": job.id, "status": job.status, "position": job.position,
+        "progress": {"step": step, "total": total, "stage": stage}, "settings": job.settings,
         "error": job.error, "created_at": job.created_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "options": job.options, "timings": job.timings, "links": links,
         "finished": job.status in FINISHED,

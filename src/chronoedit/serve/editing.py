@@ -16,15 +16,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .. import io as cio
 from ..commands import edit as edit_cmd
 from .options import OUTPUT_FORMATS, EditOptions, Limits
 
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # what uploads may be (no EPS/PDF/ICO renderers)
 INPUT_NAME = "input.png"
 TRAJECTORY_NAME = "trajectory.mp4"
 SHEET_NAME = "trajectory.png"
+PROMPT_NAME = "prompt.txt"  # the enhanced prompt, when the job asked for it
 
 
 class BadImage(ValueError):
@@ -36,27 +38,44 @@ class TooLarge(ValueError):
 
 
 def decode_upload(data: bytes, limits: Limits) -> Image.Image:
-    """The uploaded image, decoded and converted to RGB; :class:`BadImage` or :class:`TooLarge` otherwise."""
+    """The uploaded image, decoded, turned upright (EXIF orientation) and converted to RGB; :class:`BadImage` or
+    :class:`TooLarge` otherwise."""
     if not data:
         raise BadImage("the image is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > limits.max_input_pixels:
-                raise TooLarge(
-                    f"the image is {width}x{height} = {width * height} pixels, over this server's limit of "
-                    f"{limits.max_input_pixels}"
-                )
+            image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
+            _check_pixels(image, limits)
             image.load()
+            _check_pixels(image, limits)
+            image = ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise TooLarge(f"the image has too many pixels: {' '.join(str(exc).split())}") from None
     except TooLarge:
         raise
     except Image.UnidentifiedImageError:
-        raise BadImage("the image cannot be read: not a format Pillow recognises (PNG, JPEG, WebP, ...)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise BadImage(f"the image cannot be read: not {', '.join(INPUT_FORMATS)}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise BadImage(f"the image cannot be read: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
     return cio.to_rgb(image)
+
+
+def _check_pixels(image: Image.Image, limits: Limits) -> None:
+    width, height = image.size
+    if width * height > limits.max_input_pixels:
+        raise TooLarge(
+            f"the image is {width}x{height} = {width * height} pixels, over this server's limit of "
+            f"{limits.max_input_pixels}"
+        )
+
+
+def redact(text: str, paths: dict[str, Path]) -> str:
+    """``text`` with each server path replaced by its placeholder (clients never see the server's folders)."""
+    for placeholder, path in sorted(paths.items(), key=lambda item: -len(str(item[1]))):
+        for form in {str(path), str(path.resolve())}:
+            text = text.replace(form, placeholder)
+    return text
 
 
 def output_names(options: EditOptions) -> dict[str, str]:
@@ -101,7 +120,8 @@ def api_message(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     for name in EditOptions.model_fields:
         text = re.sub(rf"--{name.replace('_', '-')}(?![\w-])", name, text)
-    return text
+    text = text.replace("--trajectory-sheet", "return_trajectory").replace("--trajectory", "return_trajectory")
+    return text.replace("pass it with --lora-path", "the server has none")
 
 
 def build_job(base: argparse.Namespace, options: EditOptions, job_dir: Path, limits: Limits) -> edit_cmd.EditJob:
@@ -117,6 +137,13 @@ def build_job(base: argparse.Namespace, options: EditOptions, job_dir: Path, lim
     if options.return_trajectory and job.num_temporal_reasoning_steps < 1:
         raise ValueError("return_trajectory needs at least 1 temporal reasoning step")
     return job
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` atomically."""
+    with cio.atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
 
 
 def resolved_settings(job: edit_cmd.EditJob) -> dict[str, Any]:

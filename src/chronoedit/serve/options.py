@@ -14,26 +14,33 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..presets import PRESETS
 
 OUTPUT_FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}
-MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4"}
+MEDIA_TYPES = {
+    "png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4",
+    "txt": "text/plain; charset=utf-8",
+}  # fmt: skip
 PresetName = Literal[tuple(sorted(PRESETS))]  # type: ignore[valid-type]
 
 
 class EditOptions(BaseModel):
     """The JSON ``options`` part of ``POST /v1/edits``. Unset values take the server's defaults (and a preset's)."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True, allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, max_length=4000, description="the edit instruction")
     negative_prompt: str | None = Field(default=None, max_length=4000)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="random when left out")
-    num_inference_steps: int | None = Field(default=None, ge=1, description="denoising steps")
+    num_inference_steps: int | None = Field(default=None, ge=1, le=10_000, description="denoising steps")
     guidance_scale: float | None = Field(default=None, ge=0, le=30)
     enable_temporal_reasoning: bool = False
-    num_temporal_reasoning_steps: int | None = Field(default=None, ge=0)
+    num_temporal_reasoning_steps: int | None = Field(default=None, ge=0, le=10_000)
     preset: PresetName | None = None  # type: ignore[valid-type]
     output_format: Literal["png", "jpeg", "jpg", "webp"] = "png"
     return_trajectory: bool = Field(
         default=False, description="also keep the reasoning trajectory (video and contact sheet)"
+    )
+    enhance_prompt: bool = Field(
+        default=False,
+        description="rewrite the prompt with the server's prompt enhancer (a VLM) into ChronoEdit's dense form first",
     )
 
 

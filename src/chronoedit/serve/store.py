@@ -37,10 +37,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     files TEXT NOT NULL DEFAULT '{}',
-    timings TEXT NOT NULL DEFAULT '{}'
+    timings TEXT NOT NULL DEFAULT '{}',
+    settings TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
+
+
+class StoreInUse(ValueError):
+    """Another process has this queue open."""
 
 
 class QueueFull(Exception):
@@ -63,6 +68,7 @@ class Job:
     error: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # the exact values the job ran with (when done)
     position: int | None = None  # 1-based place among queued jobs (filled by JobStore.get)
 
     @classmethod
@@ -71,7 +77,7 @@ class Job:
             id=row["id"], status=row["status"], options=json.loads(row["options"]), created_at=row["created_at"],
             started_at=row["started_at"], finished_at=row["finished_at"], step=row["step"], total=row["total"],
             attempts=row["attempts"], error=row["error"], files=json.loads(row["files"]),
-            timings=json.loads(row["timings"]),
+            timings=json.loads(row["timings"]), settings=json.loads(row["settings"]),
         )  # fmt: skip
 
 
@@ -87,6 +93,7 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._owner = _lock_file(self.path.with_name(self.path.name + ".lock"))
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.row_factory = sqlite3.Row
@@ -123,6 +130,7 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._owner.close()  # releases the process lock
 
     # ----- submitting and reading ---------------------------------------------------------------------------
     def submit(self, options: dict[str, Any], max_pending: int, job_id: str | None = None, total: int = 0) -> Job:
@@ -178,11 +186,21 @@ class JobStore:
             ).fetchone()
         return None if row is None else Job.from_row(row)
 
-    def finish(self, job_id: str, files: dict[str, str], timings: dict[str, float]) -> None:
+    def finish(self, job_id: str, files: dict[str, str], timings: dict[str, float], settings: dict[str, Any]) -> None:
         with self._transaction() as db:
             db.execute(
-                "UPDATE jobs SET status=?, finished_at=?, step=total, files=?, timings=?, error=NULL WHERE id=?",
-                (DONE, time.time(), json.dumps(files), json.dumps(timings), job_id),
+                "UPDATE jobs SET status=?, finished_at=?, step=total, files=?, timings=?, settings=?, error=NULL "
+                "WHERE id=?",
+                (DONE, time.time(), json.dumps(files), json.dumps(timings), json.dumps(settings), job_id),
+            )
+
+    def requeue(self, job_id: str) -> None:
+        """Put a running job back at its place in the queue, the attempt not counted (a clean shutdown)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET status=?, step=0, started_at=NULL, attempts=MAX(attempts-1, 0) "
+                "WHERE id=? AND status=?",
+                (QUEUED, job_id, RUNNING),
             )
 
     def fail(self, job_id: str, error: str) -> None:
@@ -190,3 +208,19 @@ class JobStore:
             db.execute(
                 "UPDATE jobs SET status=?, finished_at=?, error=? WHERE id=?", (FAILED, time.time(), error, job_id)
             )
+
+
+def _lock_file(path: Path) -> Any:
+    """Hold an exclusive lock on ``path`` for as long as the returned file is open (released by the OS on death):
+    two servers sharing one queue would each re-queue the other's running job."""
+    handle = open(path, "a")  # noqa: SIM115 - kept open on purpose
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StoreInUse(f"another chronoedit serve is using the job queue {path.with_suffix('')}") from None
+    return handle

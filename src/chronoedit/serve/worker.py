@@ -7,8 +7,6 @@ the store. A job whose outputs cannot be produced is marked failed with its erro
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import logging
 import threading
 import time
@@ -17,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..commands import edit as edit_cmd
+from ..presets import PRESETS
 from ..runner import EditRunner
-from .editing import build_job, output_names
+from .editing import PROMPT_NAME, build_job, output_names, redact, resolved_settings
 from .options import EditOptions, Limits
 from .store import Job, JobStore
 
@@ -29,92 +28,152 @@ LOADING, READY, BROKEN, STOPPED = "loading", "ready", "error", "stopped"
 
 @dataclass
 class Progress:
-    """The running job's denoising progress."""
+    """The running job's stage (``enhancing`` the prompt, ``denoising``) and denoising progress."""
 
     job_id: str
     step: int
     total: int
+    stage: str = "denoising"
 
 
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+class Interrupted(Exception):
+    """The server is shutting down: the running job stops at its next step and goes back to the queue."""
+
+
 class Worker:
-    """A daemon thread: ``start()`` loads the model, then jobs run until ``stop()``."""
+    """A daemon thread: ``start()`` loads the model, then jobs run until ``stop()``.
+
+    ``redact`` maps server paths to placeholders in the errors clients see.
+    """
 
     def __init__(self, store: JobStore, runner: EditRunner, base_args: argparse.Namespace, results_dir: Path,
-                 limits: Limits, poll_s: float = 0.5) -> None:  # fmt: skip
-        self.store, self.runner, self.base_args = store, runner, base_args
+                 limits: Limits, enhancer: Any = None, redact: dict[str, Path] | None = None,
+                 poll_s: float = 0.5) -> None:  # fmt: skip
+        self.store, self.runner, self.base_args, self.enhancer = store, runner, base_args, enhancer
         self.results_dir, self.limits, self.poll_s = results_dir, limits, poll_s
+        self.redact = {"<results>": results_dir, **(redact or {})}
         self.state = LOADING
         self.error: str | None = None
         self.progress: Progress | None = None
         self.jobs_run = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="chronoedit-worker", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Start the thread (again, after :meth:`stop`)."""
+        if self.alive:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._main, name="chronoedit-worker", daemon=True)
         self._thread.start()
 
     def wake(self) -> None:
         """A job was queued: look now instead of at the next poll."""
         self._wake.set()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop after the running job (waits at most ``timeout`` s; a job cut short is re-queued on restart)."""
+    def stop(self, timeout: float = 300.0) -> None:
+        """Stop: the running job is interrupted at its next step and re-queued (waits at most ``timeout`` s)."""
         self._stop.set()
         self._wake.set()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether queued jobs will run: the thread lives and the model loads or has loaded."""
+        return self.alive and self.state in (LOADING, READY)
+
+    def public_error(self, exc: BaseException) -> str:
+        """``exc`` as one line without server paths."""
+        return redact(one_line(exc), self.redact)
 
     def _main(self) -> None:
         try:
             self.runner.load()
         except Exception as exc:  # the server stays up to say why (health shows the error)
-            self.state, self.error = BROKEN, one_line(exc)
-            log.error("chronoedit serve: the model did not load: %s", self.error)
+            self.state, self.error = BROKEN, self.public_error(exc)
+            log.error("chronoedit serve: the model did not load: %s", one_line(exc))
             return
         self.state = READY
-        while not self._stop.is_set():
-            job = self.store.claim_next()
-            if job is None:
-                self._wake.wait(self.poll_s)
-                self._wake.clear()
-                continue
-            self.run_job(job)
+        try:
+            while not self._stop.is_set():
+                try:
+                    job = self.store.claim_next()
+                except Exception as exc:  # e.g. the disk is full: try again shortly
+                    log.error("chronoedit serve: cannot read the job queue: %s", one_line(exc))
+                    self._stop.wait(5.0)
+                    continue
+                if job is None:
+                    self._wake.wait(self.poll_s)
+                    self._wake.clear()
+                    continue
+                self.run_job(job)
+        except BaseException as exc:  # never die silently: health shows it and submissions get 503
+            self.state, self.error = BROKEN, self.public_error(exc)
+            log.exception("chronoedit serve: the worker stopped")
+            return
         self.state = STOPPED
 
     def run_job(self, job: Job) -> None:
-        """Run one claimed job to ``done`` or ``failed``."""
-        t0 = time.perf_counter()
-        job_dir = self.results_dir / job.id
+        """Run one claimed job to ``done`` or ``failed`` (or back to ``queued`` when the server stops)."""
         try:
-            options = EditOptions.model_validate(job.options)
-            edit_job = build_job(self.base_args, options, job_dir, self.limits)
-            self.progress = Progress(job.id, 0, edit_job.num_inference_steps)
-            t1 = time.perf_counter()
-            out = self.runner.run(edit_job, on_step=self._on_step)
-            t2 = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):  # edit's "wrote ..." lines
-                edit_cmd.write_outputs(edit_job, out)
-            t3 = time.perf_counter()
+            files, timings, settings = self._edit(job)
+        except Interrupted:
+            self.store.requeue(job.id)
+            log.info("chronoedit serve: job %s interrupted by shutdown; it runs again after a restart", job.id)
         except Exception as exc:
             log.warning("chronoedit serve: job %s failed: %s", job.id, one_line(exc))
-            self.store.fail(job.id, one_line(exc))
+            self.store.fail(job.id, self.public_error(exc))
         else:
-            timings = {"prepare_s": t1 - t0, "generate_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0}
-            self.store.finish(job.id, output_names(options), {k: round(v, 4) for k, v in timings.items()})
+            self.store.finish(job.id, files, timings, settings)
         finally:
             self.progress = None
             self.jobs_run += 1
 
+    def _edit(self, job: Job) -> tuple[dict[str, str], dict[str, float], dict[str, Any]]:
+        """Enhance (if asked), edit and write one job; its files, timings and settings."""
+        t0 = time.perf_counter()
+        job_dir = self.results_dir / job.id
+        options = EditOptions.model_validate(job.options)
+        edit_job = build_job(self.base_args, options, job_dir, self.limits)
+        self.progress = Progress(job.id, 0, edit_job.num_inference_steps, "enhancing")
+        if options.enhance_prompt:
+            self.enhance(edit_job, options, job_dir)
+        self.progress.stage = "denoising"
+        t1 = time.perf_counter()
+        out = self.runner.run(edit_job, on_step=self._on_step)
+        t2 = time.perf_counter()
+        edit_cmd.write_outputs(edit_job, out, echo=False)
+        t3 = time.perf_counter()
+        timings = {"prepare_s": t1 - t0, "generate_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0}
+        files = output_names(options) | ({"prompt": PROMPT_NAME} if options.enhance_prompt else {})
+        return files, {k: round(v, 4) for k, v in timings.items()}, resolved_settings(edit_job)
+
+    def enhance(self, edit_job: edit_cmd.EditJob, options: EditOptions, job_dir: Path) -> None:
+        """Rewrite the job's prompt with the server's prompt enhancer (inside its preset's trigger text)."""
+        from ..enhance import enhance_prompt
+        from ..vlm import load_vlm
+        from .editing import write_text
+
+        if self.enhancer is None:
+            raise ValueError("this server has no prompt enhancer (start it with --prompt-enhancer-base-url)")
+        with load_vlm(self.enhancer) as vlm:
+            enhanced = enhance_prompt(vlm, edit_job.image, options.prompt)
+        write_text(job_dir / PROMPT_NAME, enhanced + "\n")
+        edit_job.prompt = PRESETS[options.preset].prompt(enhanced) if options.preset else enhanced
+
     def _on_step(self, step: int, total: int) -> None:
+        if self._stop.is_set():
+            raise Interrupted
         if self.progress is not None:
             self.progress.step, self.progress.total = step, total
 
