@@ -417,3 +417,33 @@ def test_errors_shown_to_clients_carry_no_server_paths(tmp_path):
     assert str(tmp_path) not in shown
     assert shown == ("input image not found: <results>/abc/input.png; preset distill needs a *distill* LoRA: the "
                      "server has none (none in <model>/lora)")  # fmt: skip
+
+
+def test_enhance_prompt_through_an_openai_compatible_endpoint(tmp_path, demo_home, client):
+    from vlm_fakes import FakeOpenAIServer, user_images
+
+    dense = ("The user wants to put a red hat on the cup. The hat sits on the rim, the cup, the table and the light "
+             "stay exactly as they are; the camera does not move.")  # fmt: skip
+    fake = FakeOpenAIServer(lambda request: dense)
+    try:
+        state = make_state(tmp_path, "--prompt-enhancer-base-url", fake.url, "--prompt-enhancer-model", "qwen-vl")
+        with TestClient(create_app(state)) as enhanced_client:
+            assert enhanced_client.get("/v1/config").json()["prompt_enhancer"] is True
+            job = submit(enhanced_client, {"prompt": "red hat", "enhance_prompt": True, "seed": 1}).json()
+            status = wait_finished(enhanced_client, job["id"])
+            assert status["status"] == "done", status
+            assert status["settings"]["prompt_used"] == dense
+            assert enhanced_client.get(status["links"]["prompt"]).text.strip() == dense
+    finally:
+        fake.close()
+    (request,) = fake.requests
+    assert request["model"] == "qwen-vl" and "red hat" in json.dumps(request["messages"])
+    assert [image.size for image in user_images(request)] == [(32, 32)]  # the job's resized input
+    # A server without an enhancer refuses the option.
+    refused = submit(client, {"prompt": "x", "enhance_prompt": True})
+    assert refused.status_code == 422 and "no prompt enhancer" in refused.json()["detail"]
+
+
+def test_a_local_enhancer_is_refused_at_start(tmp_path, demo_home):
+    with pytest.raises(ValueError, match="--prompt-enhancer-base-url"):
+        make_state(tmp_path, "--prompt-enhancer-model", "Qwen/Qwen3-VL-8B-Instruct")

@@ -152,6 +152,7 @@ def _sign_in(driver, server_url: str) -> None:
     assert "bearer token is required" in driver.find_element(By.ID, "auth-message").text
     driver.find_element(By.ID, "token-input").send_keys(TOKEN, Keys.ENTER)
     _until(driver, "document.getElementById('preset').options.length > 1", message="presets from /v1/config")
+    assert not driver.find_element(By.ID, "enhance-row").is_displayed()  # this server has no prompt enhancer
     assert not driver.find_element(By.ID, "auth-box").is_displayed()
     unauthorized = driver.get_log("browser")  # the 401s that made the page ask
     assert unauthorized and all("401" in e["message"] for e in _severe(unauthorized)), unauthorized

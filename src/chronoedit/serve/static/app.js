@@ -85,6 +85,7 @@ let config = { presets: [], limits: {}, defaults: {} };
 async function loadConfig() {
   config = await getJson("config");
   fillPresets(config.presets);
+  $("enhance-row").hidden = !config.prompt_enhancer;
   updateStepHints();
 }
 
@@ -231,6 +232,7 @@ function buildOptions() {
     put("num_temporal_reasoning_steps", fieldValue("reasoning-steps", true));
     if ($("keep-trajectory").checked) options.return_trajectory = true;
   }
+  if (config.prompt_enhancer && $("enhance-prompt").checked) options.enhance_prompt = true;
   options.output_format = $("output-format").value;
   return options;
 }
@@ -460,10 +462,11 @@ function videoFailed() {
 
 function renderDetails(job) {
   const entry = loadHistory().find((e) => e.id === job.id);
-  const settings = entry?.settings || {};
+  const settings = { ...(entry?.settings || {}), ...(job.settings || {}) };
   const options = job.options || {};
   const reasoningSteps = options.num_temporal_reasoning_steps ?? settings.num_temporal_reasoning_steps;
   const rows = [
+    ["Prompt used", options.enhance_prompt ? settings.prompt_used : undefined],
     ["Seed", options.seed],
     ["Preset", options.preset],
     ["Steps", options.num_inference_steps ?? settings.num_inference_steps],
@@ -498,6 +501,7 @@ async function reuseJob(fromResult) {
   syncReasoning();
   $("reasoning-steps").value = options.num_temporal_reasoning_steps ?? "";
   $("keep-trajectory").checked = Boolean(options.return_trajectory);
+  $("enhance-prompt").checked = Boolean(options.enhance_prompt);
   updateStepHints();
   const role = fromResult ? "result" : "input";
   try {
