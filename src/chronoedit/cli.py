@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import batch, convert, edit
+from .commands import batch, convert, edit, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.register(subparsers)
     convert.register(subparsers)
     batch.register(subparsers)
+    train.register(subparsers)
     return parser
 
 
