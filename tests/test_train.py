@@ -219,3 +219,23 @@ def test_trained_lora_loads_in_diffusers_with_the_same_edit(tiny_ckpt_hd128, tra
     frames_plain = ours(generator=torch.Generator().manual_seed(5), **args).frames
     assert np.abs(frames_ours - frames_ref).max() <= 1e-4
     assert np.abs(frames_ours - frames_plain).max() > 1e-3  # the LoRA does something
+
+
+# ------------------------------------------------------------------------------------------- precision and batches
+def test_bf16_with_checkpointing_accumulation_and_batches(tiny_ckpt, pairs, cache_dir, tmp_path):
+    """The GPU recipe's switches on the CPU: bf16 autocast with the frozen base in bf16 and the LoRA in fp32,
+    gradient checkpointing, 2 micro-batches of 2 samples per step; the saved LoRA is fp32 and loads."""
+    from safetensors.torch import load_file
+
+    from chronoedit.lora import load_lora
+
+    out = tmp_path / "bf16"
+    settings = {"mixed_precision": "bf16", "gradient_checkpointing": True, "gradient_accumulation_steps": 2,
+                "batch_size": 2, "max_steps": 2, "checkpoint_every": 0, "learning_rate": 1e-2}  # fmt: skip
+    result = train(config(tiny_ckpt, pairs, out, cache_dir, **settings), log=lambda _: None)
+    assert result.step == 2 and all(np.isfinite(result.losses))
+    tensors = load_file(str(result.output))
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained away from zero
+    model = ChronoEditTransformer3DModel.from_pretrained(tiny_ckpt, subfolder="transformer")
+    load_lora(model, result.output)

@@ -42,7 +42,8 @@ DeepSpeed ZeRO-2 config file for accelerate (accelerate launch --config_file zer
   mixed_precision: bf16
   num_processes: 8
 FSDP: distributed_type: FSDP with fsdp_config: {fsdp_sharding_strategy: FULL_SHARD,
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP, fsdp_transformer_layer_cls_to_wrap: TransformerBlock}
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP, fsdp_transformer_layer_cls_to_wrap: TransformerBlock,
+  fsdp_use_orig_params: true, fsdp_state_dict_type: SHARDED_STATE_DICT}
 (validation edits are skipped under FSDP / ZeRO-3, where the weights are sharded).
 """
 

@@ -61,8 +61,12 @@ def resume_folder(output: Path, resume: str) -> Path | None:
 def register_lora_hooks(accelerator: Any) -> None:
     """Save and load only the LoRA in accelerate's checkpoints (the base weights are frozen and unchanged)."""
 
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # FSDP writes its own sharded model files
+
     def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not sharded:
             for model in models:
                 save_lora(lora_modules(accelerator.unwrap_model(model)), Path(output_dir) / LORA_NAME)
         weights.clear()  # accelerate writes no model file

@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .data import check_dataset, read_dataset
 from .dataset import StepDataset, collate
 from .flow import flow_matching_loss
-from .lora import add_lora, count, lora_modules, trainable_parameters
+from .lora import add_lora, count, lora_modules_from_state, trainable_parameters
 
 LOG_NAME = "train_log.jsonl"
 LORA_OUTPUT = "lora.safetensors"
@@ -258,13 +258,13 @@ def save_result(run: Run) -> Path:
 
     acc, output = run.accelerator, run.config.output
     acc.wait_for_everyone()
+    state = acc.get_state_dict(run.transformer)  # every rank takes part: gathered under ZeRO-3 / FSDP
     if run.config.mode == "lora":
         path = output / LORA_OUTPUT
         if acc.is_main_process:
-            save_lora(lora_modules(acc.unwrap_model(run.transformer)), path)
+            save_lora(lora_modules_from_state(state, run.config.alpha), path)
     else:
         path = output / TRANSFORMER_OUTPUT
-        state = acc.get_state_dict(run.transformer)  # gathered under ZeRO-3 / FSDP
         if acc.is_main_process:
             tmp = output / f".tmp-{TRANSFORMER_OUTPUT}"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ NVIDIA's training (their names do not match ``k``/``v``); name them to train the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -70,6 +71,20 @@ def lora_modules(transformer: nn.Module) -> dict[str, LoraModule]:
                 up=layer.lora_B[ADAPTER].weight.detach().float().cpu().clone(),
                 alpha=float(layer.lora_alpha[ADAPTER]),
             )
+    return out
+
+
+def lora_modules_from_state(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, LoraModule]:
+    """The same from a full state dict (``accelerator.get_state_dict``: gathered under ZeRO-3 / FSDP)."""
+    suffix = f".lora_A.{ADAPTER}.weight"
+    out = {}
+    for key, down in state.items():
+        if key.endswith(suffix):
+            name = key[: -len(suffix)]
+            up = state[f"{name}.lora_B.{ADAPTER}.weight"]
+            out[name] = LoraModule(down=down.detach().float().cpu(), up=up.detach().float().cpu(), alpha=alpha)
+    if not out:
+        raise ValueError("the trained model holds no LoRA weights")
     return out
 
 
