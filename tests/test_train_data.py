@@ -110,6 +110,14 @@ def test_mismatched_sizes_name_the_row_and_both_sizes(pair):
         load_frames(spec)
 
 
+def test_unreadable_video_names_row_and_file(tmp_path):
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 64)
+    write_csv(tmp_path, ["key,video,prompt", "v,bad.mp4,move"])
+    (spec,) = read_dataset(tmp_path)
+    with pytest.raises(ValueError, match=r"row 2 \(key 'v'\): cannot read video .*bad\.mp4"):
+        load_frames(spec)
+
+
 def test_video_with_a_bad_frame_count_names_the_row(tmp_path):
     save_video([block((9, 9, 9), 0)] * 5, tmp_path / "five.mp4")
     write_csv(tmp_path, ["key,video,prompt", "v5,five.mp4,move"])
