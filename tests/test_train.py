@@ -239,3 +239,32 @@ def test_bf16_with_checkpointing_accumulation_and_batches(tiny_ckpt, pairs, cach
     assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained away from zero
     model = ChronoEditTransformer3DModel.from_pretrained(tiny_ckpt, subfolder="transformer")
     load_lora(model, result.output)
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+def test_two_processes_under_torchrun_with_a_toml_config(tiny_ckpt, pairs, cache_dir, tmp_path):
+    """Data parallel through accelerate alone (gloo on the CPU; NCCL / DeepSpeed / FSDP on GPUs is the same code):
+    one log, one LoRA, and each process's RNG state in the checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    toml = tmp_path / "train.toml"
+    toml.write_text(
+        f'model_path = "{tiny_ckpt}"\ndataset = "{pairs}"\noutput_dir = "{out}"\ncache_dir = "{cache_dir}"\n'
+        'height = 32\nwidth = 32\nmixed_precision = "no"\ngradient_checkpointing = false\nlora_rank = 4\n'
+        "max_steps = 2\ncheckpoint_every = 2\nquiet = true\n"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "chronoedit.cli",
+               "train", str(toml), "--max-steps", "3", "--checkpoint-every", "3"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("trained 3 steps; wrote LoRA") == 1  # the main process reports
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3]  # flags override the file
+    names = {p.name for p in (out / "checkpoints" / "checkpoint-000003").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl", "lora.safetensors", "optimizer.bin"} <= names
+    assert (out / "lora.safetensors").is_file()

@@ -90,6 +90,8 @@ def handle(args: argparse.Namespace) -> int:
     file_values = read_config_file(config_file) if config_file else {}
     config = build_config(file_values, values)
     result = train(config, log=_log(config.quiet))
+    if not result.main_process:
+        return 0
     if result.resumed_from:
         print(f"resumed at step {result.resumed_from}")
     kind = "LoRA" if config.mode == "lora" else "transformer"

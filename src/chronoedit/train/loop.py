@@ -40,6 +40,7 @@ class TrainResult:
     resumed_from: int  # step of the checkpoint this run started from (0: fresh)
     losses: list[float] = field(default_factory=list)  # this run's per-step losses
     seconds_per_step: float = 0.0
+    main_process: bool = True  # False on the other processes of a distributed run (they print nothing)
 
 
 @dataclass
@@ -61,6 +62,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(config)
+    if not accelerator.is_main_process:
+        log = _silent
     try:
         set_seed(config.seed)
         specs = read_dataset(config.dataset)
@@ -72,7 +75,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         resumed = resume(run, log)
         losses, seconds = loop(run)
         output = save_result(run)
-        return TrainResult(output, run.state.step, resumed, losses, seconds)
+        return TrainResult(output, run.state.step, resumed, losses, seconds, accelerator.is_main_process)
     finally:
         accelerator.end_training()
         _reset_accelerate_state()
@@ -298,6 +301,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _silent(_: str) -> None:
+    """The log of the non-main processes."""
 
 
 def _reset_accelerate_state() -> None:
