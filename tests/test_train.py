@@ -268,3 +268,38 @@ def test_two_processes_under_torchrun_with_a_toml_config(tiny_ckpt, pairs, cache
     names = {p.name for p in (out / "checkpoints" / "checkpoint-000003").iterdir()}
     assert {"random_states_0.pkl", "random_states_1.pkl", "lora.safetensors", "optimizer.bin"} <= names
     assert (out / "lora.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------- memory
+def test_each_encoder_is_released_before_the_next_loads_and_before_the_transformer(tiny_ckpt, pairs, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """UMT5, CLIP and the VAE visit one at a time: when a component loads, every encoder of an earlier stage is
+    already garbage, and none is alive when the transformer loads."""
+    import gc
+    import weakref
+
+    from chronoedit import loading
+
+    alive: list[tuple[str, weakref.ref]] = []
+    events: list[tuple[str, list[str]]] = []
+    real_component, real_transformer = loading.load_component, loading.load_transformer
+
+    def recording_component(path, name, *args, **kwargs):
+        gc.collect()
+        events.append((name, [n for n, ref in alive if ref() is not None]))
+        component = real_component(path, name, *args, **kwargs)
+        if isinstance(component, torch.nn.Module):
+            alive.append((name, weakref.ref(component)))
+        return component
+
+    def recording_transformer(*args, **kwargs):
+        gc.collect()
+        events.append(("transformer", [n for n, ref in alive if ref() is not None]))
+        return real_transformer(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_component", recording_component)
+    monkeypatch.setattr(loading, "load_transformer", recording_transformer)
+    train(config(tiny_ckpt, pairs, tmp_path / "out", tmp_path / "cache", max_steps=1, checkpoint_every=0),
+          log=lambda _: None)  # fmt: skip
+    assert events == [("tokenizer", []), ("text_encoder", []), ("image_processor", []), ("image_encoder", []),
+                      ("vae", []), ("transformer", [])]  # fmt: skip

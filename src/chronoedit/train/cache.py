@@ -112,29 +112,55 @@ def negative_file(cache_dir: Path, settings: CacheSettings) -> Path:
 def build_cache(
     specs: list[SampleSpec], cache_dir: Path, settings: CacheSettings, device: torch.device, log: Callable[[str], None]
 ) -> list[CacheEntry]:
-    """Encode what the cache lacks, one encoder at a time; returns every sample's (complete) entry."""
+    """Encode what the cache lacks, one encoder at a time; returns every sample's (complete) entry.
+
+    Each stage is its own function, so its encoder is unreferenced (and freed) before the next one loads."""
+    from ..memory import free_device_cache
+
     entries = cache_entries(specs, cache_dir, settings)
     negative = negative_file(cache_dir, settings)
-    text_todo = [e for e in entries if not e.file("text").is_file()]
-    if text_todo or not negative.is_file():
-        with _loaded(settings, ("tokenizer", "text_encoder"), device, log) as (tokenizer, text_encoder):
-            for entry in text_todo:
-                embeds = _real_tokens(encode_text(tokenizer, text_encoder, [entry.spec.prompt])[0])
-                _save(entry.file("text"), {"prompt_embeds": embeds})
-            if not negative.is_file():
-                _save(negative, {"prompt_embeds": _real_tokens(encode_text(tokenizer, text_encoder, [""])[0])})
-    image_todo = [e for e in entries if not e.file("image").is_file()]
-    if image_todo:
-        with _loaded(settings, ("image_processor", "image_encoder"), device, log) as (processor, image_encoder):
-            for entry in image_todo:
-                source = _frames(entry, settings)[0]
-                _save(entry.file("image"), {"image_embeds": encode_image(processor, image_encoder, [source])[0]})
-    latent_todo = [e for e in entries if not e.file("latents").is_file()]
-    if latent_todo:
-        with _loaded(settings, ("vae",), device, log) as (vae,):
-            for entry in latent_todo:
-                _save(entry.file("latents"), _encode_latents(vae, _frames(entry, settings)))
+    for stage in (_text_stage, _image_stage, _latent_stage):
+        stage(entries, negative, settings, device, log)
+        gc.collect()
+        free_device_cache(device)
     return entries
+
+
+def _text_stage(entries: list[CacheEntry], negative: Path, settings: CacheSettings, device: torch.device,
+                log: Callable[[str], None]) -> None:  # fmt: skip
+    """UMT5 prompt embeddings (real tokens only) of every sample lacking them, and the empty prompt's once."""
+    todo = [e for e in entries if not e.file("text").is_file()]
+    if not todo and negative.is_file():
+        return
+    with _loaded(settings, ("tokenizer", "text_encoder"), device, log) as (tokenizer, text_encoder):
+        for entry in todo:
+            embeds = _real_tokens(encode_text(tokenizer, text_encoder, [entry.spec.prompt])[0])
+            _save(entry.file("text"), {"prompt_embeds": embeds})
+        if not negative.is_file():
+            _save(negative, {"prompt_embeds": _real_tokens(encode_text(tokenizer, text_encoder, [NEGATIVE_PROMPT])[0])})
+
+
+def _image_stage(entries: list[CacheEntry], negative: Path, settings: CacheSettings, device: torch.device,
+                 log: Callable[[str], None]) -> None:  # fmt: skip
+    """CLIP tokens of the (sized) source image of every sample lacking them."""
+    todo = [e for e in entries if not e.file("image").is_file()]
+    if not todo:
+        return
+    with _loaded(settings, ("image_processor", "image_encoder"), device, log) as (processor, image_encoder):
+        for entry in todo:
+            source = _frames(entry, settings)[0]
+            _save(entry.file("image"), {"image_embeds": encode_image(processor, image_encoder, [source])[0]})
+
+
+def _latent_stage(entries: list[CacheEntry], negative: Path, settings: CacheSettings, device: torch.device,
+                  log: Callable[[str], None]) -> None:  # fmt: skip
+    """VAE latents of the training clip and of the condition, for every sample lacking them."""
+    todo = [e for e in entries if not e.file("latents").is_file()]
+    if not todo:
+        return
+    with _loaded(settings, ("vae",), device, log) as (vae,):
+        for entry in todo:
+            _save(entry.file("latents"), _encode_latents(vae, _frames(entry, settings)))
 
 
 def _frames(entry: CacheEntry, settings: CacheSettings) -> list[Any]:
@@ -175,7 +201,6 @@ def _loaded(
 ) -> Iterator[tuple[Any, ...]]:
     """Load components, put the modules on ``device``, yield them; release them (and the device cache) after."""
     from ..loading import load_component
-    from ..memory import free_device_cache
 
     log(f"caching: loading {', '.join(names)}")
     dtype = getattr(torch, settings.text_dtype)
@@ -185,9 +210,7 @@ def _loaded(
         with torch.no_grad():
             yield tuple(parts)
     finally:
-        del parts
-        free_device_cache(device)
-        gc.collect()
+        parts.clear()  # the caller's names go when its stage function returns
 
 
 # ------------------------------------------------------------------------------------------------------- reading
