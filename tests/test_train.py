@@ -29,6 +29,16 @@ def block(color: tuple[int, int, int], corner: int) -> Image.Image:
     return image
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread hand-offs stall (a 200-step
+    run took 95 s with 2 threads on a busy machine, 10 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     """4 pairs: a coloured block moves from the top-left to the bottom-right corner (the labeler's layout)."""
