@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import batch, convert, edit, enhance, label, serve
+from .commands import batch, convert, edit, enhance, label, serve, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(subparsers)
     enhance.register(subparsers)
     label.register(subparsers)
+    train.register(subparsers)
     return parser
 
 

@@ -35,8 +35,16 @@ def encode_condition(vae: torch.nn.Module, image: torch.Tensor, num_frames: int)
 
     image: [1, 3, H, W] in [-1, 1] -> [1, z_dim, F_lat, H/8, W/8] float32.
     """
-    param = next(vae.parameters())
     video = torch.cat([image.unsqueeze(2), image.new_zeros(*image.shape[:2], num_frames - 1, *image.shape[2:])], 2)
+    return encode_video(vae, video)
+
+
+def encode_video(vae: torch.nn.Module, video: torch.Tensor) -> torch.Tensor:
+    """VAE posterior mean of a video, normalised as the transformer sees latents.
+
+    video: [B, 3, F, H, W] in [-1, 1] -> [B, z_dim, (F - 1) // 4 + 1, H/8, W/8] float32.
+    """
+    param = next(vae.parameters())
     latent = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode().float()
     mean, inv_std = latent_stats(vae, latent.device)
     return (latent - mean) * inv_std

@@ -323,6 +323,23 @@ def load_pipeline_components(
     return {name: given[name] if given.get(name) is not None else load() for name, load in loaders.items()}
 
 
+def load_component(path_or_repo_id: str | os.PathLike[str], name: str, torch_dtype: torch.dtype = torch.float32) -> Any:
+    """One component (tokenizer, text_encoder, image_encoder, image_processor, vae, scheduler) of a diffusers-layout
+    folder, alone: for callers that load, use and release the encoders one at a time (training's cache).
+    Dtypes as in :func:`load_pipeline_components` (``torch_dtype`` applies to the text encoder only)."""
+    loaders = {
+        "tokenizer": _tokenizer,
+        "text_encoder": lambda d: _text_encoder(d, torch_dtype),
+        "image_encoder": _image_encoder,
+        "image_processor": _image_processor,
+        "vae": _vae,
+        "scheduler": _scheduler,
+    }
+    if name not in loaders:
+        raise ValueError(f"unknown pipeline component {name!r}: one of {sorted(loaders)}")
+    return _load_with(name, resolve_checkpoint(path_or_repo_id), loaders[name])
+
+
 def _load_with(name: str, root: Path, load: Any) -> Any:
     """Run a library loader on one component folder, turning its errors into one line naming the component."""
     folder = component_dir(root, name)

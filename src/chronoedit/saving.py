@@ -33,14 +33,18 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
 
 
 def save_transformer(
-    model: ChronoEditTransformer3DModel, folder: str | os.PathLike[str], max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    model: ChronoEditTransformer3DModel,
+    folder: str | os.PathLike[str],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save ``model`` to ``folder`` (which must not exist) in the layout ``from_pretrained`` reads."""
+    """Save ``model`` to ``folder`` (which must not exist) in the layout ``from_pretrained`` reads. ``state_dict``:
+    the weights to write instead of the model's own (e.g. gathered from a sharded training run)."""
     folder = Path(folder)
     if folder.exists():
         raise ValueError(f"output folder already exists: {folder}")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     shards = plan_shards([(k, v.numel() * v.element_size()) for k, v in state.items()], max_shard_bytes)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:

@@ -1,0 +1,107 @@
+"""``chronoedit train [CONFIG] [--flags]``: LoRA or full fine-tuning of ChronoEdit on edit pairs and reasoning videos.
+
+Every setting of :class:`chronoedit.train.TrainConfig` is a flag; a TOML/JSON config file gives defaults and flags
+override it. Runs on one device as is, and on many under ``accelerate launch`` (see the epilog).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from dataclasses import fields
+from typing import Any
+
+EPILOG = """\
+dataset: a folder with metadata.csv (or a CSV file), paths relative to it, one of
+  key,video,prompt,source_image,target_image   (chronoedit label; the images are used when given)
+  key,video,prompt                             (NVIDIA/DiffSynth; 2-frame video = pair, 29-frame = reasoning video)
+  source,target,prompt
+A pair trains as [source, target x 4] (2 latent frames), a reasoning video as itself (29 frames: 8 latent frames).
+
+config file (TOML or JSON, same names as the flags with underscores), e.g. train.toml:
+  model_path = "ChronoEdit-14B-Diffusers"
+  dataset = "data/pairs"
+  output_dir = "runs/my-lora"
+  lora_rank = 32
+  max_steps = 2000
+  validation_every = 250
+
+results: OUTPUT_DIR/lora.safetensors (diffusers layout: chronoedit edit --lora-path, diffusers' load_lora_weights)
+or OUTPUT_DIR/transformer/ (--mode full: chronoedit edit --transformer); train_log.jsonl (step, loss, lr, seconds);
+checkpoints/checkpoint-N (resumed automatically: --resume auto); validation/step_N_KEY.png (source | edit | target).
+
+several GPUs / nodes: accelerate's own config, no flags here, e.g.
+  accelerate config                      # answer: multi-GPU, DeepSpeed ZeRO-2 (or FSDP), bf16
+  accelerate launch -m chronoedit.cli train train.toml
+DeepSpeed ZeRO-2 config file for accelerate (accelerate launch --config_file zero2.yaml ...):
+  compute_environment: LOCAL_MACHINE
+  distributed_type: DEEPSPEED
+  deepspeed_config: {zero_stage: 2, gradient_accumulation_steps: 1, gradient_clipping: 1.0,
+                     offload_optimizer_device: none, offload_param_device: none}
+  mixed_precision: bf16
+  num_processes: 8
+FSDP: distributed_type: FSDP with fsdp_config: {fsdp_sharding_strategy: FULL_SHARD,
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP, fsdp_transformer_layer_cls_to_wrap: TransformerBlock,
+  fsdp_use_orig_params: true, fsdp_state_dict_type: SHARDED_STATE_DICT}
+(validation edits are skipped under FSDP / ZeRO-3, where the weights are sharded).
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``train`` subcommand: a config file and one flag per setting."""
+    from ..train.config import HELP, TrainConfig
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train a LoRA or fine-tune ChronoEdit on edit pairs / reasoning videos",
+        description="Train ChronoEdit (LoRA or full) with accelerate. Flags override the config file.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", nargs="?", metavar="CONFIG", help="TOML or JSON config file (optional)")
+    for f in fields(TrainConfig):
+        _add_flag(parser, f.name, str(f.type), HELP.get(f.name, ""))
+    parser.set_defaults(handler=handle)
+    return parser
+
+
+def _add_flag(parser: argparse.ArgumentParser, name: str, annotation: str, help_text: str) -> None:
+    """--name-with-dashes, typed from the annotation; default SUPPRESS so only flags given override the file."""
+    flag = "--" + name.replace("_", "-")
+    kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+    if annotation == "bool":
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif annotation.startswith("list"):
+        parser.add_argument(flag, nargs="+", metavar="NAME", **kwargs)
+    else:
+        kind = int if annotation.startswith("int") else float if annotation.startswith("float") else str
+        parser.add_argument(flag, type=kind, metavar=name.split("_")[-1].upper(), **kwargs)
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Build the config (file < flags), train, print where the result went."""
+    from ..train import build_config, read_config_file, train
+
+    values = vars(args).copy()
+    config_file = values.pop("config", None)
+    for key in ("handler", "command"):
+        values.pop(key, None)
+    file_values = read_config_file(config_file) if config_file else {}
+    config = build_config(file_values, values)
+    result = train(config, log=_log(config.quiet))
+    if not result.main_process:
+        return 0
+    if result.resumed_from:
+        print(f"resumed at step {result.resumed_from}")
+    kind = "LoRA" if config.mode == "lora" else "transformer"
+    print(f"trained {result.step} steps; wrote {kind}: {result.output}")
+    return 0
+
+
+def _log(quiet: bool) -> types.FunctionType:
+    def log(message: str) -> None:
+        if not quiet:
+            print(f"chronoedit: {message}", file=sys.stderr, flush=True)
+
+    return log

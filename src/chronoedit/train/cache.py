@@ -1,0 +1,247 @@
+"""Precompute once what the frozen encoders give (UMT5 text, CLIP image tokens, VAE latents) and keep it on disk.
+
+Each encoder is loaded, used for every sample that lacks its output, and released before the next one loads; the
+transformer loads only after all three are gone, so the big encoders never share memory with training. A sample's
+entry is a folder named by a hash of its inputs (file contents, prompt, training size) and of the encoders (the
+checkpoint's component configs and weight file sizes), holding one safetensors file per encoder, each written
+atomically: an interrupted run keeps what it finished, and a second run loads no encoder at all.
+
+Stored per sample: ``text.safetensors`` prompt_embeds [L, text_dim] (the real tokens; zero-padded to 512 on read),
+``image.safetensors`` image_embeds [257, image_dim] (CLIP of the sized source image), ``latents.safetensors``
+latents [16, F_lat, h, w] (the clip [source, target x 4] or the reasoning video) and condition [16, F_lat, h, w]
+(the source followed by black frames, as the pipeline builds it), both normalised VAE posterior means.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..encoders import TEXT_TOKENS, encode_image, encode_text
+from ..latents import encode_condition, encode_video, image_to_tensor
+from .data import SampleSpec, clip_frames, prepared_frames
+
+CACHE_VERSION = 1
+STAGES = ("text", "image", "latents")
+NEGATIVE_PROMPT = ""  # validation's CFG negative, encoded once
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    spec: SampleSpec
+    folder: Path
+
+    def file(self, stage: str) -> Path:
+        return self.folder / f"{stage}.safetensors"
+
+    def complete(self) -> bool:
+        return all(self.file(stage).is_file() for stage in STAGES)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What decides a cached sample's content besides its files and prompt."""
+
+    model_path: str
+    height: int | None
+    width: int | None
+    max_area: int
+    text_dtype: str  # the text encoder's dtype name ("float32", "bfloat16")
+
+
+# ------------------------------------------------------------------------------------------------------ identity
+def encoder_identity(model_path: str) -> str:
+    """A hash of the encoders of a checkpoint folder: their config files' contents and weight files' names/sizes."""
+    from ..loading import resolve_checkpoint
+
+    root = resolve_checkpoint(model_path)
+    digest = hashlib.sha256()
+    for component in ("tokenizer", "text_encoder", "image_encoder", "image_processor", "vae"):
+        folder = root / component
+        for file in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if file.is_file():
+                digest.update(f"{file.relative_to(root)}:{file.stat().st_size}".encode())
+                if file.suffix == ".json":
+                    digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def entry_key(spec: SampleSpec, settings: CacheSettings, encoders: str) -> str:
+    """The hash naming a sample's cache folder."""
+    files = [p for p in (spec.source, spec.target, spec.video) if p is not None]
+    payload = {
+        "version": CACHE_VERSION,
+        "files": [file_digest(p) for p in files],
+        "kind": "video" if spec.video is not None else "pair",
+        "prompt": spec.prompt,
+        "size": [settings.height, settings.width, settings.max_area],
+        "text_dtype": settings.text_dtype,
+        "encoders": encoders,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cache_entries(specs: list[SampleSpec], cache_dir: Path, settings: CacheSettings) -> list[CacheEntry]:
+    encoders = encoder_identity(settings.model_path)
+    return [CacheEntry(spec, cache_dir / entry_key(spec, settings, encoders)) for spec in specs]
+
+
+def negative_file(cache_dir: Path, settings: CacheSettings) -> Path:
+    encoders = encoder_identity(settings.model_path)
+    key = hashlib.sha256(f"{CACHE_VERSION}:{encoders}:{settings.text_dtype}".encode()).hexdigest()[:32]
+    return cache_dir / f"negative-{key}.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------------ building
+def build_cache(
+    specs: list[SampleSpec], cache_dir: Path, settings: CacheSettings, device: torch.device, log: Callable[[str], None]
+) -> list[CacheEntry]:
+    """Encode what the cache lacks, one encoder at a time; returns every sample's (complete) entry.
+
+    Each stage is its own function, so its encoder is unreferenced (and freed) before the next one loads."""
+    from ..memory import free_device_cache
+
+    entries = cache_entries(specs, cache_dir, settings)
+    negative = negative_file(cache_dir, settings)
+    for stage in (_text_stage, _image_stage, _latent_stage):
+        stage(entries, negative, settings, device, log)
+        gc.collect()
+        free_device_cache(device)
+    return entries
+
+
+def _text_stage(entries: list[CacheEntry], negative: Path, settings: CacheSettings, device: torch.device,
+                log: Callable[[str], None]) -> None:  # fmt: skip
+    """UMT5 prompt embeddings (real tokens only) of every sample lacking them, and the empty prompt's once."""
+    todo = [e for e in entries if not e.file("text").is_file()]
+    if not todo and negative.is_file():
+        return
+    with _loaded(settings, ("tokenizer", "text_encoder"), device, log) as (tokenizer, text_encoder):
+        for entry in todo:
+            embeds = _real_tokens(encode_text(tokenizer, text_encoder, [entry.spec.prompt])[0])
+            _save(entry.file("text"), {"prompt_embeds": embeds})
+        if not negative.is_file():
+            _save(negative, {"prompt_embeds": _real_tokens(encode_text(tokenizer, text_encoder, [NEGATIVE_PROMPT])[0])})
+
+
+def _image_stage(entries: list[CacheEntry], negative: Path, settings: CacheSettings, device: torch.device,
+                 log: Callable[[str], None]) -> None:  # fmt: skip
+    """CLIP tokens of the (sized) source image of every sample lacking them."""
+    todo = [e for e in entries if not e.file("image").is_file()]
+    if not todo:
+        return
+    with _loaded(settings, ("image_processor", "image_encoder"), device, log) as (processor, image_encoder):
+        for entry in todo:
+            source = _frames(entry, settings)[0]
+            _save(entry.file("image"), {"image_embeds": encode_image(processor, image_encoder, [source])[0]})
+
+
+def _latent_stage(entries: list[CacheEntry], negative: Path, settings: CacheSettings, device: torch.device,
+                  log: Callable[[str], None]) -> None:  # fmt: skip
+    """VAE latents of the training clip and of the condition, for every sample lacking them."""
+    todo = [e for e in entries if not e.file("latents").is_file()]
+    if not todo:
+        return
+    with _loaded(settings, ("vae",), device, log) as (vae,):
+        for entry in todo:
+            _save(entry.file("latents"), _encode_latents(vae, _frames(entry, settings)))
+
+
+def _frames(entry: CacheEntry, settings: CacheSettings) -> list[Any]:
+    return prepared_frames(entry.spec, settings.height, settings.width, settings.max_area)
+
+
+@torch.no_grad()
+def _encode_latents(vae: torch.nn.Module, frames: list[Any]) -> dict[str, torch.Tensor]:
+    """latents of the training clip and the first-frame condition, each [16, F_lat, h, w] float32."""
+    width, height = frames[0].size
+    clip = clip_frames(frames)
+    video = torch.stack([image_to_tensor(f, width, height)[0] for f in clip], dim=1).unsqueeze(0)  # [1, 3, F, H, W]
+    latents = encode_video(vae, video)[0]
+    condition = encode_condition(vae, image_to_tensor(frames[0], width, height), len(clip))[0]
+    return {"latents": latents, "condition": condition}
+
+
+def _real_tokens(embeds: torch.Tensor) -> torch.Tensor:
+    """[512, D] zero-padded -> [L, D], the real tokens only (at least one row)."""
+    nonzero = embeds.abs().sum(dim=-1).nonzero()
+    length = int(nonzero.max()) + 1 if len(nonzero) else 1
+    return embeds[:length]
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    from ..io import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+@contextmanager
+def _loaded(
+    settings: CacheSettings, names: tuple[str, ...], device: torch.device, log: Callable[[str], None]
+) -> Iterator[tuple[Any, ...]]:
+    """Load components, put the modules on ``device``, yield them; release them (and the device cache) after."""
+    from ..loading import load_component
+
+    log(f"caching: loading {', '.join(names)}")
+    dtype = getattr(torch, settings.text_dtype)
+    parts = [load_component(settings.model_path, name, dtype) for name in names]
+    parts = [p.to(device) if isinstance(p, torch.nn.Module) else p for p in parts]
+    try:
+        with torch.no_grad():
+            yield tuple(parts)
+    finally:
+        parts.clear()  # the caller's names go when its stage function returns
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+def load_entry(entry: CacheEntry) -> dict[str, torch.Tensor]:
+    """A complete entry's tensors: prompt_embeds [512, D] (zero-padded), image_embeds, latents, condition."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for stage in STAGES:
+        out.update(load_file(str(entry.file(stage))))
+    out["prompt_embeds"] = pad_tokens(out["prompt_embeds"])
+    return out
+
+
+def load_negative(path: Path) -> torch.Tensor:
+    """The cached empty-prompt embedding [512, D]."""
+    from safetensors.torch import load_file
+
+    return pad_tokens(load_file(str(path))["prompt_embeds"])
+
+
+def pad_tokens(embeds: torch.Tensor) -> torch.Tensor:
+    """[L, D] -> [512, D] with exact zeros after the real tokens, as the pipeline encodes text."""
+    padded = embeds.new_zeros(TEXT_TOKENS, embeds.shape[-1])
+    padded[: embeds.shape[0]] = embeds
+    return padded
+
+
+def entry_frames(entry: CacheEntry) -> int:
+    """Latent frames of a cached sample (2 for a pair, 8 for a 29-frame video)."""
+    from safetensors import safe_open
+
+    with safe_open(str(entry.file("latents")), framework="pt") as handle:
+        return int(handle.get_slice("latents").get_shape()[1])

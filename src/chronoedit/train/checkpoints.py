@@ -1,0 +1,102 @@
+"""Resumable checkpoints through accelerate (model or LoRA, optimizer, LR scheduler, RNG states, step counter),
+each written to a temporary folder and renamed into place, so a killed run never leaves a half-written one.
+
+With a LoRA, a checkpoint holds only the adapter (``lora.safetensors``, diffusers layout, usable as is with
+``chronoedit edit --lora-path``), not the frozen base weights. Under DeepSpeed / FSDP accelerate writes its own
+(sharded) model and optimizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..lora import save_lora
+from .lora import load_lora_weights_, lora_modules
+
+CHECKPOINT_DIR = "checkpoints"
+LORA_NAME = "lora.safetensors"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """What accelerate does not know: the optimizer step counter (saved with every checkpoint)."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+def checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    folder = output / CHECKPOINT_DIR
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))] if folder.is_dir() else []
+    return sorted(found)
+
+
+def resume_folder(output: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: ``auto`` = the latest in ``output`` (None when there is none), ``none``,
+    or a folder (FileNotFoundError when missing)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = checkpoints(output)
+        return found[-1][1] if found else None
+    path = Path(resume).expanduser()
+    if not (path / "custom_checkpoint_0.pkl").is_file():
+        raise FileNotFoundError(f"resume: not a training checkpoint folder: {path}")
+    return path
+
+
+def register_lora_hooks(accelerator: Any) -> None:
+    """Save and load only the LoRA in accelerate's checkpoints (the base weights are frozen and unchanged)."""
+
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # FSDP writes its own sharded model files
+
+    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if accelerator.is_main_process and not sharded:
+            for model in models:
+                save_lora(lora_modules(accelerator.unwrap_model(model)), Path(output_dir) / LORA_NAME)
+        weights.clear()  # accelerate writes no model file
+
+    def load_hook(models: list[Any], input_dir: str) -> None:
+        for model in models:
+            load_lora_weights_(accelerator.unwrap_model(model), Path(input_dir) / LORA_NAME)
+        models.clear()  # accelerate loads no model file
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator: Any, output: Path, step: int, keep: int | None, config: dict[str, Any]) -> Path:
+    """Write ``checkpoints/checkpoint-<step>`` atomically (temp folder, then rename); prune to ``keep``."""
+    root = output / CHECKPOINT_DIR
+    final, tmp = root / f"checkpoint-{step:06d}", root / f".tmp-checkpoint-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep is not None:
+            for _, old in checkpoints(output)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,227 @@
+"""The training configuration: one dataclass, read from a TOML or JSON file, overridden by command-line flags.
+
+Every field is a flag of ``chronoedit train`` (``lora_rank`` -> ``--lora-rank``); a config file holds the same names
+(``lora_rank = 16`` in TOML, ``{"lora_rank": 16}`` in JSON). :func:`check_config` names the first bad value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MODES = ("lora", "full")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# NVIDIA's (DiffSynth's) LoRA targets in original Wan names; ours in :data:`chronoedit.train.lora.SHORT_TARGETS`.
+DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``chronoedit train`` needs; the help of each flag is in :data:`HELP`."""
+
+    model_path: str = ""
+    dataset: str = ""
+    output_dir: str = "outputs/train"
+    mode: str = "lora"
+    # data
+    height: int | None = None
+    width: int | None = None
+    max_area: int = 480 * 832
+    cache_dir: str | None = None
+    # LoRA
+    lora_rank: int = 32
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    # optimisation
+    learning_rate: float | None = None
+    max_steps: int = 1000
+    gradient_accumulation_steps: int = 1
+    batch_size: int = 1
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.01
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    # flow matching
+    flow_shift: float = 5.0
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    loss_on_first_frame: bool = True
+    # checkpoints, logs, validation
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume: str = "auto"
+    validation_every: int = 0
+    validation_samples: int = 1
+    validation_steps: int = 20
+    validation_guidance_scale: float = 5.0
+    log_every: int = 1
+    quiet: bool = False
+
+    @property
+    def lr(self) -> float:
+        """The learning rate: as given, else 1e-4 for LoRA and 1e-5 for full fine-tuning (NVIDIA's recipes)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.mode == "lora" else 1e-5
+
+    @property
+    def alpha(self) -> float:
+        """LoRA alpha (default: the rank, i.e. scale 1)."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else float(self.lora_rank)
+
+    @property
+    def output(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else self.output / "cache"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+HELP = {
+    "model_path": "ChronoEdit diffusers checkpoint folder (the base model)",
+    "dataset": "dataset folder holding metadata.csv, or a CSV file (columns: see 'chronoedit train --help')",
+    "output_dir": "where checkpoints, the log, validation images and the result go (default outputs/train)",
+    "mode": "lora (default) or full fine-tuning",
+    "height": "training height, a multiple of 16 (with --width); default: each sample at --max-area",
+    "width": "training width, a multiple of 16 (with --height)",
+    "max_area": "pixel area of each sample when no --height/--width, aspect ratio kept (default 480*832)",
+    "cache_dir": "cache of text/CLIP embeddings and VAE latents (default OUTPUT_DIR/cache)",
+    "lora_rank": "LoRA rank (default 32)",
+    "lora_alpha": "LoRA alpha (default: the rank, scale 1)",
+    "lora_targets": "LoRA target modules: q k v o ffn.0 ffn.2 (default; both attentions), k_img v_img, or our names",
+    "learning_rate": "learning rate (default 1e-4 for LoRA, 1e-5 for full)",
+    "max_steps": "optimizer steps to train (default 1000)",
+    "gradient_accumulation_steps": "micro-batches per optimizer step (default 1)",
+    "batch_size": "samples per micro-batch and process (default 1; > 1 needs one size for all samples)",
+    "lr_scheduler": "constant, constant_with_warmup, linear or cosine (default constant)",
+    "lr_warmup_steps": "warm-up steps (default 0)",
+    "adam_beta1": "AdamW beta1 (0.9)",
+    "adam_beta2": "AdamW beta2 (0.999)",
+    "adam_weight_decay": "AdamW weight decay (0.01)",
+    "adam_epsilon": "AdamW epsilon (1e-8)",
+    "max_grad_norm": "gradient clipping norm, 0 = off (default 1.0)",
+    "mixed_precision": "no, bf16 (default) or fp16; with LoRA the frozen weights are stored in this dtype",
+    "gradient_checkpointing": "recompute each block in the backward pass (default on)",
+    "seed": "seed of sample order, noise and timesteps (default 0)",
+    "flow_shift": "timestep shift: sigma' = s*sigma / (1 + (s-1)*sigma) (default 5.0, as at inference)",
+    "timestep_sampling": "uniform (default) or logit_normal sigma before the shift",
+    "logit_mean": "mean of logit_normal sampling (0)",
+    "logit_std": "std of logit_normal sampling (1)",
+    "loss_on_first_frame": "include latent frame 0 (the input, denoised at inference too) in the loss (default on)",
+    "checkpoint_every": "save a resumable checkpoint every N steps (default 500; 0 = only at the end)",
+    "checkpoints_total_limit": "keep at most N checkpoints (default 3)",
+    "resume": "auto (latest checkpoint in OUTPUT_DIR if any; default), none, or a checkpoint folder",
+    "validation_every": "edit the first validation sample(s) every N steps into validation/ (default 0 = off)",
+    "validation_samples": "how many dataset samples to edit at validation (default 1)",
+    "validation_steps": "denoising steps of validation edits (default 20)",
+    "validation_guidance_scale": "guidance scale of validation edits (default 5.0)",
+    "log_every": "append to train_log.jsonl every N steps (default 1)",
+    "quiet": "no progress bar",
+}
+
+
+def field_types() -> dict[str, str]:
+    """Field name -> its annotation as written ('int | None', 'bool', ...)."""
+    return {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (``.toml``) or JSON (``.json``) file -> its table; unknown keys and bad syntax are one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config {path}: invalid JSON ({err})") from None
+    elif path.suffix.lower() == ".toml":
+        data = _parse_toml(path, text)
+    else:
+        raise ValueError(f"config {path}: use a .toml or .json file")
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path}: expected a table of settings")
+    data = data.get("train", data) if isinstance(data.get("train"), dict) else data
+    unknown = sorted(set(data) - set(field_types()))
+    if unknown:
+        raise ValueError(f"config {path}: unknown setting(s) {unknown}")
+    return data
+
+
+def _parse_toml(path: Path, text: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ValueError(f"config {path}: TOML needs Python 3.11+ or 'pip install tomli'; or use JSON") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config {path}: invalid TOML ({err})") from None
+
+
+def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults < config file < flags (``overrides`` holds only the flags given); checked."""
+    config = TrainConfig(**{**file_values, **overrides})
+    check_config(config)
+    return config
+
+
+def check_config(c: TrainConfig) -> None:
+    """ValueError naming the first bad setting."""
+    if not c.model_path:
+        raise ValueError("model_path is required (--model-path or model_path in the config file)")
+    if not c.dataset:
+        raise ValueError("dataset is required (--dataset or dataset in the config file)")
+    _choice("mode", c.mode, MODES)
+    _choice("mixed_precision", c.mixed_precision, MIXED_PRECISION)
+    _choice("timestep_sampling", c.timestep_sampling, TIMESTEP_SAMPLING)
+    _choice("lr_scheduler", c.lr_scheduler, LR_SCHEDULERS)
+    if (c.height is None) != (c.width is None):
+        raise ValueError("give both height and width, or neither (then each sample is sized to max_area)")
+    for name in ("height", "width"):
+        value = getattr(c, name)
+        if value is not None and (not isinstance(value, int) or value < 16 or value % 16):
+            raise ValueError(f"{name} must be a multiple of 16 and at least 16, got {value}")
+    positive = ("max_area", "lora_rank", "max_steps", "gradient_accumulation_steps", "batch_size", "log_every",
+                "validation_samples", "validation_steps")  # fmt: skip
+    for name in positive:
+        if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(c, name)!r}")
+    for name in ("lr_warmup_steps", "checkpoint_every", "validation_every"):
+        if not isinstance(getattr(c, name), int) or getattr(c, name) < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {getattr(c, name)!r}")
+    if c.checkpoints_total_limit is not None and c.checkpoints_total_limit < 1:
+        raise ValueError(f"checkpoints_total_limit must be >= 1, got {c.checkpoints_total_limit}")
+    for name in ("flow_shift", "lr", "alpha", "logit_std"):
+        value = getattr(c, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive finite number, got {value}")
+    if not c.lora_targets:
+        raise ValueError("lora_targets must name at least one module")
+    if c.max_grad_norm < 0:
+        raise ValueError(f"max_grad_norm must be >= 0, got {c.max_grad_norm}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")

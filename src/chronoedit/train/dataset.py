@@ -1,0 +1,55 @@
+"""The stream of training items: cached samples in a seeded order, each with its own seeded noise and noise level.
+
+Item ``i`` of the stream is a pure function of (seed, i): epoch ``i // N`` visits the N samples in a permutation
+seeded by (seed, epoch), and the item's noise and σ come from a generator seeded by (seed, i). Resuming at step k
+therefore replays exactly the items an uninterrupted run would have seen (accelerate skips the first batches), on any
+number of processes (accelerate hands process r the batches r, r + world, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from .cache import CacheEntry, load_entry
+from .flow import sample_sigmas
+
+_MIX = 1_000_003  # keeps (seed, index) seeds apart
+
+
+class StepDataset(Dataset):
+    """``length`` items drawn from ``entries`` (see the module docstring)."""
+
+    def __init__(
+        self, entries: list[CacheEntry], length: int, seed: int, shift: float, sampling: str, mean: float, std: float
+    ) -> None:
+        self.entries, self.length, self.seed = entries, length, seed
+        self.sigma_args = {"shift": shift, "sampling": sampling, "mean": mean, "std": std}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def sample_index(self, index: int) -> int:
+        """Which sample item ``index`` is."""
+        count = len(self.entries)
+        epoch, position = divmod(index, count)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * _MIX + epoch))
+        return int(order[position])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        tensors = load_entry(self.entries[self.sample_index(index)])  # read per item: RAM stays flat
+        generator = torch.Generator().manual_seed((self.seed + 1) * _MIX + index)
+        noise = torch.randn(tensors["latents"].shape, generator=generator)  # [16, F, h, w]
+        sigma = sample_sigmas(1, generator, **self.sigma_args)[0]
+        return {**tensors, "noise": noise, "sigma": sigma, "index": torch.tensor(index)}
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack items; samples of different sizes or frame counts cannot share a batch (ValueError)."""
+    shapes = {tuple(item["latents"].shape) for item in items}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"batch_size > 1 needs samples of one size and frame count, got latents of shapes {sorted(shapes)} "
+            "(set height and width, keep pairs and videos apart, or use batch_size 1 with gradient accumulation)"
+        )
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}

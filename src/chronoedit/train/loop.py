@@ -1,0 +1,315 @@
+"""``train(config)``: read the data -> cache the encoders' outputs -> load the transformer (+ LoRA) -> optimise with
+accelerate -> save the LoRA (diffusers layout) or the transformer (diffusers folder).
+
+Distribution, mixed precision and gradient accumulation are accelerate's (``accelerate launch`` with DeepSpeed or
+FSDP configs works unchanged); there is no hand-written distributed code here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import atomic_path
+from .cache import CacheSettings, build_cache, negative_file
+from .checkpoints import TrainState, register_lora_hooks, resume_folder, save_checkpoint
+from .config import TrainConfig
+from .data import check_dataset, read_dataset
+from .dataset import StepDataset, collate
+from .flow import flow_matching_loss
+from .lora import add_lora, count, lora_modules_from_state, trainable_parameters
+
+LOG_NAME = "train_log.jsonl"
+LORA_OUTPUT = "lora.safetensors"
+TRANSFORMER_OUTPUT = "transformer"
+_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    output: Path  # the LoRA file or the transformer folder
+    step: int  # optimizer steps done in total
+    resumed_from: int  # step of the checkpoint this run started from (0: fresh)
+    losses: list[float] = field(default_factory=list)  # this run's per-step losses
+    seconds_per_step: float = 0.0
+    main_process: bool = True  # False on the other processes of a distributed run (they print nothing)
+
+
+@dataclass
+class Run:
+    """Everything the loop works on."""
+
+    config: TrainConfig
+    accelerator: Any
+    transformer: Any
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    state: TrainState
+    validator: Any = None
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Train as ``config`` says; returns where the result was written. Errors in the data name the CSV row."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(config)
+    if not accelerator.is_main_process:
+        log = _silent
+    try:
+        set_seed(config.seed)
+        specs = read_dataset(config.dataset)
+        check_dataset(specs)
+        settings = cache_settings(config, accelerator.device)
+        with accelerator.main_process_first():
+            entries = build_cache(specs, config.cache, settings, accelerator.device, log)
+        run = setup(config, accelerator, entries, log)
+        resumed = resume(run, log)
+        losses, seconds = loop(run)
+        output = save_result(run)
+        return TrainResult(output, run.state.step, resumed, losses, seconds, accelerator.is_main_process)
+    finally:
+        accelerator.end_training()
+        _reset_accelerate_state()
+
+
+def make_accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+
+    if config.mode == "full" and config.mixed_precision == "fp16":
+        raise ValueError("full fine-tuning in fp16 is not supported: use mixed_precision bf16 (or no)")
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        project_dir=str(config.output),
+    )
+
+
+def cache_settings(config: TrainConfig, device: torch.device) -> CacheSettings:
+    """UMT5 runs in bf16 on a GPU with bf16 training (fp32 UMT5-XXL is 22 GB), else in fp32."""
+    text_dtype = "bfloat16" if device.type == "cuda" and config.mixed_precision == "bf16" else "float32"
+    return CacheSettings(config.model_path, config.height, config.width, config.max_area, text_dtype)
+
+
+def build_transformer(config: TrainConfig, log: Callable[[str], None]) -> torch.nn.Module:
+    """The transformer with its trainable part: a LoRA on a frozen base stored in the training precision, or every
+    weight (fp32 master weights; accelerate's autocast computes in bf16)."""
+    from ..loading import load_transformer
+
+    base_dtype = _DTYPES[config.mixed_precision] if config.mode == "lora" else torch.float32
+    transformer = load_transformer(config.model_path, subfolder="transformer", torch_dtype=base_dtype)
+    if config.mode == "lora":
+        modules = add_lora(transformer, config.lora_targets, config.lora_rank, config.alpha)
+        log(f"training a rank-{config.lora_rank} LoRA (alpha {config.alpha:g}) on {len(modules)} layers")
+    else:
+        transformer.requires_grad_(True)
+        log("training every weight of the transformer (full fine-tuning)")
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    log(f"trainable parameters: {count(trainable_parameters(transformer)):,}")
+    return transformer.train()
+
+
+def setup(config: TrainConfig, accelerator: Any, entries: list[Any], log: Callable[[str], None]) -> Run:
+    """Model, optimizer, LR schedule and data stream, prepared by accelerate; checkpoint hooks registered."""
+    from diffusers.optimization import get_scheduler
+    from torch.utils.data import DataLoader
+
+    transformer = build_transformer(config, log)
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(transformer),
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    world = accelerator.num_processes
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * world,
+        num_training_steps=config.max_steps * world,
+    )
+    per_step = config.gradient_accumulation_steps * config.batch_size * world
+    dataset = StepDataset(entries, config.max_steps * per_step, config.seed, config.flow_shift,
+                          config.timestep_sampling, config.logit_mean, config.logit_std)  # fmt: skip
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, collate_fn=collate)
+    transformer, optimizer, loader, scheduler = accelerator.prepare(transformer, optimizer, loader, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if config.mode == "lora":
+        register_lora_hooks(accelerator)
+    run = Run(config, accelerator, transformer, optimizer, scheduler, loader, state)
+    run.validator = make_validator(config, accelerator, entries)
+    return run
+
+
+def make_validator(config: TrainConfig, accelerator: Any, entries: list[Any]) -> Any:
+    """A :class:`~chronoedit.train.validation.Validator` on the main process, or None (off, or sharded weights)."""
+    from accelerate.utils import DistributedType
+
+    if not config.validation_every or not accelerator.is_main_process:
+        return None
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    )
+    if sharded:
+        print("chronoedit: note: validation edits are skipped with FSDP / ZeRO-3 (the weights are sharded)")
+        return None
+    from .validation import Validator
+
+    return Validator(
+        model_path=config.model_path,
+        entries=entries[: config.validation_samples],
+        negative_file=negative_file(config.cache, cache_settings(config, accelerator.device)),
+        folder=config.output / "validation",
+        steps=config.validation_steps,
+        guidance_scale=config.validation_guidance_scale,
+        flow_shift=config.flow_shift,
+        size=(config.height, config.width, config.max_area),
+        device=accelerator.device,
+    )
+
+
+def resume(run: Run, log: Callable[[str], None]) -> int:
+    """Load the checkpoint to resume from (if any); the log keeps only the steps up to it. Returns its step."""
+    folder = resume_folder(run.config.output, run.config.resume)
+    if folder is not None:
+        run.accelerator.load_state(str(folder))
+        log(f"resumed from {folder} at step {run.state.step}")
+    if run.accelerator.is_main_process:
+        truncate_log(run.config.output / LOG_NAME, run.state.step)
+        write_json(run.config.output / "train_config.json", run.config.to_dict())
+    return run.state.step
+
+
+def loop(run: Run) -> tuple[list[float], float]:
+    """Optimise from the current step to ``max_steps``; returns this run's losses and the mean seconds per step."""
+    from tqdm.auto import tqdm
+
+    cfg, acc, state = run.config, run.accelerator, run.state
+    loader = acc.skip_first_batches(run.loader, state.step * cfg.gradient_accumulation_steps)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, unit="step", desc="training",
+               disable=cfg.quiet or not acc.is_main_process)  # fmt: skip
+    losses, micro, times = [], [], []
+    started = time.perf_counter()
+    for batch in loader if state.step < cfg.max_steps else ():
+        micro.append(train_micro_step(run, batch))
+        if not acc.sync_gradients:
+            continue
+        state.step += 1
+        loss = float(torch.stack(micro).mean())
+        micro.clear()
+        times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        losses.append(loss)
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}")
+        after_step(run, loss, times[-1])
+        if state.step >= cfg.max_steps:
+            break
+    bar.close()
+    return losses, (sum(times) / len(times) if times else 0.0)
+
+
+def train_micro_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward + backward of one micro-batch; the optimizer steps when accelerate says the accumulation is full.
+    Returns the micro-batch loss averaged over processes (detached)."""
+    acc = run.accelerator
+    with acc.accumulate(run.transformer):
+        with acc.autocast():
+            loss = flow_matching_loss(run.transformer, batch, run.config.loss_on_first_frame)
+        if not torch.isfinite(loss):
+            raise ValueError(f"the loss is {loss.item()} at step {run.state.step + 1} (lower the learning rate?)")
+        acc.backward(loss)
+        if acc.sync_gradients and run.config.max_grad_norm > 0:
+            acc.clip_grad_norm_(run.transformer.parameters(), run.config.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return acc.gather(loss.detach()[None]).mean()
+
+
+def after_step(run: Run, loss: float, seconds: float) -> None:
+    """Log, checkpoint and validate on their schedules."""
+    cfg, acc, step = run.config, run.accelerator, run.state.step
+    if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        lr = run.scheduler.get_last_lr()[0]
+        record = {"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 4), "time": round(time.time(), 3)}
+        with (cfg.output / LOG_NAME).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    last = step == cfg.max_steps
+    if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
+        save_checkpoint(acc, cfg.output, step, cfg.checkpoints_total_limit, cfg.to_dict())
+    if run.validator is not None and cfg.validation_every and (step % cfg.validation_every == 0 or last):
+        with acc.autocast():
+            run.validator.run(acc.unwrap_model(run.transformer), step)
+
+
+def save_result(run: Run) -> Path:
+    """The LoRA (diffusers layout) or the full transformer (diffusers folder), written atomically."""
+    from ..lora import save_lora
+    from ..saving import save_transformer
+
+    acc, output = run.accelerator, run.config.output
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(run.transformer)  # every rank takes part: gathered under ZeRO-3 / FSDP
+    if run.config.mode == "lora":
+        path = output / LORA_OUTPUT
+        if acc.is_main_process:
+            save_lora(lora_modules_from_state(state, run.config.alpha), path)
+    else:
+        path = output / TRANSFORMER_OUTPUT
+        if acc.is_main_process:
+            tmp = output / f".tmp-{TRANSFORMER_OUTPUT}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_transformer(acc.unwrap_model(run.transformer), tmp, state_dict=state)
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+    acc.wait_for_everyone()
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the log's records up to ``step`` (a resumed run re-logs the steps after its checkpoint)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    if len(kept) != len(lines) or step == 0:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``train_log.jsonl``."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _silent(_: str) -> None:
+    """The log of the non-main processes."""
+
+
+def _reset_accelerate_state() -> None:
+    """Let a later ``train`` in the same process pick another precision (accelerate keeps a process-wide state)."""
+    from accelerate.state import AcceleratorState
+
+    with contextlib.suppress(AttributeError):
+        AcceleratorState._reset_state()

@@ -1,0 +1,315 @@
+"""``chronoedit train`` on tiny random checkpoints (CPU, fp32, 32x32): the loss falls when overfitting 4 pairs, a
+killed run resumes exactly where an uninterrupted one would be, the cache spares the encoders on the second run,
+the LoRA changes ``chronoedit edit`` and loads in diffusers with the same edit, a reasoning video trains, and a full
+fine-tune saves a transformer that ``chronoedit edit --transformer`` loads."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chronoedit import ChronoEditPipeline, ChronoEditTransformer3DModel, cli
+from chronoedit.io import save_video
+from chronoedit.train import TrainConfig, train
+from chronoedit.train import loop as train_loop
+from chronoedit.train.loop import read_log
+
+COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+FAST = {"height": 32, "width": 32, "mixed_precision": "no", "gradient_checkpointing": False, "quiet": True}
+
+
+def block(color: tuple[int, int, int], corner: int) -> Image.Image:
+    image = Image.new("RGB", (32, 32), (128, 128, 128))
+    image.paste(Image.new("RGB", (16, 16), color), (0, 0) if corner == 0 else (16, 16))
+    return image
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread hand-offs stall (a 200-step
+    run took 95 s with 2 threads on a busy machine, 10 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    """4 pairs: a coloured block moves from the top-left to the bottom-right corner (the labeler's layout)."""
+    folder = tmp_path_factory.mktemp("pairs")
+    lines = ["key,video,prompt,source_image,target_image"]
+    for i, color in enumerate(COLORS):
+        block(color, 0).save(folder / f"s{i}.png")
+        block(color, 1).save(folder / f"t{i}.png")
+        lines.append(f"p{i},,move block {i} to the bottom right,s{i}.png,t{i}.png")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def ckpt_d64(tmp_path_factory) -> Path:
+    """Inner dim 64: wide enough to fit the 4 pairs in a few hundred steps (dim 32 learns much slower)."""
+    from chronoedit.demo import TinySpec, build_tiny_checkpoint
+
+    spec = TinySpec(num_attention_heads=2, attention_head_dim=32)
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("d64") / "ckpt", spec)
+
+
+def config(ckpt: Path, data: Path, out: Path, cache: Path, **kw) -> TrainConfig:
+    return TrainConfig(model_path=str(ckpt), dataset=str(data), output_dir=str(out), cache_dir=str(cache),
+                       **{**FAST, "lora_rank": 8, **kw})  # fmt: skip
+
+
+def window(losses: list[float], start: int, size: int = 20) -> float:
+    return statistics.mean(losses[start : start + size] if start >= 0 else losses[start:])
+
+
+# ------------------------------------------------------------------------------------------------------ learning
+def test_full_fine_tune_overfits_four_pairs_and_saves_a_loadable_transformer(ckpt_d64, pairs, cache_dir, tmp_path,
+                                                                              capsys):  # fmt: skip
+    out = tmp_path / "full"
+    result = train(config(ckpt_d64, pairs, out, cache_dir, mode="full", learning_rate=1e-3, max_steps=200,
+                          checkpoint_every=0), log=lambda _: None)  # fmt: skip
+    losses = [r["loss"] for r in read_log(out / "train_log.jsonl")]
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == list(range(1, 201))
+    assert losses == pytest.approx(result.losses)
+    first, last = window(losses, 0), window(losses, -20)
+    print(f"full fine-tune loss: first 20 steps {first:.3f}, last 20 {last:.3f}")
+    assert last < 0.5 * first
+    trained = ChronoEditTransformer3DModel.from_pretrained(str(result.output))
+    base = ChronoEditTransformer3DModel.from_pretrained(ckpt_d64, subfolder="transformer")
+    assert trained.state_dict().keys() == base.state_dict().keys()
+    assert not torch.equal(trained.blocks[0].attn1.to_q.weight, base.blocks[0].attn1.to_q.weight)
+    code = cli.main(["edit", "-i", str(pairs / "s0.png"), "-p", "move block 0 to the bottom right", "--model-path",
+                     str(ckpt_d64), "--transformer", str(result.output), "-o", str(tmp_path / "e.png"), "--height",
+                     "32", "--width", "32", "--num-inference-steps", "2", "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+
+
+def test_lora_loss_falls(tiny_ckpt, pairs, cache_dir, tmp_path):
+    """With the default targets the tiny random model learns slowly (its frozen head is random); the loss still
+    falls steadily. (The full fine-tune above shows the objective overfits.)"""
+    out = tmp_path / "lora"
+    result = train(config(tiny_ckpt, pairs, out, cache_dir, learning_rate=1e-2, max_steps=60, checkpoint_every=0),
+                   log=lambda _: None)  # fmt: skip
+    first, last = window(result.losses, 0), window(result.losses, -20)
+    print(f"LoRA loss: first 20 steps {first:.3f}, last 20 {last:.3f}")
+    assert last < 0.95 * first
+
+
+# --------------------------------------------------------------------------------------------- resume and cache
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_like_an_uninterrupted_one_without_loading_encoders(tiny_ckpt, pairs, cache_dir, tmp_path,
+                                                                              monkeypatch, capsys):  # fmt: skip
+    """Steps 1-6 with checkpoints every 3; the first run dies after step 5 (its log already holds 4 and 5). The
+    resumed run (through the CLI) restarts from checkpoint 3: the log is steps 1..6 once, and the losses equal the
+    uninterrupted run's, which needs the optimizer state, the step counter and the data order restored."""
+    kw = {"learning_rate": 5e-3, "max_steps": 6, "checkpoint_every": 3}
+    straight = train(config(tiny_ckpt, pairs, tmp_path / "straight", cache_dir, **kw), log=lambda _: None)
+    out = tmp_path / "killed"
+    original = train_loop.after_step
+
+    def dying(run, loss, seconds):
+        original(run, loss, seconds)
+        if run.state.step == 5:
+            raise Killed
+
+    monkeypatch.setattr(train_loop, "after_step", dying)
+    with pytest.raises(Killed):
+        train(config(tiny_ckpt, pairs, out, cache_dir, **kw), log=lambda _: None)
+    monkeypatch.setattr(train_loop, "after_step", original)
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000003"]
+
+    def no_encoders(*args, **kwargs):
+        raise AssertionError("an encoder was loaded although the cache is complete")
+
+    monkeypatch.setattr("chronoedit.loading.load_component", no_encoders)
+    code = cli.main(["train", "--model-path", str(tiny_ckpt), "--dataset", str(pairs), "--output-dir", str(out),
+                     "--cache-dir", str(cache_dir), "--height", "32", "--width", "32", "--mixed-precision", "no",
+                     "--no-gradient-checkpointing", "--lora-rank", "8", "--learning-rate", "5e-3", "--max-steps", "6",
+                     "--checkpoint-every", "3", "--quiet"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "resumed at step 3" in printed and f"wrote LoRA: {out / 'lora.safetensors'}" in printed
+    log = read_log(out / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in log] == pytest.approx(straight.losses, rel=1e-6, abs=1e-7)
+    print("resume: uninterrupted", [round(x, 5) for x in straight.losses])
+    print("resume: killed at 5, resumed from 3", [round(r["loss"], 5) for r in log])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000003", "checkpoint-000006"]
+
+
+# ---------------------------------------------------------------------------------------------- reasoning video
+def test_reasoning_video_and_pair_train_together_with_validation(tiny_ckpt, tmp_path):
+    """NVIDIA's layout: a 29-frame video (8 latent frames) and a 2-frame video (a pair: 2 latent frames)."""
+    data = tmp_path / "videos"
+    data.mkdir()
+    save_video([block((255, 0, 0), 0)] * 14 + [block((255, 0, 0), 1)] * 15, data / "reason.mp4")
+    save_video([block((0, 0, 255), 0), block((0, 0, 255), 1)], data / "pair.mp4")
+    (data / "metadata.csv").write_text("key,video,prompt\nr,reason.mp4,slide the block\np,pair.mp4,move the block\n")
+    out = tmp_path / "out"
+    settings = {"learning_rate": 1e-3, "max_steps": 4, "checkpoint_every": 0, "validation_every": 4,
+                "validation_samples": 2, "validation_steps": 2}  # fmt: skip
+    result = train(config(tiny_ckpt, data, out, out / "cache", **settings), log=lambda _: None)
+    from chronoedit.train.cache import entry_frames
+
+    frames = sorted(entry_frames(e) for e in _entries(out / "cache"))
+    assert frames == [2, 8]
+    assert result.step == 4 and all(np.isfinite(result.losses))
+    images = sorted((out / "validation").glob("step_000004_*.png"))
+    assert [p.name for p in images] == ["step_000004_p.png", "step_000004_r.png"]
+    with Image.open(images[0]) as sheet:
+        assert sheet.size == (96, 32)  # source | edit | target
+
+
+def _entries(cache: Path) -> list:
+    from chronoedit.train.cache import CacheEntry
+
+    return [CacheEntry(spec=None, folder=f) for f in cache.iterdir() if f.is_dir()]
+
+
+# ------------------------------------------------------------------------------------- the LoRA in use elsewhere
+@pytest.fixture(scope="module")
+def trained_lora_hd128(tiny_ckpt_hd128, pairs, tmp_path_factory) -> Path:
+    """A LoRA trained on the head_dim-128 tiny model (where diffusers' pipeline matches ours)."""
+    out = tmp_path_factory.mktemp("lora_hd128")
+    result = train(config(tiny_ckpt_hd128, pairs, out, out / "cache", learning_rate=1e-2, max_steps=4,
+                          checkpoint_every=0), log=lambda _: None)  # fmt: skip
+    return result.output
+
+
+def edit_cli(ckpt: Path, image: Path, output: Path, *extra: str) -> np.ndarray:
+    code = cli.main(["edit", "-i", str(image), "-p", "move block 0 to the bottom right", "--model-path", str(ckpt),
+                     "-o", str(output), "--height", "32", "--width", "32", "--num-inference-steps", "2", "--seed", "3",
+                     "--quiet", *extra])  # fmt: skip
+    assert code == 0
+    with Image.open(output) as result:
+        return np.asarray(result.convert("RGB")).astype(int)
+
+
+def test_trained_lora_changes_the_cli_edit(tiny_ckpt_hd128, trained_lora_hd128, pairs, tmp_path):
+    plain = edit_cli(tiny_ckpt_hd128, pairs / "s0.png", tmp_path / "plain.png")
+    with_lora = edit_cli(tiny_ckpt_hd128, pairs / "s0.png", tmp_path / "lora.png", "--lora-path",
+                         str(trained_lora_hd128))  # fmt: skip
+    assert np.abs(plain - with_lora).max() > 0
+
+
+@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
+def test_trained_lora_loads_in_diffusers_with_the_same_edit(tiny_ckpt_hd128, trained_lora_hd128):
+    import diffusers
+
+    ref_transformer = diffusers.ChronoEditTransformer3DModel.from_pretrained(tiny_ckpt_hd128, subfolder="transformer")
+    ref = diffusers.ChronoEditPipeline.from_pretrained(tiny_ckpt_hd128, transformer=ref_transformer.eval())
+    ref.load_lora_weights(str(trained_lora_hd128))
+    ours = ChronoEditPipeline.from_pretrained(tiny_ckpt_hd128)
+    ours.load_lora_weights(str(trained_lora_hd128))
+    image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8"))
+    args = {"image": image, "prompt": "move the block", "height": 32, "width": 32, "num_inference_steps": 3,
+            "guidance_scale": 5.0, "output_type": "np"}  # fmt: skip
+    for pipe in (ref, ours):
+        pipe.set_progress_bar_config(disable=True)
+    frames_ref = ref(generator=torch.Generator().manual_seed(5), **args).frames
+    frames_ours = ours(generator=torch.Generator().manual_seed(5), **args).frames
+    ours.disable_lora()
+    frames_plain = ours(generator=torch.Generator().manual_seed(5), **args).frames
+    assert np.abs(frames_ours - frames_ref).max() <= 1e-4
+    assert np.abs(frames_ours - frames_plain).max() > 1e-3  # the LoRA does something
+
+
+# ------------------------------------------------------------------------------------------- precision and batches
+def test_bf16_with_checkpointing_accumulation_and_batches(tiny_ckpt, pairs, cache_dir, tmp_path):
+    """The GPU recipe's switches on the CPU: bf16 autocast with the frozen base in bf16 and the LoRA in fp32,
+    gradient checkpointing, 2 micro-batches of 2 samples per step; the saved LoRA is fp32 and loads."""
+    from safetensors.torch import load_file
+
+    from chronoedit.lora import load_lora
+
+    out = tmp_path / "bf16"
+    settings = {"mixed_precision": "bf16", "gradient_checkpointing": True, "gradient_accumulation_steps": 2,
+                "batch_size": 2, "max_steps": 2, "checkpoint_every": 0, "learning_rate": 1e-2}  # fmt: skip
+    result = train(config(tiny_ckpt, pairs, out, cache_dir, **settings), log=lambda _: None)
+    assert result.step == 2 and all(np.isfinite(result.losses))
+    tensors = load_file(str(result.output))
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained away from zero
+    model = ChronoEditTransformer3DModel.from_pretrained(tiny_ckpt, subfolder="transformer")
+    load_lora(model, result.output)
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+def test_two_processes_under_torchrun_with_a_toml_config(tiny_ckpt, pairs, cache_dir, tmp_path):
+    """Data parallel through accelerate alone (gloo on the CPU; NCCL / DeepSpeed / FSDP on GPUs is the same code):
+    one log, one LoRA, and each process's RNG state in the checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    toml = tmp_path / "train.toml"
+    toml.write_text(
+        f'model_path = "{tiny_ckpt}"\ndataset = "{pairs}"\noutput_dir = "{out}"\ncache_dir = "{cache_dir}"\n'
+        'height = 32\nwidth = 32\nmixed_precision = "no"\ngradient_checkpointing = false\nlora_rank = 4\n'
+        "max_steps = 2\ncheckpoint_every = 2\nquiet = true\n"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "chronoedit.cli",
+               "train", str(toml), "--max-steps", "3", "--checkpoint-every", "3"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("trained 3 steps; wrote LoRA") == 1  # the main process reports
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3]  # flags override the file
+    names = {p.name for p in (out / "checkpoints" / "checkpoint-000003").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl", "lora.safetensors", "optimizer.bin"} <= names
+    assert (out / "lora.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------- memory
+def test_each_encoder_is_released_before_the_next_loads_and_before_the_transformer(tiny_ckpt, pairs, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """UMT5, CLIP and the VAE visit one at a time: when a component loads, every encoder of an earlier stage is
+    already garbage, and none is alive when the transformer loads."""
+    import gc
+    import weakref
+
+    from chronoedit import loading
+
+    alive: list[tuple[str, weakref.ref]] = []
+    events: list[tuple[str, list[str]]] = []
+    real_component, real_transformer = loading.load_component, loading.load_transformer
+
+    def recording_component(path, name, *args, **kwargs):
+        gc.collect()
+        events.append((name, [n for n, ref in alive if ref() is not None]))
+        component = real_component(path, name, *args, **kwargs)
+        if isinstance(component, torch.nn.Module):
+            alive.append((name, weakref.ref(component)))
+        return component
+
+    def recording_transformer(*args, **kwargs):
+        gc.collect()
+        events.append(("transformer", [n for n, ref in alive if ref() is not None]))
+        return real_transformer(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_component", recording_component)
+    monkeypatch.setattr(loading, "load_transformer", recording_transformer)
+    train(config(tiny_ckpt, pairs, tmp_path / "out", tmp_path / "cache", max_steps=1, checkpoint_every=0),
+          log=lambda _: None)  # fmt: skip
+    assert events == [("tokenizer", []), ("text_encoder", []), ("image_processor", []), ("image_encoder", []),
+                      ("vae", []), ("transformer", [])]  # fmt: skip
