@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from chronoedit import cli
 from chronoedit.train.loop import read_log
@@ -58,3 +59,8 @@ def test_label_then_train_then_edit_with_the_lora(tiny_ckpt, tmp_path, capsys, o
     plain = edit(tmp_path / "plain.png")
     tuned = edit(tmp_path / "tuned.png", "--lora-path", str(out / "lora.safetensors"))
     assert np.abs(plain - tuned).max() > 1.0  # the LoRA trained on the labeled pairs changes the edit
+    comfy = out / "lora_comfyui.safetensors"  # the same LoRA with the original Wan names
+    with safe_open(comfy, "pt") as handle:
+        names = list(handle.keys())
+    assert names and all(name.startswith("diffusion_model.blocks.") for name in names)
+    assert np.array_equal(edit(tmp_path / "comfy.png", "--lora-path", str(comfy)), tuned)

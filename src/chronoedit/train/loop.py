@@ -29,6 +29,7 @@ from .lora import add_lora, count, lora_modules_from_state, trainable_parameters
 
 LOG_NAME = "train_log.jsonl"
 LORA_OUTPUT = "lora.safetensors"
+COMFYUI_LORA_OUTPUT = "lora_comfyui.safetensors"  # the same LoRA with the original Wan names (ComfyUI's loaders)
 TRANSFORMER_OUTPUT = "transformer"
 _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -255,7 +256,8 @@ def after_step(run: Run, loss: float, seconds: float) -> None:
 
 
 def save_result(run: Run) -> Path:
-    """The LoRA (diffusers layout) or the full transformer (diffusers folder), written atomically."""
+    """The LoRA (diffusers layout, plus a copy with the original Wan / ComfyUI names) or the full transformer
+    (diffusers folder), written atomically."""
     from ..lora import save_lora
     from ..saving import save_transformer
 
@@ -265,7 +267,9 @@ def save_result(run: Run) -> Path:
     if run.config.mode == "lora":
         path = output / LORA_OUTPUT
         if acc.is_main_process:
-            save_lora(lora_modules_from_state(state, run.config.alpha), path)
+            modules = lora_modules_from_state(state, run.config.alpha)
+            save_lora(modules, path)
+            save_lora(modules, output / COMFYUI_LORA_OUTPUT, layout="wan")
     else:
         path = output / TRANSFORMER_OUTPUT
         if acc.is_main_process:
