@@ -22,7 +22,6 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -277,20 +276,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-@contextlib.contextmanager
-def batch_lock(out_dir: Path) -> Iterator[None]:
+def batch_lock(out_dir: Path) -> contextlib.AbstractContextManager[None]:
     """One batch per output folder at a time (an flock, released by the OS even on SIGKILL)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(out_dir / LOCK_NAME, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise ValueError(f"another chronoedit batch is writing to {out_dir}") from exc
-        yield
+    return cio.locked(out_dir / LOCK_NAME, f"another chronoedit batch is writing to {out_dir}")
 
 
 def remove_stale_temp_files(out_dir: Path) -> list[Path]:

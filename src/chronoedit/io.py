@@ -12,7 +12,7 @@ import os
 import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import IO, Any, Literal, TypeAlias
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -217,6 +217,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def save_text(text: str, path: str | os.PathLike) -> Path:
+    """Write a UTF-8 text file atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def hold_lock(path: str | os.PathLike, busy: str) -> IO[str]:
+    """Take an exclusive lock on the file ``path`` (created if needed) and return its open handle: the lock lasts
+    until the handle is closed or the process ends (the OS releases it even on SIGKILL). ValueError(``busy``) when
+    another process holds it. Where ``fcntl`` is missing (not POSIX) nothing is locked."""
+    handle = open(path, "a")  # noqa: SIM115 - the open handle is the lock
+    try:
+        import fcntl
+    except ImportError:
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(busy) from None
+    return handle
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """:func:`hold_lock` for the duration of a ``with`` block."""
+    handle = hold_lock(path, busy)
+    try:
+        yield
+    finally:
+        handle.close()
 
 
 def save_image(image: Image.Image | np.ndarray, path: str | os.PathLike) -> Path:

@@ -61,20 +61,13 @@ def handle(args: argparse.Namespace) -> int:
         prompt = enhance_prompt(vlm, image, args.prompt)
     print(prompt, flush=True)
     if args.output is not None:
-        write_text(args.output, prompt + "\n")
+        cio.save_text(prompt + "\n", args.output)
     return 0
 
 
 def _where(config: VLMConfig) -> str:
     """``MODEL at URL`` or ``local MODEL``, for stage messages."""
     return f"{config.model} at {config.base_url}" if config.base_url else f"local {config.model}"
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write a text file atomically."""
-    with cio.atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
 
 
 # -------------------------------------------------------------------------------- chronoedit edit --use-prompt-enhancer
@@ -120,6 +113,6 @@ def enhance_for_edit(job: EditJob, config: VLMConfig, instruction: str, preset: 
     print(f"enhanced prompt: {enhanced}", flush=True)
     target = job.output if job.output is not None else job.output_image
     if target is not None:
-        path = write_text(target.with_name(f"{target.stem}.prompt.txt"), enhanced + "\n")
+        path = cio.save_text(enhanced + "\n", target.with_name(f"{target.stem}.prompt.txt"))
         print(f"wrote enhanced prompt: {path}", flush=True)
     return enhanced

@@ -135,17 +135,6 @@ def _remove_temp_files(folder: Path) -> None:
                 path.unlink()
 
 
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    """One labeler per dataset folder (an flock the OS releases even on SIGKILL); no lock where fcntl is missing."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(root / LOCK_NAME, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise ValueError(f"another chronoedit label is writing to {root}") from exc
-        yield
+def _lock(root: Path) -> contextlib.AbstractContextManager[None]:
+    """One labeler per dataset folder (an flock the OS releases even on SIGKILL)."""
+    return cio.locked(root / LOCK_NAME, f"another chronoedit label is writing to {root}")

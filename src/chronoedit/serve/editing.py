@@ -139,13 +139,6 @@ def build_job(base: argparse.Namespace, options: EditOptions, job_dir: Path, lim
     return job
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` atomically."""
-    with cio.atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
-
-
 def resolved_settings(job: edit_cmd.EditJob) -> dict[str, Any]:
     """The exact values a job runs with (shown to the client)."""
     return {

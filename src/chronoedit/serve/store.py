@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io import hold_lock
+
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 MAX_ATTEMPTS = 3  # a job that was running when the process died this many times is failed, not run again
@@ -93,7 +95,11 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._owner = _lock_file(self.path.with_name(self.path.name + ".lock"))
+        lock = self.path.with_name(self.path.name + ".lock")  # two servers on one queue re-queue each other's jobs
+        try:
+            self._owner = hold_lock(lock, f"another chronoedit serve is using the job queue {self.path}")
+        except ValueError as exc:
+            raise StoreInUse(str(exc)) from None
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.row_factory = sqlite3.Row
@@ -209,18 +215,3 @@ class JobStore:
                 "UPDATE jobs SET status=?, finished_at=?, error=? WHERE id=?", (FAILED, time.time(), error, job_id)
             )
 
-
-def _lock_file(path: Path) -> Any:
-    """Hold an exclusive lock on ``path`` for as long as the returned file is open (released by the OS on death):
-    two servers sharing one queue would each re-queue the other's running job."""
-    handle = open(path, "a")  # noqa: SIM115 - kept open on purpose
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise StoreInUse(f"another chronoedit serve is using the job queue {path.with_suffix('')}") from None
-    return handle

@@ -161,14 +161,14 @@ class Worker:
     def enhance(self, edit_job: edit_cmd.EditJob, options: EditOptions, job_dir: Path) -> None:
         """Rewrite the job's prompt with the server's prompt enhancer (inside its preset's trigger text)."""
         from ..enhance import enhance_prompt
+        from ..io import save_text
         from ..vlm import load_vlm
-        from .editing import write_text
 
         if self.enhancer is None:
             raise ValueError("this server has no prompt enhancer (start it with --prompt-enhancer-base-url)")
         with load_vlm(self.enhancer) as vlm:
             enhanced = enhance_prompt(vlm, edit_job.image, options.prompt)
-        write_text(job_dir / PROMPT_NAME, enhanced + "\n")
+        save_text(enhanced + "\n", job_dir / PROMPT_NAME)
         edit_job.prompt = PRESETS[options.preset].prompt(enhanced) if options.preset else enhanced
 
     def _on_step(self, step: int, total: int) -> None:
