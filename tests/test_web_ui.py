@@ -36,6 +36,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_FLAGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,2000",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # offline: nothing but the test server resolves
 ]  # fmt: skip
 EDIT_TIMEOUT_S = 120
 TOKEN = "web-ui-test-token"
@@ -74,6 +75,24 @@ def test_static_files_are_served_and_work_offline(tmp_path):
         assert client.get(f"/static/{file.name}").status_code == 200, file.name
         remote = re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s\"')]*", file.read_text(encoding="utf-8"))
         assert not remote, f"{file.name} refers to another host: {remote}"
+
+
+def test_api_docs_are_served_offline(tmp_path):
+    """Swagger UI loads its script and style from this server, not from a CDN; there is no ReDoc (it needs a CDN)."""
+    state = ServerState(store=None, worker=None, results_dir=tmp_path, limits=Limits())  # type: ignore[arg-type]
+    client = TestClient(create_app(state))
+    assert client.get("/redoc").status_code == 404
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    parser = _References()
+    parser.feed(page.text)
+    assert len(parser.urls) >= 2 and not [url for url in parser.urls if not url.startswith("/")], parser.urls
+    assert not re.findall(r"(?:src|href|url)\s*[=:(]\s*[\"']?https?://", page.text), "the page loads from another host"
+    for url in parser.urls:
+        asset = client.get(url)
+        assert asset.status_code == 200 and asset.content, url
+        if url.endswith(".js"):
+            assert "javascript" in asset.headers["content-type"] and len(asset.content) > 1e5, url
 
 
 # ---------------------------------------------------------------- a real server and a real browser
@@ -300,3 +319,12 @@ def test_server_errors_are_shown_verbatim(driver, server_url, tmp_path):
     assert driver.find_elements(By.CSS_SELECTOR, "#history-list li") == []
     assert driver.find_element(By.ID, "job").get_attribute("hidden") is not None
     assert not _severe(driver.get_log("browser"), allow_network=True)
+
+
+def test_api_docs_render_offline_in_the_browser(driver, server_url):
+    """Swagger UI draws the routes of /openapi.json while no other host resolves (the browser is offline)."""
+    text = "document.body.innerText.replace(/\\u200b/g, '')"  # Swagger UI breaks paths with zero-width spaces
+    driver.get(server_url + "docs")
+    _until(driver, f"{text}.includes('/v1/edits/{{job_id}}/input')", message="the routes in /docs")
+    assert "ChronoEdit" in driver.execute_script(f"return {text}")
+    assert not _severe(driver.get_log("browser")), driver.get_log("browser")

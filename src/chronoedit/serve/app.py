@@ -5,7 +5,8 @@
 - ``GET /v1/edits/{id}/result`` (the edited image), ``/trajectory`` (mp4), ``/trajectory-sheet`` (png), ``/input``,
   ``/prompt`` (the enhanced prompt, text)
 - ``DELETE /v1/edits/{id}``: cancel a queued job
-- ``GET /v1/health``, ``GET /v1/config`` (presets, limits, defaults for clients), ``/docs`` and ``/openapi.json``
+- ``GET /v1/health``, ``GET /v1/config`` (presets, limits, defaults for clients)
+- ``/openapi.json`` and ``/docs`` (Swagger UI, working offline)
 - ``/``: the web UI (static files shipped in the package)
 
 Every error is JSON ``{"detail": "<one line>"}`` with a 4xx status for anything the client can fix.
@@ -25,6 +26,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 
 from .. import __version__
@@ -65,8 +67,13 @@ def create_app(state: ServerState) -> FastAPI:
         yield
         state.worker.stop()
 
-    app = FastAPI(title="ChronoEdit", version=__version__, lifespan=lifespan,
-                  description="Physically consistent image editing by video generation.")  # fmt: skip
+    # /docs with its assets served from the fastapi-offline package: no CDN, it works offline. No /redoc: ReDoc
+    # fetches its logo from a CDN.
+    app = FastAPIOffline(
+        title="ChronoEdit", version=__version__, lifespan=lifespan, static_url="/docs-assets", redoc_url=None,
+        description="Physically consistent image editing by video generation.",
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
+    )  # fmt: skip
     app.state.chronoedit = state
     app.middleware("http")(_guard(state))
     _add_error_handlers(app)
