@@ -3,9 +3,10 @@
 What it measures (demo model, CPU, fp32; ``--size`` pixels square, ``--steps`` steps, ``--jobs`` edits):
 1. ``direct``: the same edits run back to back in this process through the runner the server uses (validation,
    pipeline, writing the result) with no HTTP, no queue: the floor.
-2. ``server``: a real uvicorn server on 127.0.0.1 in this process; ``--jobs`` edits submitted at once by
-   ``--clients`` threads over HTTP (multipart upload), then the last one is polled every 50 ms until done (jobs run
-   in order). Throughput is jobs / wall time from the first submit to the last job done.
+2. ``server``: the real ``chronoedit serve`` in its own process on 127.0.0.1 (as deployed, so the clients here
+   share no interpreter lock with it); ``--jobs`` edits submitted at once by ``--clients`` threads over HTTP
+   (multipart upload), then the last one is polled every 50 ms until done (jobs run in order). Throughput is
+   jobs / wall time from the first submit to the last job done.
 3. ``idle latency``: one job submitted to an idle server, polled every 10 ms: submit -> done, next to the job's own
    pipeline time; and how many status requests per second one client gets.
 Overhead per job = server wall time / jobs - direct wall time / jobs (HTTP, upload decode, SQLite queue, polling
@@ -22,6 +23,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,11 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import httpx
 from PIL import Image
-from serve_helpers import png_bytes, running_server, submit, wait_ready
+from serve_helpers import free_port, png_bytes, submit, wait_ready
 
 from chronoedit import cli
 from chronoedit.commands.serve import build_state
-from chronoedit.serve.app import create_app
 from chronoedit.serve.editing import INPUT_NAME, build_job
 from chronoedit.serve.options import EditOptions
 
@@ -53,10 +54,33 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def make_state(state_dir: Path, args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    flags = ["serve", "--state-dir", str(state_dir), "--height", str(args.size), "--width", str(args.size),
-             "--num-inference-steps", str(args.steps), "--device", "cpu", "--quiet", "--max-queue", "100000"]
-    return build_state(cli.parse_args(flags))
+def serve_flags(state_dir: Path, args: argparse.Namespace) -> list[str]:
+    return ["serve", "--state-dir", str(state_dir), "--height", str(args.size), "--width", str(args.size),
+            "--num-inference-steps", str(args.steps), "--device", "cpu", "--quiet", "--max-queue", "100000"]
+
+
+@contextlib.contextmanager
+def server_process(flags: list[str]):  # type: ignore[no-untyped-def]
+    """``chronoedit serve`` in a subprocess on a free port; yields its URL once the model is loaded."""
+    port = free_port()
+    command = [sys.executable, "-m", "chronoedit.cli", *flags, "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"chronoedit serve exited: {process.stderr.read()}")
+            with contextlib.suppress(httpx.HTTPError), httpx.Client(base_url=url, timeout=120) as http:
+                wait_ready(http)
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("chronoedit serve did not come up")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def run_direct(state, jobs: int, work: Path) -> float:  # type: ignore[no-untyped-def]
@@ -115,9 +139,9 @@ def main() -> None:
     args = parse()
     threading.current_thread().name = "bench"
     with tempfile.TemporaryDirectory() as tmp:
-        state = make_state(Path(tmp) / "state", args)
+        state = build_state(cli.parse_args(serve_flags(Path(tmp) / "direct-state", args)))  # its worker never starts
         direct, server, statuses = [], [], []
-        with running_server(create_app(state)) as url:
+        with server_process(serve_flags(Path(tmp) / "state", args)) as url:
             for r in range(args.rounds):  # alternating, so load from elsewhere hits both alike
                 direct.append(run_direct(state, args.jobs, Path(tmp) / f"direct{r}"))
                 wall, round_statuses = run_server(url, args.jobs, args.clients)

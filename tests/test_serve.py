@@ -447,3 +447,21 @@ def test_enhance_prompt_through_an_openai_compatible_endpoint(tmp_path, demo_hom
 def test_a_local_enhancer_is_refused_at_start(tmp_path, demo_home):
     with pytest.raises(ValueError, match="--prompt-enhancer-base-url"):
         make_state(tmp_path, "--prompt-enhancer-model", "Qwen/Qwen3-VL-8B-Instruct")
+
+
+def test_the_model_loads_once_when_threads_ask_at_once(tmp_path, monkeypatch):
+    """Two loads at once would build modules on the meta device concurrently; callers wait for the one load."""
+    from chronoedit.commands import edit as edit_cmd
+
+    runner = make_state(tmp_path).worker.runner  # the worker is not started
+    loads = []
+
+    def slow_load(base):  # type: ignore[no-untyped-def]
+        loads.append(base)
+        time.sleep(0.2)
+        return object()
+
+    monkeypatch.setattr(edit_cmd, "load_pipeline", slow_load)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        pipes = list(pool.map(lambda _: runner.load(), range(4)))
+    assert len(loads) == 1 and all(pipe is pipes[0] for pipe in pipes)

@@ -9,6 +9,7 @@ without reloading the model.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,14 @@ class EditRunner:
         self.base = dataclasses.replace(base, loras=[])  # LoRAs are per job, attached by :meth:`activate`
         self.pipe: Any = None
         self.adapters: dict[Path, str] = {}  # resolved LoRA file -> adapter name
+        self._loading = threading.Lock()
 
     def load(self) -> Any:
-        """The pipeline, loaded the first time (its errors propagate: nothing can run without it)."""
-        if self.pipe is None:
-            self.pipe = edit_cmd.load_pipeline(self.base)
+        """The pipeline, loaded the first time (its errors propagate: nothing can run without it). Callers in other
+        threads wait for the one load: loading builds modules on the meta device, which two loads at once corrupt."""
+        with self._loading:
+            if self.pipe is None:
+                self.pipe = edit_cmd.load_pipeline(self.base)
         return self.pipe
 
     def activate(self, job: edit_cmd.EditJob) -> list[str]:
