@@ -465,3 +465,64 @@ def test_the_model_loads_once_when_threads_ask_at_once(tmp_path, monkeypatch):
     with ThreadPoolExecutor(max_workers=4) as pool:
         pipes = list(pool.map(lambda _: runner.load(), range(4)))
     assert len(loads) == 1 and all(pipe is pipes[0] for pipe in pipes)
+
+
+# ---------------------------------------------------------------- retention (--keep-results-hours)
+
+
+def test_retention_deletes_only_finished_jobs_past_the_period_and_stray_folders(tmp_path):
+    from chronoedit.serve.retention import expire, remove_orphans
+    from chronoedit.serve.store import JobStore
+
+    store, results = JobStore(tmp_path / "jobs.sqlite3"), tmp_path / "results"
+    ids = {name: store.submit({"prompt": name}, 10).id for name in ("done", "failed", "cancelled", "running", "queued")}
+    for job_id in ids.values():
+        (results / job_id).mkdir(parents=True)
+        (results / job_id / "input.png").write_bytes(b"x")
+    assert store.claim_next().id == ids["done"]
+    store.finish(ids["done"], {"result": "result.png"}, {}, {})
+    assert store.claim_next().id == ids["failed"]
+    store.fail(ids["failed"], "boom")
+    assert store.cancel(ids["cancelled"])
+    assert store.claim_next().id == ids["running"]
+    keep = 3600.0
+
+    assert expire(store, results, keep) == 0  # all finished just now
+    assert expire(store, results, keep, now=time.time() + 2 * keep) == 3
+    left = {"running", "queued"}
+    assert store.ids() == {ids[name] for name in left}
+    assert sorted(p.name for p in results.iterdir()) == sorted(ids[name] for name in left)
+    assert store.get(ids["running"]).status == "running" and store.get(ids["queued"]).status == "queued"
+
+    old, fresh = results / "stray-old", results / "stray-fresh"  # e.g. a submission that died before queueing
+    for folder in (old, fresh):
+        folder.mkdir()
+    long_ago = time.time() - 2 * keep
+    for folder in (old, results / ids["queued"]):
+        os.utime(folder, (long_ago, long_ago))
+    assert remove_orphans(store, results, keep) == 1
+    assert not old.exists() and fresh.exists() and (results / ids["queued"]).exists()  # a known job is never stray
+    store.close()
+
+
+def test_a_finished_edit_is_deleted_after_the_retention_period(tmp_path, demo_home):
+    state = make_state(tmp_path, "--keep-results-hours", "0.0005")  # 1.8 s
+    state.worker.retention.every_s = 0.1
+    with TestClient(create_app(state)) as client:
+        assert client.get("/v1/config").json()["limits"]["keep_results_hours"] == 0.0005
+        job_id = submit(client, {"prompt": "a hat"}).json()["id"]
+        assert wait_finished(client, job_id)["status"] == "done"
+        assert client.get(f"/v1/edits/{job_id}/result").status_code == 200  # right after it finished
+        deadline = time.monotonic() + 30
+        while (gone := client.get(f"/v1/edits/{job_id}")).status_code == 200:
+            assert time.monotonic() < deadline, "the finished job was not deleted"
+            time.sleep(0.1)
+        assert gone.status_code == 404 and "deletes edits 0.0005 hours after they finish" in gone.json()["detail"]
+        assert client.get(f"/v1/edits/{job_id}/result").status_code == 404
+        assert not (tmp_path / "results" / job_id).exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_retention_period_must_be_positive(tmp_path, value):
+    with pytest.raises(ValueError, match="--keep-results-hours must be positive"):
+        make_state(tmp_path, "--keep-results-hours", value)

@@ -24,7 +24,8 @@ GET /v1/edits/ID/result (edited image), /trajectory (mp4), /trajectory-sheet (pn
 queued job); GET /v1/health; GET /v1/config; OpenAPI at /openapi.json and /docs. Web UI at /.
 
 state: the queue is a SQLite file (--db, default STATE/jobs.sqlite3); uploads and results live in STATE/results/ID/.
-Queued and finished jobs survive a restart; a job that was running when the process died is run again.
+Queued and finished jobs survive a restart; a job that was running when the process died is run again. Finished
+jobs stay until deleted by hand, or --keep-results-hours after they finish.
 
 prompt enhancer: with --prompt-enhancer-base-url URL --prompt-enhancer-model NAME (an OpenAI-compatible endpoint,
 e.g. vLLM serving Qwen3-VL), requests may set enhance_prompt; the rewritten prompt is at /v1/edits/ID/prompt.
@@ -58,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     limits.add_argument("--max-steps", type=int, default=100, metavar="N", help="steps per job (100)")
     limits.add_argument("--max-reasoning-steps", type=int, default=100, metavar="N",
                         help="temporal reasoning steps per job (100)")  # fmt: skip
+    limits.add_argument("--keep-results-hours", type=float, default=None, metavar="H",
+                        help="delete finished jobs (record, input, outputs) H hours after they finish "
+                             "(default: keep them)")  # fmt: skip
     parser.add_argument("--negative-prompt", metavar="TEXT", default=None, help="default negative prompt")
     edit_cmd._add_sampling_args(parser)
     edit_cmd._add_runtime_args(parser)
@@ -138,12 +142,15 @@ def _enhancer(args: argparse.Namespace) -> Any:
 def _limits(args: argparse.Namespace) -> Any:
     from ..serve.options import Limits
 
-    for flag in ("max_upload_mb", "max_input_pixels", "max_queue", "max_steps", "max_reasoning_steps"):
-        if getattr(args, flag) <= 0:
+    for flag in ("max_upload_mb", "max_input_pixels", "max_queue", "max_steps", "max_reasoning_steps",
+                 "keep_results_hours"):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None and not value > 0:  # NaN too
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     return Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_input_pixels=args.max_input_pixels,
                   max_queue=args.max_queue, max_steps=args.max_steps,
-                  max_reasoning_steps=args.max_reasoning_steps)  # fmt: skip
+                  max_reasoning_steps=args.max_reasoning_steps,
+                  keep_results_hours=args.keep_results_hours)  # fmt: skip
 
 
 def _is_loopback(host: str) -> bool:

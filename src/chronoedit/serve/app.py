@@ -263,7 +263,9 @@ def find_job(state: ServerState, job_id: str) -> Job:
     """The job with this id; 404 for anything else (ids are checked before any lookup)."""
     job = state.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
     if job is None:
-        raise HTTPException(404, "no edit with this id")
+        keep = state.limits.keep_results_hours
+        kept = "" if keep is None else f" (this server deletes edits {keep:g} hours after they finish)"
+        raise HTTPException(404, f"no edit with this id{kept}")
     return job
 
 

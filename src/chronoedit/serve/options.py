@@ -46,13 +46,14 @@ class EditOptions(BaseModel):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may cost; checked before a job is queued."""
+    """What one request may cost (checked before a job is queued), and how long its results stay."""
 
     max_upload_bytes: int = 20 * 1024 * 1024
     max_input_pixels: int = 4096 * 4096
     max_queue: int = 100  # queued + running jobs
     max_steps: int = 100
     max_reasoning_steps: int = 100
+    keep_results_hours: float | None = None  # finished jobs are deleted this long after they finish (None: kept)
 
     def check_steps(self, steps: int, reasoning_steps: int | None) -> None:
         """ValueError when the resolved step counts are over the limits."""

@@ -209,6 +209,21 @@ class JobStore:
                 (QUEUED, job_id, RUNNING),
             )
 
+    # ----- retention ---------------------------------------------------------------------------------------
+    def delete_finished_before(self, cutoff: float) -> list[str]:
+        """Delete the finished jobs whose ``finished_at`` is before ``cutoff`` (a ``time.time()``); their ids."""
+        marks = ", ".join("?" * len(FINISHED))
+        with self._transaction() as db:
+            rows = db.execute(
+                f"DELETE FROM jobs WHERE status IN ({marks}) AND finished_at < ? RETURNING id", (*FINISHED, cutoff)
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def ids(self) -> set[str]:
+        """The ids of every job in the store."""
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT id FROM jobs")}
+
     def fail(self, job_id: str, error: str) -> None:
         with self._transaction() as db:
             db.execute(

@@ -19,6 +19,7 @@ from ..presets import PRESETS
 from ..runner import EditRunner
 from .editing import PROMPT_NAME, build_job, output_names, redact, resolved_settings
 from .options import EditOptions, Limits
+from .retention import Retention
 from .store import Job, JobStore
 
 log = logging.getLogger("chronoedit.serve")
@@ -56,6 +57,8 @@ class Worker:
         self.store, self.runner, self.base_args, self.enhancer = store, runner, base_args, enhancer
         self.results_dir, self.limits, self.poll_s = results_dir, limits, poll_s
         self.redact = {"<results>": results_dir, **(redact or {})}
+        keep = limits.keep_results_hours
+        self.retention = Retention(store, results_dir, None if keep is None else keep * 3600.0)
         self.state = LOADING
         self.error: str | None = None
         self.progress: Progress | None = None
@@ -106,6 +109,7 @@ class Worker:
         self.state = READY
         try:
             while not self._stop.is_set():
+                self.retention.maybe_sweep()
                 try:
                     job = self.store.claim_next()
                 except Exception as exc:  # e.g. the disk is full: try again shortly
