@@ -280,6 +280,33 @@ def test_two_processes_under_torchrun_with_a_toml_config(tiny_ckpt, pairs, cache
     assert (out / "lora.safetensors").is_file()
 
 
+def test_bad_data_found_while_caching_under_torchrun_stops_every_process(tiny_ckpt, pairs, tmp_path):
+    """A corrupt video is only found when the main process caches it (the other ranks wait for it): the run still
+    ends at once, with the one-line error, instead of leaving the other ranks waiting."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(pairs, data)
+    (data / "bad.mp4").write_bytes(b"\x00" * 64)
+    with open(data / "metadata.csv", "a") as csv_file:
+        csv_file.write("v,bad.mp4,move,,\n")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "chronoedit.cli",
+               "train", "--model-path", str(tiny_ckpt), "--dataset", str(data), "--output-dir", str(tmp_path / "out"),
+               "--cache-dir", str(tmp_path / "cache"), "--height", "32", "--width", "32", "--mixed-precision", "no",
+               "--max-steps", "2", "--quiet"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("chronoedit: error:")]
+    assert len(errors) == 1 and "row 6 (key 'v'): cannot read video" in errors[0], done.stderr[-2000:]
+    assert not (tmp_path / "out" / "lora.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------------------------- memory
 def test_each_encoder_is_released_before_the_next_loads_and_before_the_transformer(tiny_ckpt, pairs, tmp_path,
                                                                                    monkeypatch):  # fmt: skip
