@@ -325,3 +325,50 @@ def test_row_presets_switch_loras_per_row(capsys, tiny_ckpt, tmp_path, monkeypat
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "input": "img0.png", "prompt": "p", "preset": "nope"}])
     code, _, err = batch(capsys, bad, tmp_path / "out2", model=ckpt)
     assert code == 1 and "preset must be one of" in (tmp_path / "out2" / "x.error.json").read_text()
+
+
+def test_only_true_temp_files_are_removed(capsys, tiny_ckpt, tmp_path):
+    """Ids and inputs whose names merely contain '.tmp-' survive reruns; a killed batch's real temp files go."""
+    from chronoedit.io import is_temp_name
+
+    Image.new("RGB", (48, 32), (9, 99, 199)).save(tmp_path / "holiday.tmp-1.png")
+    rows = [{"id": "scan.tmp-2", "input": "holiday.tmp-1.png", "prompt": "x"},
+            {"id": "h", "input": "holiday.tmp-1.png", "prompt": "y"}]
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    assert batch(capsys, manifest, tmp_path, model=tiny_ckpt)[:2] == (0, [f"batch: 2 done, 0 skipped, 0 failed "
+                                                                        f"(outputs in {tmp_path})"])  # fmt: skip
+    stale = [tmp_path / "scan.tmp-2.png.tmp-4242-0123abcd.png", tmp_path / ".scan.tmp-2.png.probe-7-89abcdef"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    code, lines, _ = batch(capsys, manifest, tmp_path, model=tiny_ckpt)
+    assert (code, lines) == (0, [f"batch: 0 done, 2 skipped, 0 failed (outputs in {tmp_path})"])
+    assert (tmp_path / "holiday.tmp-1.png").is_file() and not any(path.exists() for path in stale)
+    assert {"scan.tmp-2.png", "scan.tmp-2.json", "h.png", "h.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert not is_temp_name("holiday.tmp-1.png") and not is_temp_name("a.tmp-1-0123abcd.jpg")
+    assert is_temp_name("a.json.tmp-1-0123abcd.json") and is_temp_name(".a.png.probe-1-0123abcd")
+
+
+def test_an_output_never_overwrites_an_input(capsys, tiny_ckpt, tmp_path):
+    """Neither a row's own input (default id = the input's stem, --out = the images' folder) nor another row's."""
+    make_images(tmp_path, 2)
+    own = write_jsonl(tmp_path / "own.jsonl", [{"input": "img0.png", "prompt": "x"}])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"id": "a", "input": "img0.png", "prompt": "x"},
+                                                   {"id": "img0", "input": "img1.png", "prompt": "y"}])  # fmt: skip
+    before = (tmp_path / "img0.png").read_bytes()
+    for manifest, row in ((own, "img0 (line 1)"), (other, "img0 (line 2)")):
+        code, _, err = batch(capsys, manifest, tmp_path, model=tiny_ckpt)
+        assert code == 2 and f"row {row} would write {tmp_path / 'img0.png'}, the input image of line 1" in err
+    assert (tmp_path / "img0.png").read_bytes() == before
+    assert batch(capsys, other, tmp_path / "out", model=tiny_ckpt)[0] == 0
+
+
+def test_a_rows_max_area_sizes_it_by_area_and_csv_cells_are_trimmed(capsys, tiny_ckpt, tmp_path):
+    from chronoedit.io import auto_size
+
+    make_images(tmp_path, 2)
+    (tmp_path / "m.csv").write_text("id, input, prompt, max_area\nauto, img0.png, x, 3072\nfixed, img1.png , y,\n")
+    code, lines, _ = batch(capsys, tmp_path / "m.csv", tmp_path / "o", model=tiny_ckpt)
+    assert code == 0, lines
+    auto, fixed = (json.loads((tmp_path / "o" / f"{i}.json").read_text()) for i in ("auto", "fixed"))
+    assert (auto["width"], auto["height"]) == auto_size(48, 32, 3072) != (32, 32)
+    assert (fixed["width"], fixed["height"]) == (32, 32)  # the batch's --height/--width

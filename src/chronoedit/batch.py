@@ -130,7 +130,7 @@ def _csv_records(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
         for record in reader:
             if None in record:
                 raise ManifestError(f"{path}: line {reader.line_num} has more cells than the header")
-            values = {k.strip(): v for k, v in record.items() if k is not None and v is not None and v.strip() != ""}
+            values = {k.strip(): v.strip() for k, v in record.items() if k is not None and v is not None and v.strip()}
             if values:
                 records.append((reader.line_num, values))
     except csv.Error as exc:
@@ -245,6 +245,8 @@ def row_args(base: argparse.Namespace, row: Row, output: Path) -> argparse.Names
                     setattr(args, name, None)
     if ("height" in values) != ("width" in values):  # a row's size replaces the batch's as a pair
         raise ValueError("height and width must be given together in a row")
+    if "max_area" in values and "height" not in values:  # the row sizes itself by area, not at the batch's size
+        args.height = args.width = None
     args.quiet = True  # no per-row notes; the batch reports
     return args
 
@@ -276,6 +278,22 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def check_inputs_kept(rows: list[Row], out_dir: Path, default_fmt: str) -> None:
+    """ManifestError when a row's output (image, sidecar or error record) would be written over an input image."""
+    inputs = {row.input.resolve(): row for row in rows}
+    for row in rows:
+        names = [sidecar_path(out_dir, row.id).name, error_path(out_dir, row.id).name]
+        with contextlib.suppress(ValueError):  # a bad output_format fails that row later
+            names.append(f"{row.id}.{output_format(row, default_fmt)}")
+        for name in names:
+            owner = inputs.get((out_dir / name).resolve())
+            if owner is not None:
+                raise ManifestError(
+                    f"row {row.id} (line {row.line}) would write {out_dir / name}, the input image of line "
+                    f"{owner.line}: choose another --out or another id"
+                )
+
+
 def batch_lock(out_dir: Path) -> contextlib.AbstractContextManager[None]:
     """One batch per output folder at a time (an flock, released by the OS even on SIGKILL)."""
     return cio.locked(out_dir / LOCK_NAME, f"another chronoedit batch is writing to {out_dir}")
@@ -283,7 +301,7 @@ def batch_lock(out_dir: Path) -> contextlib.AbstractContextManager[None]:
 
 def remove_stale_temp_files(out_dir: Path) -> list[Path]:
     """Temp files of atomic writes (and writability probes) left by a killed batch; call while holding the lock."""
-    stale = [p for p in out_dir.iterdir() if p.is_file() and (".tmp-" in p.name or ".probe-" in p.name)]
+    stale = [p for p in out_dir.iterdir() if p.is_file() and cio.is_temp_name(p.name)]
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -346,6 +364,7 @@ def run_batch(manifest: str | Path, out_dir: str | Path, args: argparse.Namespac
         raise ValueError(f"--output-format must be png, jpg or webp, got {args.output_format!r}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is not a directory")
+    check_inputs_kept(rows, out_dir, default_fmt)
     # The batch's own flags, checked once through edit's validation (the shipped example image stands in for rows).
     check = copy.copy(args)
     check.input, check.prompt, check.output = None, "batch check", out_dir / CHECK_NAME

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -203,6 +204,18 @@ def _to_numpy_hwc(frame: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
+_TEMP_NAME = re.compile(r"(?P<name>.+)\.tmp-\d+-[0-9a-f]{8}(?P<suffix>\.[^./]*)?")
+_PROBE_NAME = re.compile(r"\..+\.probe-\d+-[0-9a-f]{8}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is exactly what :func:`atomic_path` or the writability probe call their temporary files."""
+    if _PROBE_NAME.fullmatch(name):
+        return True
+    match = _TEMP_NAME.fullmatch(name)
+    return bool(match) and match["name"].endswith(match["suffix"] or "")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same suffix); on success move it onto ``path`` with ``os.replace``.
