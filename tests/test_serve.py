@@ -12,7 +12,9 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -32,7 +34,7 @@ from serve_helpers import (
     wait_ready,
 )
 
-from chronoedit.serve.app import create_app
+from chronoedit.serve.app import FORM_SLACK_BYTES, create_app
 
 
 @pytest.fixture(scope="session")
@@ -397,6 +399,35 @@ def test_auth_and_size_are_checked_before_the_body_is_read(tmp_path, demo_home, 
         assert big.status_code == 413 and "limit" in big.json()["detail"]
 
 
+def test_a_chunked_upload_is_not_read_past_the_limit(tmp_path, demo_home, monkeypatch):
+    """Without Content-Length the body is counted as it arrives: 413 at the limit, nothing spooled beyond it."""
+    from starlette.datastructures import UploadFile
+
+    spooled = []
+    write = UploadFile.write
+
+    async def counting(self, data):  # type: ignore[no-untyped-def]
+        spooled.append(len(data))
+        return await write(self, data)
+
+    monkeypatch.setattr(UploadFile, "write", counting)
+    state = make_state(tmp_path, "--max-upload-mb", "0.05")
+    allowed = state.limits.max_upload_bytes + FORM_SLACK_BYTES
+
+    def body():  # 64 MB of "image" in 1 MB chunks: httpx sends it chunked
+        yield b'--x\r\nContent-Disposition: form-data; name="options"\r\n\r\n{"prompt": "a hat"}\r\n'
+        yield b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        yield from (b"\0" * (1 << 20) for _ in range(64))
+        yield b"\r\n--x--\r\n"
+
+    with running_server(create_app(state)) as url:
+        response = httpx.post(url + "/v1/edits", content=body(), timeout=60,
+                              headers={"content-type": "multipart/form-data; boundary=x"})  # fmt: skip
+    assert response.status_code == 413
+    assert response.json()["detail"] == "the upload is over this server's limit of 52428 bytes"
+    assert sum(spooled) <= allowed
+
+
 def test_one_queue_one_server(tmp_path):
     from chronoedit.serve.store import JobStore, StoreInUse
 
@@ -459,7 +490,7 @@ def test_the_model_loads_once_when_threads_ask_at_once(tmp_path, monkeypatch):
     def slow_load(base):  # type: ignore[no-untyped-def]
         loads.append(base)
         time.sleep(0.2)
-        return object()
+        return types.SimpleNamespace(set_flow_shift=lambda shift: None)
 
     monkeypatch.setattr(edit_cmd, "load_pipeline", slow_load)
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -471,7 +502,7 @@ def test_the_model_loads_once_when_threads_ask_at_once(tmp_path, monkeypatch):
 
 
 def test_retention_deletes_only_finished_jobs_past_the_period_and_stray_folders(tmp_path):
-    from chronoedit.serve.retention import expire, remove_orphans
+    from chronoedit.serve.retention import Retention
     from chronoedit.serve.store import JobStore
 
     store, results = JobStore(tmp_path / "jobs.sqlite3"), tmp_path / "results"
@@ -485,13 +516,18 @@ def test_retention_deletes_only_finished_jobs_past_the_period_and_stray_folders(
     store.fail(ids["failed"], "boom")
     assert store.cancel(ids["cancelled"])
     assert store.claim_next().id == ids["running"]
-    keep = 3600.0
+    keep, grace = 3600.0, 60.0
+    retention = Retention(store, results, keep, grace_s=grace)
+    folders = lambda: sorted(p.name for p in results.iterdir())  # noqa: E731
 
-    assert expire(store, results, keep) == 0  # all finished just now
-    assert expire(store, results, keep, now=time.time() + 2 * keep) == 3
+    assert retention.sweep() == (0, 0)  # all finished just now
+    later = time.time() + 2 * keep
+    assert retention.sweep(now=later) == (3, 0)  # records go now, their folders after the grace period
     left = {"running", "queued"}
-    assert store.ids() == {ids[name] for name in left}
-    assert sorted(p.name for p in results.iterdir()) == sorted(ids[name] for name in left)
+    assert store.ids() == {ids[name] for name in left} and folders() == sorted(ids.values())
+    assert retention.sweep(now=later + grace / 2) == (0, 0)
+    assert retention.sweep(now=later + grace) == (0, 3)
+    assert folders() == sorted(ids[name] for name in left)
     assert store.get(ids["running"]).status == "running" and store.get(ids["queued"]).status == "queued"
 
     old, fresh = results / "stray-old", results / "stray-fresh"  # e.g. a submission that died before queueing
@@ -500,14 +536,35 @@ def test_retention_deletes_only_finished_jobs_past_the_period_and_stray_folders(
     long_ago = time.time() - 2 * keep
     for folder in (old, results / ids["queued"]):
         os.utime(folder, (long_ago, long_ago))
-    assert remove_orphans(store, results, keep) == 1
+    assert retention.sweep() == (0, 1)
     assert not old.exists() and fresh.exists() and (results / ids["queued"]).exists()  # a known job is never stray
     store.close()
 
 
+def test_a_download_that_found_its_job_survives_the_job_expiring(tmp_path, demo_home):
+    """The record goes first, the folder a grace period later: a request between the two still gets its file."""
+    state = make_state(tmp_path, "--keep-results-hours", "1")
+    with TestClient(create_app(state)) as client:
+        job_id = submit(client, {"prompt": "a hat"}).json()["id"]
+        assert wait_finished(client, job_id)["status"] == "done"
+        expected = client.get(f"/v1/edits/{job_id}/result").content
+        real_get = state.store.get
+
+        def found_then_expired(wanted):  # type: ignore[no-untyped-def]
+            job = real_get(wanted)
+            state.worker.retention.sweep(now=time.time() + 7200)  # the sweep lands right after the lookup
+            return job
+
+        state.store.get = found_then_expired
+        response = client.get(f"/v1/edits/{job_id}/result")
+        state.store.get = real_get
+        assert response.status_code == 200 and response.content == expected
+        assert client.get(f"/v1/edits/{job_id}/result").status_code == 404  # the record is gone
+
+
 def test_a_finished_edit_is_deleted_after_the_retention_period(tmp_path, demo_home):
     state = make_state(tmp_path, "--keep-results-hours", "0.0005")  # 1.8 s
-    state.worker.retention.every_s = 0.1
+    state.worker.retention.every_s = state.worker.retention.grace_s = 0.1
     with TestClient(create_app(state)) as client:
         assert client.get("/v1/config").json()["limits"]["keep_results_hours"] == 0.0005
         job_id = submit(client, {"prompt": "a hat"}).json()["id"]
@@ -519,10 +576,81 @@ def test_a_finished_edit_is_deleted_after_the_retention_period(tmp_path, demo_ho
             time.sleep(0.1)
         assert gone.status_code == 404 and "deletes edits 0.0005 hours after they finish" in gone.json()["detail"]
         assert client.get(f"/v1/edits/{job_id}/result").status_code == 404
-        assert not (tmp_path / "results" / job_id).exists()
+        while (tmp_path / "results" / job_id).exists():  # the folder follows after the grace period
+            assert time.monotonic() < deadline, "the finished job's folder was not deleted"
+            time.sleep(0.1)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
 def test_retention_period_must_be_positive(tmp_path, value):
     with pytest.raises(ValueError, match="--keep-results-hours must be positive"):
         make_state(tmp_path, "--keep-results-hours", value)
+
+
+# ---------------------------------------------------------------- server-wide flags
+
+
+def _attention_lora(ckpt: Path, path: Path) -> Path:
+    """A small random LoRA on the first block's self-attention of the checkpoint's transformer (diffusers names)."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((ckpt / "transformer" / "config.json").read_text())
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name in ("to_q", "to_k", "to_v"):
+        tensors[f"transformer.blocks.0.attn1.{name}.lora_A.weight"] = torch.randn(4, dim, generator=g)
+        tensors[f"transformer.blocks.0.attn1.{name}.lora_B.weight"] = torch.randn(dim, 4, generator=g)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_the_servers_preset_keeps_its_trigger_around_an_enhanced_prompt(tmp_path, tiny_ckpt):
+    from vlm_fakes import FakeOpenAIServer
+
+    from chronoedit.presets import PRESETS
+
+    dense = "The user wants to make it sharper; everything else stays as it is."
+    lora = _attention_lora(tiny_ckpt, tmp_path / "my_upscale_lora.safetensors")
+    fake = FakeOpenAIServer(lambda request: dense)
+    try:
+        flags = ["--model-path", str(tiny_ckpt), "--preset", "upscale", "--lora-path", str(lora),
+                 "--prompt-enhancer-base-url", fake.url, "--prompt-enhancer-model", "m"]  # fmt: skip
+        state = make_state(tmp_path / "state", *flags)
+        with TestClient(create_app(state)) as client:
+            plain, enhanced = (submit(client, {"prompt": "sharper", "seed": 1, **extra}).json()["id"]
+                               for extra in ({}, {"enhance_prompt": True}))  # fmt: skip
+            used = [wait_finished(client, job_id)["settings"]["prompt_used"] for job_id in (plain, enhanced)]
+    finally:
+        fake.close()
+    assert used == [PRESETS["upscale"].prompt("sharper"), PRESETS["upscale"].prompt(dense)]
+
+
+def test_a_bad_server_lora_fails_at_start_without_showing_its_folder(tmp_path):
+    folder = tmp_path / "private-models"
+    folder.mkdir()
+    (folder / "house_style.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    state = make_state(tmp_path / "state", "--lora-path", str(folder / "house_style.safetensors"))
+    with TestClient(create_app(state)) as client:
+        worker = wait_ready(client)["worker"]
+        assert worker["state"] == "error" and "<loras>/house_style.safetensors" in worker["error"]
+        assert str(folder) not in worker["error"]
+        refused = submit(client, {"prompt": "x"})
+        assert refused.status_code == 503 and str(folder) not in refused.text
+
+
+def test_the_servers_seed_applies_to_jobs_without_one(tmp_path, demo_home):
+    with TestClient(create_app(make_state(tmp_path / "fixed", "--seed", "42"))) as client:
+        assert client.get("/v1/config").json()["defaults"]["seed"] == 42
+        assert submit(client, {"prompt": "x"}).json()["settings"]["seed"] == 42
+        assert submit(client, {"prompt": "x", "seed": 7}).json()["settings"]["seed"] == 7
+    with TestClient(create_app(make_state(tmp_path / "random"))) as client:
+        assert client.get("/v1/config").json()["defaults"]["seed"] is None
+        seeds = {submit(client, {"prompt": "x"}).json()["settings"]["seed"] for _ in range(3)}
+        assert len(seeds) == 3
+
+
+def test_default_steps_over_the_step_limit_fail_at_start(tmp_path, demo_home):
+    with pytest.raises(ValueError, match=r"server's 2 denoising steps per job .* over --max-steps 1"):
+        make_state(tmp_path, "--max-steps", "1")

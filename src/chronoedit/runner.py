@@ -22,16 +22,24 @@ class EditRunner:
 
     def __init__(self, base: edit_cmd.EditJob) -> None:
         self.base = dataclasses.replace(base, loras=[])  # LoRAs are per job, attached by :meth:`activate`
+        self.base_loras = list(base.loras)  # loaded with the model, so a bad one fails at start, not every job
         self.pipe: Any = None
         self.adapters: dict[Path, str] = {}  # resolved LoRA file -> adapter name
-        self._loading = threading.Lock()
+        self._loading = threading.RLock()
 
     def load(self) -> Any:
-        """The pipeline, loaded the first time (its errors propagate: nothing can run without it). Callers in other
-        threads wait for the one load: loading builds modules on the meta device, which two loads at once corrupt."""
+        """The pipeline, loaded the first time with ``base``'s LoRAs (errors propagate: nothing can run without
+        it). Callers in other threads wait for the one load: loading builds modules on the meta device, which two
+        loads at once corrupt."""
         with self._loading:
             if self.pipe is None:
-                self.pipe = edit_cmd.load_pipeline(self.base)
+                pipe = edit_cmd.load_pipeline(self.base)
+                self.pipe = pipe
+                try:
+                    self.activate(dataclasses.replace(self.base, loras=self.base_loras))
+                except BaseException:
+                    self.pipe, self.adapters = None, {}
+                    raise
         return self.pipe
 
     def activate(self, job: edit_cmd.EditJob) -> list[str]:

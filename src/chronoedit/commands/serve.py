@@ -69,7 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from ..vlm.cli import add_vlm_args
 
     add_vlm_args(parser, prefix=ENHANCER_PREFIX, title="prompt enhancer (for requests with enhance_prompt)")
-    parser.set_defaults(handler=handle, num_frames=None)
+    parser.set_defaults(handler=handle, num_frames=None, seed=None)
+    for action in parser._actions:  # a server's jobs are seeded at random unless --seed fixes them
+        if action.dest == "seed":
+            action.help = "seed of jobs that give none (default: a random seed per job, shown in its settings)"
     return parser
 
 
@@ -108,7 +111,11 @@ def build_state(args: argparse.Namespace) -> Any:
     check.input, check.prompt, check.output = None, "serve check", results / "check.png"
     check.output_image = check.trajectory = check.trajectory_sheet = None
     check.enable_temporal_reasoning, check.num_temporal_reasoning_steps = False, None
+    check.seed = 0 if args.seed is None else args.seed
     model_job = edit_cmd.build_edit_job(check)  # every server-wide flag checked before the model loads
+    if model_job.num_inference_steps > limits.max_steps:
+        raise ValueError(f"the server's {model_job.num_inference_steps} denoising steps per job (--num-inference-steps "
+                         f"or the preset's) are over --max-steps {limits.max_steps}")  # fmt: skip
     store = JobStore(args.db or args.state_dir / "jobs.sqlite3")
     if store.requeued:
         print(f"chronoedit serve: re-queued {store.requeued} job(s) interrupted by the last shutdown", file=sys.stderr)
@@ -117,10 +124,13 @@ def build_state(args: argparse.Namespace) -> Any:
         private["<model>"] = Path(model_job.model_path)
     if model_job.transformer_path is not None:
         private["<transformer>"] = model_job.transformer_path
+    for i, folder in enumerate(dict.fromkeys(path.resolve().parent for path, _ in model_job.loras)):
+        private["<loras>" if i == 0 else f"<loras-{i + 1}>"] = folder
     worker = Worker(store, EditRunner(model_job), base, results, limits, enhancer=_enhancer(args), redact=private)
     token = os.environ.get(args.token_env) or None
     defaults = {"num_inference_steps": model_job.num_inference_steps, "guidance_scale": model_job.guidance_scale,
-                "flow_shift": model_job.flow_shift, "width": model_job.width, "height": model_job.height}  # fmt: skip
+                "flow_shift": model_job.flow_shift, "width": model_job.width, "height": model_job.height,
+                "seed": args.seed}  # fmt: skip
     return ServerState(store=store, worker=worker, results_dir=results, limits=limits, token=token,
                        model_name=Path(model_job.model_path).name, defaults=defaults)  # fmt: skip
 

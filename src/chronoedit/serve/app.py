@@ -75,6 +75,7 @@ def create_app(state: ServerState) -> FastAPI:
         swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
     )  # fmt: skip
     app.state.chronoedit = state
+    app.add_middleware(BodyLimit, state=state)  # inside the guard: raised while FastAPI parses the form
     app.middleware("http")(_guard(state))
     _add_error_handlers(app)
     app.include_router(_api_routes(state))
@@ -150,7 +151,8 @@ def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
             raise HTTPException(409, f"edit {job.id} is {job.status}{reason}")
         name = job.files.get(FILE_ROLES[role])
         if name is None:
-            raise HTTPException(404, f"edit {job.id} has no {role} (ask for return_trajectory with reasoning)")
+            hint = "ask for enhance_prompt" if role == "prompt" else "ask for return_trajectory with reasoning"
+            raise HTTPException(404, f"edit {job.id} has no {role} ({hint})")
         return _file(state.results_dir / job.id / name)
 
     @router.get("/health", summary="Liveness, model state and queue")
@@ -190,9 +192,7 @@ def _guard(state: ServerState):  # type: ignore[no-untyped-def]
         if request.method == "POST" and path == "/v1/edits":
             length = request.headers.get("content-length", "")
             if length.isdigit() and int(length) > state.limits.max_upload_bytes + FORM_SLACK_BYTES:
-                limit = state.limits.max_upload_bytes
-                return JSONResponse({"detail": f"the upload is over this server's limit of {limit} bytes"},
-                                    status_code=413)  # fmt: skip
+                return JSONResponse({"detail": upload_too_large(state.limits.max_upload_bytes)}, status_code=413)
         return await call_next(request)
 
     return guard
@@ -214,6 +214,33 @@ def parse_options(text: str) -> EditOptions:
         raise HTTPException(422, "options: " + describe_validation(exc.errors())) from None
 
 
+class BodyLimit:
+    """ASGI middleware: counts the bytes of an upload's body as they arrive and answers 413 once they pass the
+    limit, so a body without Content-Length (chunked) is never read, nor spooled to disk, beyond it."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/edits":
+            return await self.app(scope, receive, send)
+        allowed, seen = self.state.limits.max_upload_bytes + FORM_SLACK_BYTES, 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if seen > allowed:  # raised inside FastAPI's form parsing, which passes HTTPExceptions on
+                raise HTTPException(413, upload_too_large(self.state.limits.max_upload_bytes))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def upload_too_large(limit: int) -> str:
+    return f"the upload is over this server's limit of {limit} bytes"
+
+
 def read_limited(upload: UploadFile, limit: int) -> bytes:
     """The uploaded file's bytes; 413 as soon as it is over ``limit``."""
     chunks, size = [], 0
@@ -233,7 +260,7 @@ def submit_job(state: ServerState, options: EditOptions, data: bytes) -> dict[st
         raise HTTPException(413, str(exc)) from None
     except BadImage as exc:
         raise HTTPException(400, str(exc)) from None
-    options = with_seed(options)
+    options = with_seed(options, state.worker.base_args.seed)
     job_id = new_job_id()
     job_dir = state.results_dir / job_id
     try:

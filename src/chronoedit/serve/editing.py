@@ -86,9 +86,12 @@ def output_names(options: EditOptions) -> dict[str, str]:
     return names
 
 
-def with_seed(options: EditOptions) -> EditOptions:
-    """The options with a seed (a random one when the client gave none), so every stored job is reproducible."""
-    return options if options.seed is not None else options.model_copy(update={"seed": secrets.randbits(31)})
+def with_seed(options: EditOptions, default: int | None = None) -> EditOptions:
+    """The options with a seed, so every stored job is reproducible: the client's, else the server's ``--seed``,
+    else a random one."""
+    if options.seed is not None:
+        return options
+    return options.model_copy(update={"seed": secrets.randbits(31) if default is None else default})
 
 
 def job_args(base: argparse.Namespace, options: EditOptions, job_dir: Path) -> argparse.Namespace:

@@ -1,9 +1,10 @@
 """Deleting finished jobs a set time after they finish (``chronoedit serve --keep-results-hours``).
 
-A finished job (done, failed or cancelled) older than the retention period loses its queue record first and its
-folder (input, outputs) second, so a crash in between leaves only a folder no id reaches; such folders, and those of
-uploads whose submission died before the job was queued, are removed once they are older than the period too.
-Queued and running jobs are never touched. Without a retention period nothing is ever deleted.
+A finished job (done, failed or cancelled) older than the retention period loses its queue record first, so new
+requests for it get 404; its folder (input, outputs) goes a grace period later, so a request that found the job just
+before can still open its file. Folders no job owns (a crash between the two steps, or an upload whose submission
+died before its job was queued) are removed once they are older than the period too. Queued and running jobs are
+never touched. Without a retention period nothing is ever deleted.
 """
 
 from __future__ import annotations
@@ -18,21 +19,14 @@ from .store import JobStore
 log = logging.getLogger("chronoedit.serve")
 
 
-def expire(store: JobStore, results_dir: Path, keep_s: float, now: float | None = None) -> int:
-    """Delete the jobs that finished more than ``keep_s`` seconds ago and their folders; how many went."""
-    now = time.time() if now is None else now
-    ids = store.delete_finished_before(now - keep_s)
-    for job_id in ids:
-        shutil.rmtree(results_dir / job_id, ignore_errors=True)
-    return len(ids)
-
-
-def remove_orphans(store: JobStore, results_dir: Path, keep_s: float, now: float | None = None) -> int:
-    """Delete job folders with no job in the queue, last changed more than ``keep_s`` seconds ago; how many."""
+def remove_orphans(store: JobStore, results_dir: Path, keep_s: float, now: float | None = None,
+                   spare: set[str] | frozenset[str] = frozenset()) -> int:  # fmt: skip
+    """Delete job folders with no job in the queue (and not in ``spare``), last changed more than ``keep_s``
+    seconds ago; how many."""
     if not results_dir.is_dir():
         return 0
     now = time.time() if now is None else now
-    known = store.ids()
+    known = store.ids() | spare
     removed = 0
     for folder in results_dir.iterdir():
         try:
@@ -46,10 +40,14 @@ def remove_orphans(store: JobStore, results_dir: Path, keep_s: float, now: float
 
 
 class Retention:
-    """Runs :func:`expire` at most every ``every_s`` seconds (the worker calls :meth:`maybe_sweep` between jobs)."""
+    """Deletes old finished jobs; the worker calls :meth:`maybe_sweep` between jobs (a sweep at most every
+    ``every_s`` seconds). Folders go ``grace_s`` seconds after their records."""
 
-    def __init__(self, store: JobStore, results_dir: Path, keep_s: float | None, every_s: float = 60.0) -> None:
-        self.store, self.results_dir, self.keep_s, self.every_s = store, results_dir, keep_s, every_s
+    def __init__(self, store: JobStore, results_dir: Path, keep_s: float | None, every_s: float = 60.0,
+                 grace_s: float = 60.0) -> None:  # fmt: skip
+        self.store, self.results_dir, self.keep_s = store, results_dir, keep_s
+        self.every_s, self.grace_s = every_s, grace_s
+        self.doomed: dict[str, float] = {}  # job id -> when its record was deleted
         self._last = float("-inf")
 
     def maybe_sweep(self) -> None:
@@ -57,10 +55,24 @@ class Retention:
             return
         self._last = time.monotonic()
         try:
-            expired = expire(self.store, self.results_dir, self.keep_s)
-            orphans = remove_orphans(self.store, self.results_dir, self.keep_s)
+            self.sweep()
         except Exception as exc:  # e.g. the disk is busy: the next sweep tries again
             log.error("chronoedit serve: deleting old results failed: %s", " ".join(str(exc).split()))
-            return
-        if expired or orphans:
-            log.info("chronoedit serve: deleted %d finished job(s) and %d stray folder(s)", expired, orphans)
+
+    def sweep(self, now: float | None = None) -> tuple[int, int]:
+        """Delete the records of jobs finished more than ``keep_s`` ago, the folders whose grace is over, and stray
+        folders; (records, folders) deleted."""
+        if self.keep_s is None:
+            return 0, 0
+        now = time.time() if now is None else now
+        expired = self.store.delete_finished_before(now - self.keep_s)
+        self.doomed.update(dict.fromkeys(expired, now))
+        ripe = [job_id for job_id, when in self.doomed.items() if when <= now - self.grace_s]
+        for job_id in ripe:
+            shutil.rmtree(self.results_dir / job_id, ignore_errors=True)
+            del self.doomed[job_id]
+        orphans = remove_orphans(self.store, self.results_dir, self.keep_s, now, spare=set(self.doomed))
+        if expired or ripe or orphans:
+            log.info("chronoedit serve: deleted %d finished job(s), %d folder(s) and %d stray folder(s)",
+                     len(expired), len(ripe), orphans)  # fmt: skip
+        return len(expired), len(ripe) + orphans

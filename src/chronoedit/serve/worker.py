@@ -173,7 +173,8 @@ class Worker:
         with load_vlm(self.enhancer) as vlm:
             enhanced = enhance_prompt(vlm, edit_job.image, options.prompt)
         save_text(enhanced + "\n", job_dir / PROMPT_NAME)
-        edit_job.prompt = PRESETS[options.preset].prompt(enhanced) if options.preset else enhanced
+        preset = options.preset or getattr(self.base_args, "preset", None)  # the job's, else the server's
+        edit_job.prompt = PRESETS[preset].prompt(enhanced) if preset else enhanced
 
     def _on_step(self, step: int, total: int) -> None:
         if self._stop.is_set():
