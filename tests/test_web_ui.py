@@ -328,3 +328,14 @@ def test_api_docs_render_offline_in_the_browser(driver, server_url):
     _until(driver, f"{text}.includes('/v1/edits/{{job_id}}/input')", message="the routes in /docs")
     assert "ChronoEdit" in driver.execute_script(f"return {text}")
     assert not _severe(driver.get_log("browser")), driver.get_log("browser")
+
+
+def test_the_servers_seed_is_shown_as_the_default(driver, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHRONOEDIT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
+    monkeypatch.delenv(serve_cmd.TOKEN_ENV, raising=False)
+    with running_server(create_app(make_state(tmp_path / "state", "--seed", "42"))) as url:
+        driver.get(url + "/")
+        _until(driver, "document.getElementById('preset').options.length > 1", message="the config")
+        assert driver.find_element("id", "seed").get_attribute("placeholder") == "42 (default)"
+        assert driver.find_element("id", "seed-hint").text == "Blank: the server's seed 42."

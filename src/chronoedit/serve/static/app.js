@@ -159,6 +159,10 @@ function updateStepHints() {
   if (Number.isFinite(maxReasoning)) $("reasoning-steps").max = maxReasoning;
   $("reasoning-steps").placeholder = steps ? `all (${steps})` : "all";
   $("preset-summary").textContent = preset ? preset.summary : "";
+  if (defaults.seed != null) {  // the server's --seed, used when the field is blank
+    $("seed").placeholder = `${defaults.seed} (default)`;
+    $("seed-hint").textContent = `Blank: the server's seed ${defaults.seed}.`;
+  }
 }
 
 function syncReasoning() {
