@@ -69,10 +69,11 @@ def read_dataset(path: str | Path) -> list[SampleSpec]:
                 specs.append(_row_spec(file, reader.line_num, row))
     if not specs:
         raise ValueError(f"dataset {file} has no rows (an empty CSV)")
-    keys = [s.key for s in specs]
-    duplicate = next((s for s in specs if keys.count(s.key) > 1), None)
-    if duplicate is not None:
-        raise ValueError(f"{file} {duplicate.where}: key {duplicate.key!r} appears more than once")
+    first: dict[str, SampleSpec] = {}
+    for spec in specs:
+        earlier = first.setdefault(spec.key, spec)
+        if earlier is not spec:
+            raise ValueError(f"{file} {spec.where}: key {spec.key!r} appears more than once (also row {earlier.line})")
     return specs
 
 
