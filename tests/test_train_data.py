@@ -124,6 +124,21 @@ def test_mismatched_sizes_name_the_row_and_both_sizes(pair):
         load_frames(spec)
 
 
+def test_exif_rotated_camera_jpeg_pairs_with_an_upright_target(tmp_path):
+    """The source is stored 48x32 with EXIF orientation 6 (shown 32x48, as it is loaded); the target is 32x48."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    block((200, 30, 30), 0, size=(32, 48)).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "s.jpg", exif=exif)
+    block((30, 30, 200), 1, size=(32, 48)).save(tmp_path / "t.png")
+    block((30, 30, 200), 1, size=(48, 32)).save(tmp_path / "wide.png")
+    write_csv(tmp_path, ["key,prompt,source,target", "ok,recolour,s.jpg,t.png", "bad,recolour,s.jpg,wide.png"])
+    ok, bad = read_dataset(tmp_path)
+    check_dataset([ok])
+    assert [f.size for f in load_frames(ok)] == [(32, 48), (32, 48)]
+    with pytest.raises(ValueError, match=r"row 3 \(key 'bad'\): source 32x48 and target 48x32 differ in size"):
+        check_dataset([bad])
+
+
 def test_unreadable_video_names_row_and_file(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 64)
     write_csv(tmp_path, ["key,video,prompt", "v,bad.mp4,move"])

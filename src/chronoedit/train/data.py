@@ -180,17 +180,16 @@ def prepared_frames(spec: SampleSpec, height: int | None, width: int | None, max
 
 
 def check_dataset(specs: list[SampleSpec]) -> None:
-    """Quick pass before any model loads: every image's header is readable and each pair's sizes match
-    (videos are decoded later, when cached)."""
+    """Quick pass before any model loads: every image's header is readable and each pair's sizes match as the
+    images are loaded, EXIF rotation applied (videos are decoded later, when cached)."""
     for spec in specs:
         if spec.video is not None:
             continue
         sizes = []
         for column, path in (("source", spec.source), ("target", spec.target)):
             try:
-                with Image.open(path) as image:
-                    sizes.append(image.size)
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                sizes.append(cio.image_size(path))
+            except (OSError, ValueError) as err:
                 raise ValueError(f"{spec.where}: cannot read {column} image {path}: {err}") from None
         if sizes[0] != sizes[1]:
             raise ValueError(
