@@ -193,6 +193,41 @@ def test_bad_settings_name_the_setting(values, message):
         build_config({"model_path": "m", "dataset": "d"}, values)
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learning_rate": "1e-4"}, "learning_rate must be a number or unset, got '1e-4'"),
+        ({"max_grad_norm": "1.0"}, "max_grad_norm must be a number, got '1.0'"),
+        ({"seed": "3"}, "seed must be an integer, got '3'"),
+        ({"seed": 3.0}, "seed must be an integer, got 3.0"),
+        ({"lora_rank": True}, "lora_rank must be an integer, got True"),
+        ({"gradient_checkpointing": "false"}, "gradient_checkpointing must be true or false, got 'false'"),
+        ({"quiet": 1}, "quiet must be true or false, got 1"),
+        ({"lora_targets": "q"}, "lora_targets must be a list of strings, got 'q'"),
+        ({"lora_targets": ["q", 1]}, r"lora_targets must be a list of strings, got \['q', 1\]"),
+        ({"mode": None}, "mode must be a string, got None"),
+        ({"height": "32", "width": 32}, "height must be an integer or unset, got '32'"),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_name_the_setting(values, message):
+    with pytest.raises(ValueError, match=message):
+        build_config({"model_path": "m", "dataset": "d", **values}, {})
+
+
+def test_config_file_numbers_and_nulls_of_the_right_kind_are_accepted():
+    config = build_config({"model_path": "m", "dataset": "d", "learning_rate": 1, "lora_alpha": None, "seed": 2}, {})
+    assert (config.lr, config.alpha, config.seed) == (1, 32.0, 2)
+
+
+def test_cli_config_file_with_a_quoted_number_is_one_line(capsys, tmp_path):
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'model_path = "{tmp_path}"\ndataset = "{tmp_path}"\nlearning_rate = "1e-4"\n')
+    code = cli.main(["train", str(toml)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["chronoedit: error: learning_rate must be a number or unset, got '1e-4'"]
+
+
 def test_unknown_setting_in_a_config_file(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('model_path = "m"\nlora_rnak = 4\n')
