@@ -340,3 +340,57 @@ def test_each_encoder_is_released_before_the_next_loads_and_before_the_transform
           log=lambda _: None)  # fmt: skip
     assert events == [("tokenizer", []), ("text_encoder", []), ("image_processor", []), ("image_encoder", []),
                       ("vae", []), ("transformer", [])]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- one output folder, one run
+def train_args(ckpt: Path, data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    """``chronoedit train`` on 32x32 samples, rank 4; ``extra`` flags override these."""
+    return ["train", "--model-path", str(ckpt), "--dataset", str(data), "--output-dir", str(out), "--cache-dir",
+            str(cache), "--height", "32", "--width", "32", "--mixed-precision", "no", "--no-gradient-checkpointing",
+            "--lora-rank", "4", "--learning-rate", "5e-3", "--quiet", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tiny_ckpt, pairs, cache_dir, tmp_path_factory) -> Path:
+    """A finished 2-step run of :func:`train_args` with a checkpoint after each step; copy it before changing it."""
+    out = tmp_path_factory.mktemp("two_steps") / "run"
+    assert cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "2", "--checkpoint-every", "1")) == 0
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_resume_none_refuses_a_folder_holding_checkpoints(two_step_run, tiny_ckpt, pairs, cache_dir, tmp_path,
+                                                          capsys):  # fmt: skip
+    """A new run among an earlier run's checkpoints would have its own pruned first and be mixed with them by a later
+    --resume auto: it is refused, nothing is touched. Once the checkpoints are deleted, the log starts afresh."""
+    import shutil
+
+    out = copy_run(two_step_run, tmp_path)
+    log = (out / "train_log.jsonl").read_text()
+    code = cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "3", "--resume", "none"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("chronoedit: error: --resume none starts a new run, but ")
+    assert f"use another --output-dir, or delete {out / 'checkpoints'}" in err[0]
+    assert names(out / "checkpoints") == ["checkpoint-000001", "checkpoint-000002"]
+    assert (out / "train_log.jsonl").read_text() == log
+    # resuming an earlier checkpoint of the folder would leave the later one to outrank the new run's
+    older = out / "checkpoints" / "checkpoint-000001"
+    code = cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "3", "--resume", str(older)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "later checkpoints (checkpoint-000002)" in err[0], err
+    assert names(out / "checkpoints") == ["checkpoint-000001", "checkpoint-000002"]
+    shutil.rmtree(out / "checkpoints")
+    code = cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "1", "--resume", "none"))
+    assert code == 0, capsys.readouterr().err
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1]
+    assert names(out / "checkpoints") == ["checkpoint-000001"]

@@ -46,8 +46,18 @@ def checkpoints(output: Path) -> list[tuple[int, Path]]:
 
 def resume_folder(output: Path, resume: str) -> Path | None:
     """The checkpoint to resume from: ``auto`` = the latest in ``output`` (None when there is none), ``none``,
-    or a folder (FileNotFoundError when missing)."""
+    or a folder (FileNotFoundError when missing).
+
+    ``none`` is refused (ValueError) when ``output`` holds checkpoints: the new run's would be pruned before the
+    earlier run's higher-numbered ones, and a later ``auto`` would continue the earlier run."""
     if resume == "none":
+        found = checkpoints(output)
+        if found:
+            folder = output / CHECKPOINT_DIR
+            raise ValueError(
+                f"--resume none starts a new run, but {folder} holds an earlier run's checkpoints (up to "
+                f"{found[-1][1].name}): use another --output-dir, or delete {folder} to start over there"
+            )
         return None
     if resume == "auto":
         found = checkpoints(output)
@@ -56,6 +66,17 @@ def resume_folder(output: Path, resume: str) -> Path | None:
     if not (path / "custom_checkpoint_0.pkl").is_file():
         raise FileNotFoundError(f"resume: not a training checkpoint folder: {path}")
     return path
+
+
+def check_no_later_checkpoints(output: Path, step: int) -> None:
+    """ValueError when ``output`` holds checkpoints past ``step``, where a run resumed from an explicit folder starts:
+    they would outlive this run's when pruning, and ``--resume auto`` would pick them."""
+    later = [path.name for found, path in checkpoints(output) if found > step]
+    if later:
+        raise ValueError(
+            f"resuming at step {step}, but {output / CHECKPOINT_DIR} holds later checkpoints ({', '.join(later)}) "
+            "that would be kept over this run's and resumed by --resume auto: use another --output-dir, or delete them"
+        )
 
 
 def register_lora_hooks(accelerator: Any) -> None:

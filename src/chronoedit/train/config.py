@@ -128,7 +128,8 @@ HELP = {
     "loss_on_first_frame": "include latent frame 0 (the input, denoised at inference too) in the loss (default on)",
     "checkpoint_every": "save a resumable checkpoint every N steps (default 500; 0 = only at the end)",
     "checkpoints_total_limit": "keep at most N checkpoints (default 3)",
-    "resume": "auto (latest checkpoint in OUTPUT_DIR if any; default), none, or a checkpoint folder",
+    "resume": "auto (latest checkpoint in OUTPUT_DIR if any; default), none (a new run: refused while OUTPUT_DIR/"
+    "checkpoints holds checkpoints; train_log.jsonl starts afresh), or a checkpoint folder",
     "validation_every": "edit the first validation sample(s) every N steps into validation/ (default 0 = off)",
     "validation_samples": "how many dataset samples to edit at validation (default 1)",
     "validation_steps": "denoising steps of validation edits (default 20)",

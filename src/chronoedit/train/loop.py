@@ -20,7 +20,7 @@ import torch
 
 from ..io import atomic_path
 from .cache import CacheSettings, build_cache, negative_file
-from .checkpoints import TrainState, register_lora_hooks, resume_folder, save_checkpoint
+from .checkpoints import TrainState, check_no_later_checkpoints, register_lora_hooks, resume_folder, save_checkpoint
 from .config import TrainConfig
 from .data import check_dataset, read_dataset
 from .dataset import StepDataset, collate
@@ -67,13 +67,14 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         log = _silent
     try:
         set_seed(config.seed)
+        checkpoint = resume_folder(config.output, config.resume)  # a refused resume fails before anything loads
         specs = read_dataset(config.dataset)
         check_dataset(specs)
         settings = cache_settings(config, accelerator.device)
         with accelerator.main_process_first():
             entries = build_cache(specs, config.cache, settings, accelerator.device, log)
         run = setup(config, accelerator, entries, log)
-        resumed = resume(run, log)
+        resumed = resume(run, checkpoint, log)
         losses, seconds = loop(run)
         output = save_result(run)
         return TrainResult(output, run.state.step, resumed, losses, seconds, accelerator.is_main_process)
@@ -180,11 +181,12 @@ def make_validator(config: TrainConfig, accelerator: Any, entries: list[Any]) ->
     )
 
 
-def resume(run: Run, log: Callable[[str], None]) -> int:
-    """Load the checkpoint to resume from (if any); the log keeps only the steps up to it. Returns its step."""
-    folder = resume_folder(run.config.output, run.config.resume)
+def resume(run: Run, folder: Path | None, log: Callable[[str], None]) -> int:
+    """Load the checkpoint to resume from (if any); the log keeps only the steps up to it (a run from step 0 starts
+    it afresh). Returns its step."""
     if folder is not None:
         run.accelerator.load_state(str(folder))
+        check_no_later_checkpoints(run.config.output, run.state.step)
         log(f"resumed from {folder} at step {run.state.step}")
     if run.accelerator.is_main_process:
         truncate_log(run.config.output / LOG_NAME, run.state.step)
