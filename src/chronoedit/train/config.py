@@ -129,7 +129,8 @@ HELP = {
     "checkpoint_every": "save a resumable checkpoint every N steps (default 500; 0 = only at the end)",
     "checkpoints_total_limit": "keep at most N checkpoints (default 3)",
     "resume": "auto (latest checkpoint in OUTPUT_DIR if any; default), none (a new run: refused while OUTPUT_DIR/"
-    "checkpoints holds checkpoints; train_log.jsonl starts afresh), or a checkpoint folder",
+    "checkpoints holds checkpoints; train_log.jsonl starts afresh), or a checkpoint folder. A resumed run keeps "
+    "the checkpoint's mode, LoRA shape, data, size, batching, seed and optimizer settings; max_steps may grow",
     "validation_every": "edit the first validation sample(s) every N steps into validation/ (default 0 = off)",
     "validation_samples": "how many dataset samples to edit at validation (default 1)",
     "validation_steps": "denoising steps of validation edits (default 20)",

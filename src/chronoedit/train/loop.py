@@ -20,7 +20,14 @@ import torch
 
 from ..io import atomic_path
 from .cache import CacheSettings, build_cache, negative_file
-from .checkpoints import TrainState, check_no_later_checkpoints, register_lora_hooks, resume_folder, save_checkpoint
+from .checkpoints import (
+    TrainState,
+    check_no_later_checkpoints,
+    check_resume_settings,
+    register_lora_hooks,
+    resume_folder,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import check_dataset, read_dataset
 from .dataset import StepDataset, collate
@@ -68,6 +75,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     try:
         set_seed(config.seed)
         checkpoint = resume_folder(config.output, config.resume)  # a refused resume fails before anything loads
+        if checkpoint is not None:
+            check_resume_settings(checkpoint, config)
         specs = read_dataset(config.dataset)
         check_dataset(specs)
         settings = cache_settings(config, accelerator.device)
