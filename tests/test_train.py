@@ -423,3 +423,21 @@ def test_resume_with_other_settings_names_each_change_and_max_steps_may_grow(two
                                "--log-every", "1", "--validation-every", "0"))  # fmt: skip
     assert code == 0 and "resumed at step 2" in capsys.readouterr().out
     assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3]
+
+
+def test_torn_last_log_line_is_dropped_when_resuming(two_step_run, tiny_ckpt, pairs, cache_dir, tmp_path, capsys):
+    """A crash cut the log's last write: the torn line is dropped (it was after the checkpoint anyway); a broken line
+    before the last one is named in one line."""
+    out = copy_run(two_step_run, tmp_path)
+    log = out / "train_log.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "loss": 1.4')
+    assert [r["step"] for r in read_log(log)] == [1, 2]
+    code = cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "3"))
+    assert code == 0, capsys.readouterr().err
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3]
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + '{"step": 2, "lo\n' + lines[2])
+    with pytest.raises(ValueError, match=rf"{log} line 2 is not a JSON record"):
+        read_log(log)
+    with pytest.raises(ValueError, match=rf"{log} line 2 is not a JSON record"):
+        train_loop.truncate_log(log, 3)

@@ -296,20 +296,36 @@ def save_result(run: Run) -> Path:
 
 # ------------------------------------------------------------------------------------------------------- helpers
 def truncate_log(path: Path, step: int) -> None:
-    """Keep the log's records up to ``step`` (a resumed run re-logs the steps after its checkpoint)."""
+    """Keep the log's records up to ``step`` (a resumed run re-logs the steps after its checkpoint); a torn last
+    line is dropped and the file ends with a newline, so the next record starts a line of its own."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
-    if len(kept) != len(lines) or step == 0:
+    text = path.read_text(encoding="utf-8")
+    records = _log_lines(Path(path), text)
+    kept = [line for line, record in records if record["step"] <= step]
+    if len(kept) != len(records) or step == 0 or not text.endswith("\n"):
         with atomic_path(path) as tmp:
-            tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``train_log.jsonl``."""
-    text = Path(path).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The records of a ``train_log.jsonl`` (a torn last line, cut by a crash, is left out)."""
+    return [record for _, record in _log_lines(Path(path), Path(path).read_text(encoding="utf-8"))]
+
+
+def _log_lines(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of each line of the log; the last one is skipped when it does not parse (a write cut short),
+    any other is a ValueError naming it."""
+    numbered = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records = []
+    for number, line in numbered:
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if number == numbered[-1][0]:
+                break
+            raise ValueError(f"{path} line {number} is not a JSON record: fix or delete that line") from None
+    return records
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
