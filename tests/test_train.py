@@ -441,3 +441,26 @@ def test_torn_last_log_line_is_dropped_when_resuming(two_step_run, tiny_ckpt, pa
         read_log(log)
     with pytest.raises(ValueError, match=rf"{log} line 2 is not a JSON record"):
         train_loop.truncate_log(log, 3)
+
+
+def test_batches_of_samples_of_different_sizes_are_refused_before_the_first_step(tiny_ckpt, tmp_path, capsys):
+    """batch_size 2 with each sample at its own aspect ratio (no --height/--width): the cached latents show it before
+    training starts, naming two rows of different size."""
+    data = tmp_path / "mixed"
+    data.mkdir()
+    lines = ["key,prompt,source,target"]
+    for key, size in (("a", (32, 32)), ("b", (32, 32)), ("w", (48, 32))):
+        Image.new("RGB", size, (200, 0, 0)).save(data / f"{key}_s.png")
+        Image.new("RGB", size, (0, 200, 0)).save(data / f"{key}_t.png")
+        lines.append(f"{key},make it green,{key}_s.png,{key}_t.png")
+    (data / "metadata.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    args = train_args(tiny_ckpt, data, out, tmp_path / "cache", "--batch-size", "2", "--max-steps", "4")
+    args = [a for a in args if a not in ("--height", "--width", "32")] + ["--max-area", "1024"]
+    code = cli.main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("chronoedit:")]
+    assert code == 2 and len(err) == 1, err
+    assert "batch_size 2 needs samples of one size" in err[0]
+    assert "row 2 (key 'a') is 32x32 (2 latent frames) and row 4 (key 'w') 32x16 (2 latent frames)" in err[0]
+    assert "--height and --width" in err[0]
+    assert not (out / "train_log.jsonl").exists() and not (out / "checkpoints").exists()

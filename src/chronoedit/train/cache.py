@@ -241,7 +241,12 @@ def pad_tokens(embeds: torch.Tensor) -> torch.Tensor:
 
 def entry_frames(entry: CacheEntry) -> int:
     """Latent frames of a cached sample (2 for a pair, 8 for a 29-frame video)."""
+    return latent_shape(entry)[1]
+
+
+def latent_shape(entry: CacheEntry) -> tuple[int, ...]:
+    """[16, F_lat, h, w] of a cached sample's latents, from the file's header."""
     from safetensors import safe_open
 
     with safe_open(str(entry.file("latents")), framework="pt") as handle:
-        return int(handle.get_slice("latents").get_shape()[1])
+        return tuple(int(n) for n in handle.get_slice("latents").get_shape())

@@ -30,7 +30,7 @@ from .checkpoints import (
 )
 from .config import TrainConfig
 from .data import check_dataset, read_dataset
-from .dataset import StepDataset, collate
+from .dataset import StepDataset, check_batch_shapes, collate
 from .flow import flow_matching_loss
 from .lora import add_lora, count, lora_modules_from_state, trainable_parameters
 
@@ -82,6 +82,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         settings = cache_settings(config, accelerator.device)
         with accelerator.main_process_first():
             entries = build_cache(specs, config.cache, settings, accelerator.device, log)
+        check_batch_shapes(entries, config.batch_size)
         run = setup(config, accelerator, entries, log)
         resumed = resume(run, checkpoint, log)
         losses, seconds = loop(run)
