@@ -464,3 +464,51 @@ def test_batches_of_samples_of_different_sizes_are_refused_before_the_first_step
     assert "row 2 (key 'a') is 32x32 (2 latent frames) and row 4 (key 'w') 32x16 (2 latent frames)" in err[0]
     assert "--height and --width" in err[0]
     assert not (out / "train_log.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- cache keys
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """The components loaded by ``chronoedit.loading.load_component``, in order."""
+    from chronoedit import loading
+
+    loaded: list[str] = []
+    real = loading.load_component
+
+    def recording(path, name, *args, **kwargs):
+        loaded.append(name)
+        return real(path, name, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_component", recording)
+    return loaded
+
+
+def cache_once(data: Path, cache: Path, model: Path, max_area: int = 480 * 832) -> list:
+    from chronoedit.train.cache import CacheSettings, build_cache
+    from chronoedit.train.data import read_dataset
+
+    settings = CacheSettings(str(model), 32, 32, max_area, "float32")
+    return build_cache(read_dataset(data), cache, settings, torch.device("cpu"), lambda _: None)
+
+
+def test_replaced_vae_weights_of_the_same_size_rebuild_the_latents(tiny_ckpt, pairs, tmp_path, loads):
+    """A fine-tuned VAE dropped in place has the same file size; its modification time tells it apart."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from chronoedit.train.cache import load_entry
+
+    model = Path(shutil.copytree(tiny_ckpt, tmp_path / "model"))
+    before = load_entry(cache_once(pairs, tmp_path / "cache", model)[0])["latents"]
+    weights = next((model / "vae").glob("*.safetensors"))
+    size, stat = weights.stat().st_size, weights.stat()
+    tensors = {k: v + 0.5 if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert weights.stat().st_size == size
+    loads.clear()
+    after = load_entry(cache_once(pairs, tmp_path / "cache", model)[0])["latents"]
+    assert "vae" in loads
+    assert not torch.equal(before, after)

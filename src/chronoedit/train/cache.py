@@ -3,8 +3,8 @@
 Each encoder is loaded, used for every sample that lacks its output, and released before the next one loads; the
 transformer loads only after all three are gone, so the big encoders never share memory with training. A sample's
 entry is a folder named by a hash of its inputs (file contents, prompt, training size) and of the encoders (the
-checkpoint's component configs and weight file sizes), holding one safetensors file per encoder, each written
-atomically: an interrupted run keeps what it finished, and a second run loads no encoder at all.
+checkpoint's component configs, and weight file sizes and modification times), holding one safetensors file per
+encoder, each written atomically: an interrupted run keeps what it finished, and a second run loads no encoder.
 
 Stored per sample: ``text.safetensors`` prompt_embeds [L, text_dim] (the real tokens; zero-padded to 512 on read),
 ``image.safetensors`` image_embeds [257, image_dim] (CLIP of the sized source image), ``latents.safetensors``
@@ -59,7 +59,9 @@ class CacheSettings:
 
 # ------------------------------------------------------------------------------------------------------ identity
 def encoder_identity(model_path: str) -> str:
-    """A hash of the encoders of a checkpoint folder: their config files' contents and weight files' names/sizes."""
+    """A hash of the encoders of a checkpoint folder: their config files' contents, and each other file's name, size
+    and modification time (weights replaced by others of the same size, e.g. a fine-tuned VAE, change the time;
+    hashing 20+ GB of weights on every run would not do)."""
     from ..loading import resolve_checkpoint
 
     root = resolve_checkpoint(model_path)
@@ -68,9 +70,11 @@ def encoder_identity(model_path: str) -> str:
         folder = root / component
         for file in sorted(folder.rglob("*")) if folder.is_dir() else []:
             if file.is_file():
-                digest.update(f"{file.relative_to(root)}:{file.stat().st_size}".encode())
                 if file.suffix == ".json":
-                    digest.update(file.read_bytes())
+                    digest.update(f"{file.relative_to(root)}:".encode() + file.read_bytes())
+                else:
+                    stat = file.stat()
+                    digest.update(f"{file.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
