@@ -180,7 +180,7 @@ def test_reasoning_video_and_pair_train_together_with_validation(tiny_ckpt, tmp_
 def _entries(cache: Path) -> list:
     from chronoedit.train.cache import CacheEntry
 
-    return [CacheEntry(spec=None, folder=f) for f in cache.iterdir() if f.is_dir()]
+    return [CacheEntry(spec=None, text=None, image=None, latents=f) for f in (cache / "latents").iterdir()]
 
 
 # ------------------------------------------------------------------------------------- the LoRA in use elsewhere
@@ -483,11 +483,11 @@ def loads(monkeypatch) -> list[str]:
     return loaded
 
 
-def cache_once(data: Path, cache: Path, model: Path, max_area: int = 480 * 832) -> list:
+def cache_once(data: Path, cache: Path, model: Path, max_area: int = 480 * 832, size: int = 32) -> list:
     from chronoedit.train.cache import CacheSettings, build_cache
     from chronoedit.train.data import read_dataset
 
-    settings = CacheSettings(str(model), 32, 32, max_area, "float32")
+    settings = CacheSettings(str(model), size, size, max_area, "float32")
     return build_cache(read_dataset(data), cache, settings, torch.device("cpu"), lambda _: None)
 
 
@@ -510,5 +510,31 @@ def test_replaced_vae_weights_of_the_same_size_rebuild_the_latents(tiny_ckpt, pa
     assert weights.stat().st_size == size
     loads.clear()
     after = load_entry(cache_once(pairs, tmp_path / "cache", model)[0])["latents"]
-    assert "vae" in loads
+    assert loads == ["vae"]
     assert not torch.equal(before, after)
+
+
+def test_each_cache_stage_is_redone_only_when_its_own_inputs_change(tiny_ckpt, pairs, tmp_path, loads):
+    """Rewording one prompt re-runs the text encoder alone; max_area does not matter when height and width are
+    given; another training size re-runs CLIP and the VAE but not the text encoder."""
+    import shutil
+
+    from chronoedit.train.cache import load_entry
+
+    data = Path(shutil.copytree(pairs, tmp_path / "pairs"))
+    cache = tmp_path / "cache"
+    first = cache_once(data, cache, tiny_ckpt)
+    assert loads == ["tokenizer", "text_encoder", "image_processor", "image_encoder", "vae"]
+    metadata = data / "metadata.csv"
+    metadata.write_text(metadata.read_text().replace("move block 1 to", "slide block 1 to"))
+    loads.clear()
+    second = cache_once(data, cache, tiny_ckpt)
+    assert loads == ["tokenizer", "text_encoder"]
+    assert [e.text == f.text for e, f in zip(first, second, strict=True)] == [True, False, True, True]
+    assert [e.latents for e in first] == [e.latents for e in second]
+    assert not torch.equal(load_entry(first[1])["prompt_embeds"], load_entry(second[1])["prompt_embeds"])
+    loads.clear()
+    cache_once(data, cache, tiny_ckpt, max_area=256 * 256)
+    assert loads == []
+    cache_once(data, cache, tiny_ckpt, size=16)
+    assert loads == ["image_processor", "image_encoder", "vae"]
