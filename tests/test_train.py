@@ -410,8 +410,9 @@ def test_resume_with_other_settings_names_each_change_and_max_steps_may_grow(two
     code = cli.main(train_args(tiny_ckpt, other, out, cache_dir, *changed))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    for change in ("lora_rank 4 -> 8", "lora_targets q k v o ffn.0 ffn.2 -> q v", f"dataset {pairs} -> {other}",
-                   "batch_size 1 -> 2", "seed 0 -> 1", "learning_rate 0.005 -> 0.001"):  # fmt: skip
+    dataset = f"dataset {pairs / 'metadata.csv'} -> {other / 'metadata.csv'}"
+    for change in ("lora_rank 4 -> 8", "lora_targets q k v o ffn.0 ffn.2 -> q v", dataset, "batch_size 1 -> 2",
+                   "seed 0 -> 1", "learning_rate 0.005 -> 0.001"):  # fmt: skip
         assert change in err[0], err[0]
     assert "lora_alpha" not in err[0]  # unset: it follows the rank
     assert "--resume none and another --output-dir" in err[0]
@@ -419,7 +420,8 @@ def test_resume_with_other_settings_names_each_change_and_max_steps_may_grow(two
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "mode lora -> full" in err[0] and "lora_rank" not in err[0], err
     assert names(out / "checkpoints") == ["checkpoint-000001", "checkpoint-000002"]
-    code = cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "3", "--checkpoint-every", "3",
+    csv = pairs / "metadata.csv"  # the same dataset as its folder
+    code = cli.main(train_args(tiny_ckpt, csv, out, cache_dir, "--max-steps", "3", "--checkpoint-every", "3",
                                "--log-every", "1", "--validation-every", "0"))  # fmt: skip
     assert code == 0 and "resumed at step 2" in capsys.readouterr().out
     assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3]

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..lora import save_lora
 from .config import TrainConfig
+from .data import METADATA_NAME
 from .lora import load_lora_weights_, lora_modules
 
 CHECKPOINT_DIR = "checkpoints"
@@ -115,12 +116,13 @@ def check_resume_settings(folder: Path, config: TrainConfig) -> None:
 
 
 def _effective(config: TrainConfig, name: str) -> Any:
-    """The value that counts: max_area only without height/width, defaults applied, the dataset as an absolute
-    path."""
+    """The value that counts: max_area only without height/width, defaults applied, the dataset as its CSV's
+    absolute path."""
     if name == "max_area" and config.height is not None:
         return None
-    if name == "dataset":
-        return str(Path(config.dataset).expanduser().resolve())
+    if name == "dataset":  # a folder and its metadata.csv are the same dataset
+        path = Path(config.dataset).expanduser().resolve()
+        return str(path / METADATA_NAME if path.is_dir() else path)
     return {"lora_alpha": config.alpha, "learning_rate": config.lr}.get(name, getattr(config, name))
 
 
