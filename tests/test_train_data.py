@@ -84,15 +84,7 @@ def test_empty_csv_is_an_error(tmp_path):
         read_dataset(tmp_path)
 
 
-def test_duplicate_key_names_its_second_row_and_the_check_scales_linearly(pair):
-    """40,000 rows are read in about a second; a quadratic duplicate check alone took 10 s."""
-    import time
-
-    rows = [f"k{i},move,s.png,t.png" for i in range(40_000)]
-    write_csv(pair, ["key,prompt,source,target", *rows])
-    started = time.perf_counter()
-    assert len(read_dataset(pair)) == 40_000
-    assert time.perf_counter() - started < 4.0
+def test_duplicate_key_names_both_rows(pair):
     write_csv(pair, ["key,prompt,source,target", "a,move,s.png,t.png", "b,move,s.png,t.png", "a,move,s.png,t.png"])
     with pytest.raises(ValueError, match=r"row 4 \(key 'a'\): key 'a' appears more than once \(also row 2\)"):
         read_dataset(pair)
