@@ -76,6 +76,20 @@ def run(capsys, *argv):
         ("## Prompt\n\n**The user wants to** add a hat.\n\nNote: 5 words.", "The user wants to add a hat."),
         ("“the user wants to add a hat.”", "The user wants to add a hat."),
         ("```\nThe user wants to add a hat.\n```", "The user wants to add a hat."),
+        # a preamble that mentions "the user wants to" loses to the paragraph (or line) that starts with it
+        (
+            "Okay, so the user wants to put a hat on the cat. Here is the rewritten prompt:\n\n"
+            "The user wants to place a red hat on the cat.",
+            "The user wants to place a red hat on the cat.",
+        ),
+        (
+            "Okay, so the user wants to put a hat on the cat. Rewritten:\n**The user wants to** place a red hat.",
+            "The user wants to place a red hat.",
+        ),
+        (
+            'So the user wants to add a hat.\n\nEnhanced prompt: "The user wants to add a red hat."',
+            "The user wants to add a red hat.",
+        ),
     ],
 )
 def test_clean_dense_prompt(answer, expected):

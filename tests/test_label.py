@@ -245,6 +245,27 @@ def test_torn_last_line_is_repaired(capsys, server, tmp_path):
     assert metadata.read_text() == "".join(lines)  # the torn line is gone and the row written again, whole
 
 
+def test_whole_last_row_without_a_final_newline_is_kept(capsys, server, tmp_path):
+    """A prompt corrected by hand in an editor that drops the final newline: the last row is whole, so it is kept
+    (the newline added back) and not asked again; a row cut inside its last cell is still torn and written again."""
+    pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue"), "c": ("yellow", "grey")})
+    out = tmp_path / "ds"
+    assert label(capsys, pairs, out, server.url)[0] == 0
+    metadata = out / "metadata.csv"
+    original = metadata.read_text()
+    edited = original.replace(dense("turn the yellow square grey"), "The user wants to paint it grey, by hand.")
+    metadata.write_text(edited.rstrip("\n"))
+    requests = len(server.requests)
+    code, stdout, _ = label(capsys, pairs, out, server.url)
+    assert code == 0 and "0 labeled" in stdout and "2 already done" in stdout
+    assert len(server.requests) == requests
+    assert metadata.read_text() == edited
+    metadata.write_text(edited[: -len("get.png\n")])  # every cell there, but the last one cut: images/c_tar
+    code, stdout, _ = label(capsys, pairs, out, server.url)
+    assert code == 0 and "1 labeled" in stdout and "1 already done" in stdout
+    assert metadata.read_text() == original
+
+
 def test_sigkill_mid_run_loses_at_most_the_pair_in_flight(capsys, tmp_path):
     pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue"), "c": ("yellow", "grey"), "d": ("blue", "red"),
                                             "e": ("grey", "green")})  # fmt: skip

@@ -180,7 +180,7 @@ def test_reasoning_video_and_pair_train_together_with_validation(tiny_ckpt, tmp_
 def _entries(cache: Path) -> list:
     from chronoedit.train.cache import CacheEntry
 
-    return [CacheEntry(spec=None, folder=f) for f in cache.iterdir() if f.is_dir()]
+    return [CacheEntry(spec=None, text=None, image=None, latents=f) for f in (cache / "latents").iterdir()]
 
 
 # ------------------------------------------------------------------------------------- the LoRA in use elsewhere
@@ -340,3 +340,203 @@ def test_each_encoder_is_released_before_the_next_loads_and_before_the_transform
           log=lambda _: None)  # fmt: skip
     assert events == [("tokenizer", []), ("text_encoder", []), ("image_processor", []), ("image_encoder", []),
                       ("vae", []), ("transformer", [])]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- one output folder, one run
+def train_args(ckpt: Path, data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    """``chronoedit train`` on 32x32 samples, rank 4; ``extra`` flags override these."""
+    return ["train", "--model-path", str(ckpt), "--dataset", str(data), "--output-dir", str(out), "--cache-dir",
+            str(cache), "--height", "32", "--width", "32", "--mixed-precision", "no", "--no-gradient-checkpointing",
+            "--lora-rank", "4", "--learning-rate", "5e-3", "--quiet", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tiny_ckpt, pairs, cache_dir, tmp_path_factory) -> Path:
+    """A finished 2-step run of :func:`train_args` with a checkpoint after each step; copy it before changing it."""
+    out = tmp_path_factory.mktemp("two_steps") / "run"
+    assert cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "2", "--checkpoint-every", "1")) == 0
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_resume_none_refuses_a_folder_holding_checkpoints(two_step_run, tiny_ckpt, pairs, cache_dir, tmp_path,
+                                                          capsys):  # fmt: skip
+    """A new run among an earlier run's checkpoints would have its own pruned first and be mixed with them by a later
+    --resume auto: it is refused, nothing is touched. Once the checkpoints are deleted, the log starts afresh."""
+    import shutil
+
+    out = copy_run(two_step_run, tmp_path)
+    log = (out / "train_log.jsonl").read_text()
+    code = cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "3", "--resume", "none"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("chronoedit: error: --resume none starts a new run, but ")
+    assert f"use another --output-dir, or delete {out / 'checkpoints'}" in err[0]
+    assert names(out / "checkpoints") == ["checkpoint-000001", "checkpoint-000002"]
+    assert (out / "train_log.jsonl").read_text() == log
+    # resuming an earlier checkpoint of the folder would leave the later one to outrank the new run's
+    older = out / "checkpoints" / "checkpoint-000001"
+    code = cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "3", "--resume", str(older)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "later checkpoints (checkpoint-000002)" in err[0], err
+    assert names(out / "checkpoints") == ["checkpoint-000001", "checkpoint-000002"]
+    shutil.rmtree(out / "checkpoints")
+    code = cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "1", "--resume", "none"))
+    assert code == 0, capsys.readouterr().err
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1]
+    assert names(out / "checkpoints") == ["checkpoint-000001"]
+
+
+def test_resume_with_other_settings_names_each_change_and_max_steps_may_grow(two_step_run, tiny_ckpt, pairs,
+                                                                             cache_dir, tmp_path, capsys):  # fmt: skip
+    """Another rank or targets would not fit the saved LoRA, another dataset, seed or batch another data stream, and
+    a new learning rate would be ignored (the optimizer's is restored): one line names each change. Extending a run
+    (max_steps), checkpoint, log and validation settings may change."""
+    import shutil
+
+    out = copy_run(two_step_run, tmp_path)
+    other = Path(shutil.copytree(pairs, tmp_path / "other_pairs"))
+    changed = ["--max-steps", "3", "--lora-rank", "8", "--lora-targets", "q", "v", "--seed", "1",
+               "--learning-rate", "1e-3", "--batch-size", "2"]  # fmt: skip
+    code = cli.main(train_args(tiny_ckpt, other, out, cache_dir, *changed))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    dataset = f"dataset {pairs / 'metadata.csv'} -> {other / 'metadata.csv'}"
+    for change in ("lora_rank 4 -> 8", "lora_targets q k v o ffn.0 ffn.2 -> q v", dataset, "batch_size 1 -> 2",
+                   "seed 0 -> 1", "learning_rate 0.005 -> 0.001"):  # fmt: skip
+        assert change in err[0], err[0]
+    assert "lora_alpha" not in err[0]  # unset: it follows the rank
+    assert "--resume none and another --output-dir" in err[0]
+    code = cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--mode", "full", "--max-steps", "3"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "mode lora -> full" in err[0] and "lora_rank" not in err[0], err
+    assert names(out / "checkpoints") == ["checkpoint-000001", "checkpoint-000002"]
+    csv = pairs / "metadata.csv"  # the same dataset as its folder
+    code = cli.main(train_args(tiny_ckpt, csv, out, cache_dir, "--max-steps", "3", "--checkpoint-every", "3",
+                               "--log-every", "1", "--validation-every", "0"))  # fmt: skip
+    assert code == 0 and "resumed at step 2" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3]
+
+
+def test_torn_last_log_line_is_dropped_when_resuming(two_step_run, tiny_ckpt, pairs, cache_dir, tmp_path, capsys):
+    """A crash cut the log's last write: the torn line is dropped (it was after the checkpoint anyway); a broken line
+    before the last one is named in one line."""
+    out = copy_run(two_step_run, tmp_path)
+    log = out / "train_log.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "loss": 1.4')
+    assert [r["step"] for r in read_log(log)] == [1, 2]
+    code = cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "3"))
+    assert code == 0, capsys.readouterr().err
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3]
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + '{"step": 2, "lo\n' + lines[2])
+    with pytest.raises(ValueError, match=rf"{log} line 2 is not a JSON record"):
+        read_log(log)
+    with pytest.raises(ValueError, match=rf"{log} line 2 is not a JSON record"):
+        train_loop.truncate_log(log, 3)
+
+
+def test_batches_of_samples_of_different_sizes_are_refused_before_the_first_step(tiny_ckpt, tmp_path, capsys):
+    """batch_size 2 with each sample at its own aspect ratio (no --height/--width): the cached latents show it before
+    training starts, naming two rows of different size."""
+    data = tmp_path / "mixed"
+    data.mkdir()
+    lines = ["key,prompt,source,target"]
+    for key, size in (("a", (32, 32)), ("b", (32, 32)), ("w", (48, 32))):
+        Image.new("RGB", size, (200, 0, 0)).save(data / f"{key}_s.png")
+        Image.new("RGB", size, (0, 200, 0)).save(data / f"{key}_t.png")
+        lines.append(f"{key},make it green,{key}_s.png,{key}_t.png")
+    (data / "metadata.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    args = train_args(tiny_ckpt, data, out, tmp_path / "cache", "--batch-size", "2", "--max-steps", "4")
+    args = [a for a in args if a not in ("--height", "--width", "32")] + ["--max-area", "1024"]
+    code = cli.main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("chronoedit:")]
+    assert code == 2 and len(err) == 1, err
+    assert "batch_size 2 needs samples of one size" in err[0]
+    assert "row 2 (key 'a') is 32x32 (2 latent frames) and row 4 (key 'w') 32x16 (2 latent frames)" in err[0]
+    assert "--height and --width" in err[0]
+    assert not (out / "train_log.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- cache keys
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """The components loaded by ``chronoedit.loading.load_component``, in order."""
+    from chronoedit import loading
+
+    loaded: list[str] = []
+    real = loading.load_component
+
+    def recording(path, name, *args, **kwargs):
+        loaded.append(name)
+        return real(path, name, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_component", recording)
+    return loaded
+
+
+def cache_once(data: Path, cache: Path, model: Path, max_area: int = 480 * 832, size: int = 32) -> list:
+    from chronoedit.train.cache import CacheSettings, build_cache
+    from chronoedit.train.data import read_dataset
+
+    settings = CacheSettings(str(model), size, size, max_area, "float32")
+    return build_cache(read_dataset(data), cache, settings, torch.device("cpu"), lambda _: None)
+
+
+def test_replaced_vae_weights_of_the_same_size_rebuild_the_latents(tiny_ckpt, pairs, tmp_path, loads):
+    """A fine-tuned VAE dropped in place has the same file size; its modification time tells it apart."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from chronoedit.train.cache import load_entry
+
+    model = Path(shutil.copytree(tiny_ckpt, tmp_path / "model"))
+    before = load_entry(cache_once(pairs, tmp_path / "cache", model)[0])["latents"]
+    weights = next((model / "vae").glob("*.safetensors"))
+    size, stat = weights.stat().st_size, weights.stat()
+    tensors = {k: v + 0.5 if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert weights.stat().st_size == size
+    loads.clear()
+    after = load_entry(cache_once(pairs, tmp_path / "cache", model)[0])["latents"]
+    assert loads == ["vae"]
+    assert not torch.equal(before, after)
+
+
+def test_each_cache_stage_is_redone_only_when_its_own_inputs_change(tiny_ckpt, pairs, tmp_path, loads):
+    """Rewording one prompt re-runs the text encoder alone; max_area does not matter when height and width are
+    given; another training size re-runs CLIP and the VAE but not the text encoder."""
+    import shutil
+
+    from chronoedit.train.cache import load_entry
+
+    data = Path(shutil.copytree(pairs, tmp_path / "pairs"))
+    cache = tmp_path / "cache"
+    first = cache_once(data, cache, tiny_ckpt)
+    assert loads == ["tokenizer", "text_encoder", "image_processor", "image_encoder", "vae"]
+    metadata = data / "metadata.csv"
+    metadata.write_text(metadata.read_text().replace("move block 1 to", "slide block 1 to"))
+    loads.clear()
+    second = cache_once(data, cache, tiny_ckpt)
+    assert loads == ["tokenizer", "text_encoder"]
+    assert [e.text == f.text for e, f in zip(first, second, strict=True)] == [True, False, True, True]
+    assert [e.latents for e in first] == [e.latents for e in second]
+    assert not torch.equal(load_entry(first[1])["prompt_embeds"], load_entry(second[1])["prompt_embeds"])
+    loads.clear()
+    cache_once(data, cache, tiny_ckpt, max_area=256 * 256)
+    assert loads == []
+    cache_once(data, cache, tiny_ckpt, size=16)
+    assert loads == ["image_processor", "image_encoder", "vae"]

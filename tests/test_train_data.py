@@ -84,6 +84,12 @@ def test_empty_csv_is_an_error(tmp_path):
         read_dataset(tmp_path)
 
 
+def test_duplicate_key_names_both_rows(pair):
+    write_csv(pair, ["key,prompt,source,target", "a,move,s.png,t.png", "b,move,s.png,t.png", "a,move,s.png,t.png"])
+    with pytest.raises(ValueError, match=r"row 4 \(key 'a'\): key 'a' appears more than once \(also row 2\)"):
+        read_dataset(pair)
+
+
 def test_missing_image_names_row_and_file(pair):
     write_csv(pair, ["key,prompt,source_image,target_image", "ok,move,s.png,t.png", "bad,move,s.png,gone.png"])
     with pytest.raises(ValueError, match=r"row 3 \(key 'bad'\): target file not found: .*gone\.png"):
@@ -108,6 +114,21 @@ def test_mismatched_sizes_name_the_row_and_both_sizes(pair):
         check_dataset([spec])
     with pytest.raises(ValueError, match=r"row 2 \(key 'm'\): source 32x32 and target 48x32 differ"):
         load_frames(spec)
+
+
+def test_exif_rotated_camera_jpeg_pairs_with_an_upright_target(tmp_path):
+    """The source is stored 48x32 with EXIF orientation 6 (shown 32x48, as it is loaded); the target is 32x48."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    block((200, 30, 30), 0, size=(32, 48)).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "s.jpg", exif=exif)
+    block((30, 30, 200), 1, size=(32, 48)).save(tmp_path / "t.png")
+    block((30, 30, 200), 1, size=(48, 32)).save(tmp_path / "wide.png")
+    write_csv(tmp_path, ["key,prompt,source,target", "ok,recolour,s.jpg,t.png", "bad,recolour,s.jpg,wide.png"])
+    ok, bad = read_dataset(tmp_path)
+    check_dataset([ok])
+    assert [f.size for f in load_frames(ok)] == [(32, 48), (32, 48)]
+    with pytest.raises(ValueError, match=r"row 3 \(key 'bad'\): source 32x48 and target 48x32 differ in size"):
+        check_dataset([bad])
 
 
 def test_unreadable_video_names_row_and_file(tmp_path):
@@ -162,6 +183,41 @@ def test_toml_and_json_configs_with_flags_overriding(tmp_path):
 def test_bad_settings_name_the_setting(values, message):
     with pytest.raises(ValueError, match=message):
         build_config({"model_path": "m", "dataset": "d"}, values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learning_rate": "1e-4"}, "learning_rate must be a number or unset, got '1e-4'"),
+        ({"max_grad_norm": "1.0"}, "max_grad_norm must be a number, got '1.0'"),
+        ({"seed": "3"}, "seed must be an integer, got '3'"),
+        ({"seed": 3.0}, "seed must be an integer, got 3.0"),
+        ({"lora_rank": True}, "lora_rank must be an integer, got True"),
+        ({"gradient_checkpointing": "false"}, "gradient_checkpointing must be true or false, got 'false'"),
+        ({"quiet": 1}, "quiet must be true or false, got 1"),
+        ({"lora_targets": "q"}, "lora_targets must be a list of strings, got 'q'"),
+        ({"lora_targets": ["q", 1]}, r"lora_targets must be a list of strings, got \['q', 1\]"),
+        ({"mode": None}, "mode must be a string, got None"),
+        ({"height": "32", "width": 32}, "height must be an integer or unset, got '32'"),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_name_the_setting(values, message):
+    with pytest.raises(ValueError, match=message):
+        build_config({"model_path": "m", "dataset": "d", **values}, {})
+
+
+def test_config_file_numbers_and_nulls_of_the_right_kind_are_accepted():
+    config = build_config({"model_path": "m", "dataset": "d", "learning_rate": 1, "lora_alpha": None, "seed": 2}, {})
+    assert (config.lr, config.alpha, config.seed) == (1, 32.0, 2)
+
+
+def test_cli_config_file_with_a_quoted_number_is_one_line(capsys, tmp_path):
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'model_path = "{tmp_path}"\ndataset = "{tmp_path}"\nlearning_rate = "1e-4"\n')
+    code = cli.main(["train", str(toml)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["chronoedit: error: learning_rate must be a number or unset, got '1e-4'"]
 
 
 def test_unknown_setting_in_a_config_file(tmp_path):

@@ -74,6 +74,27 @@ def _wide_grey_to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
 
 
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) as :func:`load_image` will see it (EXIF rotation applied), from the header only.
+
+    FileNotFoundError / ValueError with a short reason when the file is missing or not an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError("not found" if not path.exists() else "not a file")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError("not a readable image" + (f" ({exc})" if isinstance(exc, Image.DecompressionBombError)
+                                                   else "")) from exc  # fmt: skip
+    return (height, width) if orientation in _ROTATED else (width, height)
+
+
 # ------------------------------------------------------------------------------------------------------------ sizing
 def auto_size(width: int, height: int, max_area: int = DEFAULT_MAX_AREA, multiple: int = 16) -> tuple[int, int]:
     """NVIDIA's sizing recipe: keep the aspect ratio at ``max_area`` pixels, snap down to ``multiple``.

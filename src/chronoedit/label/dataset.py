@@ -9,7 +9,10 @@ Layout (paths in the CSVs are relative to the dataset folder, as NVIDIA's / Diff
 
 A pair's files are written atomically first, then its CSV row is appended, flushed and fsynced, so a crash loses at
 most the pair in flight. On open, a torn last line (a write cut short) is dropped and temp files of interrupted
-writes are removed; keys already in either CSV are done. One labeler per folder at a time (an flock).
+writes are removed; keys already in either CSV are done. A last row that is whole but lacks its final newline (a
+hand-edited file saved by an editor that drops it) is kept and the newline added: whole means every cell present,
+quotes closed, and its last cell complete (metadata.csv: the target image it names exists; skipped.csv: a reason).
+One labeler per folder at a time (an flock).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import contextlib
 import csv
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -31,6 +34,7 @@ METADATA_COLUMNS = ("key", "video", "prompt", "source_image", "target_image")
 SKIPPED_COLUMNS = ("key", "source", "target", "reason")
 LOCK_NAME = ".chronoedit-label.lock"
 VIDEO_FPS = 8
+RowCheck = Callable[[dict[str, str]], bool]  # whether a parsed last row's last cell is complete
 
 
 class LabelDataset:
@@ -75,12 +79,12 @@ def open_dataset(root: str | Path, retry_skipped: bool = False) -> Iterator[Labe
     with _lock(root):
         for folder in (root, root / "images", root / "videos"):
             _remove_temp_files(folder)
-        done = {row["key"] for row in _repair_csv(root / "metadata.csv", METADATA_COLUMNS)}
+        done = {row["key"] for row in _repair_csv(root / "metadata.csv", METADATA_COLUMNS, _metadata_row_ok(root))}
         skipped_path = root / "skipped.csv"
         if retry_skipped and skipped_path.exists():
             with cio.atomic_path(skipped_path) as tmp:
                 tmp.write_text(_line(SKIPPED_COLUMNS), encoding="utf-8")
-        skips = {row["key"]: row["reason"] for row in _repair_csv(skipped_path, SKIPPED_COLUMNS)}
+        skips = {row["key"]: row["reason"] for row in _repair_csv(skipped_path, SKIPPED_COLUMNS, _skipped_row_ok)}
         with open(root / "metadata.csv", "a", encoding="utf-8", newline="") as metadata, \
                 open(skipped_path, "a", encoding="utf-8", newline="") as skipped:  # fmt: skip
             yield LabelDataset(root, metadata, skipped, done, skips)
@@ -88,9 +92,9 @@ def open_dataset(root: str | Path, retry_skipped: bool = False) -> Iterator[Labe
 
 def read_metadata(root: str | Path) -> list[dict[str, str]]:
     """The rows of ``root/metadata.csv`` (for tools and tests); a torn last line is ignored, not repaired."""
-    text = (Path(root) / "metadata.csv").read_text(encoding="utf-8")
-    complete = text[: text.rfind("\n") + 1]
-    return list(csv.DictReader(io.StringIO(complete, newline="")))
+    data = (Path(root) / "metadata.csv").read_bytes()
+    complete = _whole_lines(data, METADATA_COLUMNS, _metadata_row_ok(Path(root)))
+    return list(csv.DictReader(io.StringIO(complete.decode("utf-8"), newline="")))
 
 
 def _line(values: tuple[str, ...]) -> str:
@@ -106,25 +110,61 @@ def _append(handle: IO[str], values: tuple[str, ...]) -> None:
     os.fsync(handle.fileno())
 
 
-def _repair_csv(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    """Create ``path`` with its header, or drop a torn last line; return its rows. ValueError for foreign columns."""
+def _repair_csv(path: Path, columns: tuple[str, ...], row_ok: RowCheck) -> list[dict[str, str]]:
+    """Create ``path`` with its header, or drop a torn last line (or end a whole one with its newline); return its
+    rows. ValueError for foreign columns."""
     data = path.read_bytes() if path.exists() else b""
-    complete = data[: data.rfind(b"\n") + 1]
+    complete = _whole_lines(data, columns, row_ok)
     if not complete:
         with cio.atomic_path(path) as tmp:
             tmp.write_text(_line(columns), encoding="utf-8")
         return []
-    if complete != data:
-        with open(path, "r+b") as handle:
-            handle.truncate(len(complete))
-            os.fsync(handle.fileno())
     reader = csv.DictReader(io.StringIO(complete.decode("utf-8"), newline=""))
-    if tuple(reader.fieldnames or ()) != columns:
+    if tuple(reader.fieldnames or ()) != columns:  # checked first: a foreign file is left as it is
         raise ValueError(
             f"{path} has the columns {','.join(reader.fieldnames or ())}, expected {','.join(columns)}: "
             "is --out a chronoedit label dataset?"
         )
+    if len(complete) > len(data):  # a whole last row without its newline
+        with open(path, "ab") as handle:
+            handle.write(b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    elif complete != data:
+        with open(path, "r+b") as handle:
+            handle.truncate(len(complete))
+            os.fsync(handle.fileno())
     return list(reader)
+
+
+def _whole_lines(data: bytes, columns: tuple[str, ...], row_ok: RowCheck) -> bytes:
+    """``data`` up to its last newline; plus the text after it, newline added, when that is a whole row."""
+    complete = data[: data.rfind(b"\n") + 1]
+    tail = data[len(complete) :]
+    if tail and _whole_row(tail, columns, row_ok if complete else None):  # without a newline before: the header
+        return data + b"\n"
+    return complete
+
+
+def _whole_row(line: bytes, columns: tuple[str, ...], row_ok: RowCheck | None) -> bool:
+    """Whether ``line`` parses as one row with every column (quotes closed) that ``row_ok`` accepts."""
+    try:
+        rows = list(csv.reader(io.StringIO(line.decode("utf-8"), newline=""), strict=True))
+    except (UnicodeDecodeError, csv.Error):
+        return False
+    if len(rows) != 1 or len(rows[0]) != len(columns):
+        return False
+    return row_ok is None or row_ok(dict(zip(columns, rows[0], strict=True)))
+
+
+def _metadata_row_ok(root: Path) -> RowCheck:
+    """A metadata row's last cell is complete when the target image it names exists (it is written first)."""
+    return lambda row: bool(row["target_image"]) and (root / row["target_image"]).is_file()
+
+
+def _skipped_row_ok(row: dict[str, str]) -> bool:
+    """A skipped row's last cell, the reason, is never empty."""
+    return bool(row["reason"].strip())
 
 
 def _remove_temp_files(folder: Path) -> None:

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import IMAGE_SUFFIXES
+from ..io import IMAGE_SUFFIXES, image_size
 
 SUFFIX_PAIRS = (("_source", "_target"), ("_src", "_tgt"), ("_before", "_after"))
 COLUMN_ALIASES = {
@@ -178,28 +178,6 @@ def _csv_pair(record: dict, columns: dict[str, str | None], path: Path, line: in
 
 
 # ----------------------------------------------------------------------------------------------------- pre-flight
-_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as :func:`chronoedit.io.load_image` will see it (EXIF rotation applied), from the header only.
-
-    FileNotFoundError / ValueError with a short reason when the file is missing or not an image.
-    """
-    from PIL import Image
-
-    if not path.is_file():
-        raise FileNotFoundError("not found" if not path.exists() else "not a file")
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError("not a readable image" + (f" ({exc})" if isinstance(exc, Image.DecompressionBombError)
-                                                   else "")) from exc  # fmt: skip
-    return (height, width) if orientation in _ROTATED else (width, height)
-
-
 def check_pair(pair: Pair) -> str | None:
     """What is wrong with a pair before any decoding (missing, unreadable, different sizes), naming it; else None.
 

@@ -1,15 +1,21 @@
 """Precompute once what the frozen encoders give (UMT5 text, CLIP image tokens, VAE latents) and keep it on disk.
 
 Each encoder is loaded, used for every sample that lacks its output, and released before the next one loads; the
-transformer loads only after all three are gone, so the big encoders never share memory with training. A sample's
-entry is a folder named by a hash of its inputs (file contents, prompt, training size) and of the encoders (the
-checkpoint's component configs and weight file sizes), holding one safetensors file per encoder, each written
-atomically: an interrupted run keeps what it finished, and a second run loads no encoder at all.
+transformer loads only after all three are gone, so the big encoders never share memory with training. Each stage's
+output is a file named by a hash of that stage's own inputs, so a change redoes only the stages it touches:
 
-Stored per sample: ``text.safetensors`` prompt_embeds [L, text_dim] (the real tokens; zero-padded to 512 on read),
-``image.safetensors`` image_embeds [257, image_dim] (CLIP of the sized source image), ``latents.safetensors``
-latents [16, F_lat, h, w] (the clip [source, target x 4] or the reasoning video) and condition [16, F_lat, h, w]
-(the source followed by black frames, as the pipeline builds it), both normalised VAE posterior means.
+- ``text/KEY.safetensors`` prompt_embeds [L, text_dim] (the real tokens; zero-padded to 512 on read): the prompt, the
+  text encoder and its dtype (rewording a prompt re-runs UMT5 for that prompt only);
+- ``image/KEY.safetensors`` image_embeds [257, image_dim]: CLIP of the source image (a video's first frame) sized
+  for training, from its file's content, the size rule and the image encoder;
+- ``latents/KEY.safetensors`` latents [16, F_lat, h, w] (the clip [source, target x 4] or the reasoning video) and
+  condition [16, F_lat, h, w] (the source followed by black frames, as the pipeline builds it), both normalised VAE
+  posterior means: from every file's content, the size rule and the VAE.
+
+The size rule is height and width when given (max_area then plays no part), else max_area. An encoder is known by its
+config files' contents and its other files' names, sizes and modification times (weights replaced by others of the
+same size, e.g. a fine-tuned VAE, change the time; hashing 20+ GB of weights on every run would not do). Files are
+written atomically: an interrupted run keeps what it finished, and a run over a complete cache loads no encoder.
 """
 
 from __future__ import annotations
@@ -29,18 +35,27 @@ from ..encoders import TEXT_TOKENS, encode_image, encode_text
 from ..latents import encode_condition, encode_video, image_to_tensor
 from .data import SampleSpec, clip_frames, prepared_frames
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 STAGES = ("text", "image", "latents")
+ENCODERS = {  # the checkpoint components behind each stage
+    "text": ("tokenizer", "text_encoder"),
+    "image": ("image_processor", "image_encoder"),
+    "latents": ("vae",),
+}
 NEGATIVE_PROMPT = ""  # validation's CFG negative, encoded once
 
 
 @dataclass(frozen=True)
 class CacheEntry:
+    """One sample and its three cached files (shared with every sample that has the same stage inputs)."""
+
     spec: SampleSpec
-    folder: Path
+    text: Path
+    image: Path
+    latents: Path
 
     def file(self, stage: str) -> Path:
-        return self.folder / f"{stage}.safetensors"
+        return {"text": self.text, "image": self.image, "latents": self.latents}[stage]
 
     def complete(self) -> bool:
         return all(self.file(stage).is_file() for stage in STAGES)
@@ -56,21 +71,31 @@ class CacheSettings:
     max_area: int
     text_dtype: str  # the text encoder's dtype name ("float32", "bfloat16")
 
+    @property
+    def size_rule(self) -> dict[str, int]:
+        """What sizes a sample: height and width when given, else max_area."""
+        if self.height is not None and self.width is not None:
+            return {"height": self.height, "width": self.width}
+        return {"max_area": self.max_area}
+
 
 # ------------------------------------------------------------------------------------------------------ identity
-def encoder_identity(model_path: str) -> str:
-    """A hash of the encoders of a checkpoint folder: their config files' contents and weight files' names/sizes."""
+def encoder_identity(model_path: str, components: tuple[str, ...]) -> str:
+    """A hash of some components of a checkpoint folder: their config files' contents, and each other file's name,
+    size and modification time."""
     from ..loading import resolve_checkpoint
 
     root = resolve_checkpoint(model_path)
     digest = hashlib.sha256()
-    for component in ("tokenizer", "text_encoder", "image_encoder", "image_processor", "vae"):
+    for component in components:
         folder = root / component
         for file in sorted(folder.rglob("*")) if folder.is_dir() else []:
             if file.is_file():
-                digest.update(f"{file.relative_to(root)}:{file.stat().st_size}".encode())
                 if file.suffix == ".json":
-                    digest.update(file.read_bytes())
+                    digest.update(f"{file.relative_to(root)}:".encode() + file.read_bytes())
+                else:
+                    stat = file.stat()
+                    digest.update(f"{file.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
@@ -82,30 +107,35 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def entry_key(spec: SampleSpec, settings: CacheSettings, encoders: str) -> str:
-    """The hash naming a sample's cache folder."""
-    files = [p for p in (spec.source, spec.target, spec.video) if p is not None]
-    payload = {
-        "version": CACHE_VERSION,
-        "files": [file_digest(p) for p in files],
-        "kind": "video" if spec.video is not None else "pair",
-        "prompt": spec.prompt,
-        "size": [settings.height, settings.width, settings.max_area],
-        "text_dtype": settings.text_dtype,
-        "encoders": encoders,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+def _stage_file(cache_dir: Path, stage: str, payload: dict[str, Any]) -> Path:
+    """``cache_dir/STAGE/KEY.safetensors``, KEY a hash of the stage's inputs."""
+    text = json.dumps({"version": CACHE_VERSION, "stage": stage, **payload}, sort_keys=True)
+    return cache_dir / stage / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.safetensors"
+
+
+def _text_file(cache_dir: Path, prompt: str, settings: CacheSettings, encoder: str) -> Path:
+    return _stage_file(cache_dir, "text", {"prompt": prompt, "encoder": encoder, "dtype": settings.text_dtype})
 
 
 def cache_entries(specs: list[SampleSpec], cache_dir: Path, settings: CacheSettings) -> list[CacheEntry]:
-    encoders = encoder_identity(settings.model_path)
-    return [CacheEntry(spec, cache_dir / entry_key(spec, settings, encoders)) for spec in specs]
+    """Each sample's entry: its three files, named by the inputs of each stage."""
+    encoders = {stage: encoder_identity(settings.model_path, names) for stage, names in ENCODERS.items()}
+    entries = []
+    for spec in specs:
+        files = [file_digest(p) for p in (spec.source, spec.target, spec.video) if p is not None]
+        kind = "video" if spec.video is not None else "pair"
+        image = {"file": files[0], "size": settings.size_rule, "encoder": encoders["image"]}  # source or video
+        latents = {"files": files, "kind": kind, "size": settings.size_rule, "encoder": encoders["latents"]}
+        text = _text_file(cache_dir, spec.prompt, settings, encoders["text"])
+        entries.append(CacheEntry(spec, text, _stage_file(cache_dir, "image", image),
+                                  _stage_file(cache_dir, "latents", latents)))  # fmt: skip
+    return entries
 
 
 def negative_file(cache_dir: Path, settings: CacheSettings) -> Path:
-    encoders = encoder_identity(settings.model_path)
-    key = hashlib.sha256(f"{CACHE_VERSION}:{encoders}:{settings.text_dtype}".encode()).hexdigest()[:32]
-    return cache_dir / f"negative-{key}.safetensors"
+    """The cached text embedding of the empty prompt (validation's negative)."""
+    encoder = encoder_identity(settings.model_path, ENCODERS["text"])
+    return _text_file(cache_dir, NEGATIVE_PROMPT, settings, encoder)
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -126,13 +156,22 @@ def build_cache(
     return entries
 
 
+def _missing(entries: list[CacheEntry], stage: str) -> list[CacheEntry]:
+    """One entry per ``stage`` file that is not on disk yet (samples with the same inputs share a file)."""
+    todo: dict[Path, CacheEntry] = {}
+    for entry in entries:
+        if entry.file(stage) not in todo and not entry.file(stage).is_file():
+            todo[entry.file(stage)] = entry
+    return list(todo.values())
+
+
 def _text_stage(entries: list[CacheEntry], negative: Path, settings: CacheSettings, device: torch.device,
                 log: Callable[[str], None]) -> None:  # fmt: skip
-    """UMT5 prompt embeddings (real tokens only) of every sample lacking them, and the empty prompt's once."""
-    todo = [e for e in entries if not e.file("text").is_file()]
+    """UMT5 prompt embeddings (real tokens only) of every prompt lacking them, and the empty prompt's once."""
+    todo = _missing(entries, "text")
     if not todo and negative.is_file():
         return
-    with _loaded(settings, ("tokenizer", "text_encoder"), device, log) as (tokenizer, text_encoder):
+    with _loaded(settings, ENCODERS["text"], device, log) as (tokenizer, text_encoder):
         for entry in todo:
             embeds = _real_tokens(encode_text(tokenizer, text_encoder, [entry.spec.prompt])[0])
             _save(entry.file("text"), {"prompt_embeds": embeds})
@@ -143,10 +182,10 @@ def _text_stage(entries: list[CacheEntry], negative: Path, settings: CacheSettin
 def _image_stage(entries: list[CacheEntry], negative: Path, settings: CacheSettings, device: torch.device,
                  log: Callable[[str], None]) -> None:  # fmt: skip
     """CLIP tokens of the (sized) source image of every sample lacking them."""
-    todo = [e for e in entries if not e.file("image").is_file()]
+    todo = _missing(entries, "image")
     if not todo:
         return
-    with _loaded(settings, ("image_processor", "image_encoder"), device, log) as (processor, image_encoder):
+    with _loaded(settings, ENCODERS["image"], device, log) as (processor, image_encoder):
         for entry in todo:
             source = _frames(entry, settings)[0]
             _save(entry.file("image"), {"image_embeds": encode_image(processor, image_encoder, [source])[0]})
@@ -155,10 +194,10 @@ def _image_stage(entries: list[CacheEntry], negative: Path, settings: CacheSetti
 def _latent_stage(entries: list[CacheEntry], negative: Path, settings: CacheSettings, device: torch.device,
                   log: Callable[[str], None]) -> None:  # fmt: skip
     """VAE latents of the training clip and of the condition, for every sample lacking them."""
-    todo = [e for e in entries if not e.file("latents").is_file()]
+    todo = _missing(entries, "latents")
     if not todo:
         return
-    with _loaded(settings, ("vae",), device, log) as (vae,):
+    with _loaded(settings, ENCODERS["latents"], device, log) as (vae,):
         for entry in todo:
             _save(entry.file("latents"), _encode_latents(vae, _frames(entry, settings)))
 
@@ -241,7 +280,12 @@ def pad_tokens(embeds: torch.Tensor) -> torch.Tensor:
 
 def entry_frames(entry: CacheEntry) -> int:
     """Latent frames of a cached sample (2 for a pair, 8 for a 29-frame video)."""
+    return latent_shape(entry)[1]
+
+
+def latent_shape(entry: CacheEntry) -> tuple[int, ...]:
+    """[16, F_lat, h, w] of a cached sample's latents, from the file's header."""
     from safetensors import safe_open
 
     with safe_open(str(entry.file("latents")), framework="pt") as handle:
-        return int(handle.get_slice("latents").get_shape()[1])
+        return tuple(int(n) for n in handle.get_slice("latents").get_shape())

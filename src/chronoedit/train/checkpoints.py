@@ -3,7 +3,7 @@ each written to a temporary folder and renamed into place, so a killed run never
 
 With a LoRA, a checkpoint holds only the adapter (``lora.safetensors``, diffusers layout, usable as is with
 ``chronoedit edit --lora-path``), not the frozen base weights. Under DeepSpeed / FSDP accelerate writes its own
-(sharded) model and optimizer files.
+(sharded) model and optimizer files. A resumed run must keep the settings in :data:`MUST_MATCH`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,25 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..lora import save_lora
+from .config import TrainConfig
+from .data import METADATA_NAME
 from .lora import load_lora_weights_, lora_modules
 
 CHECKPOINT_DIR = "checkpoints"
 LORA_NAME = "lora.safetensors"
+CONFIG_NAME = "train_config.json"  # the settings a checkpoint was trained with
+# What a resumed run must share with its checkpoint: the trainable part's shape, the data stream (samples, their
+# size, order and batching) and the optimizer's hyper-parameters (restored from the checkpoint, so a new value would
+# be silently ignored). The rest may change: max_steps (to extend a run), the LR schedule, the loss settings,
+# checkpoint, log and validation settings, precision, the paths of the model and the cache.
+MUST_MATCH = ("mode", "lora_rank", "lora_alpha", "lora_targets", "dataset", "height", "width", "max_area", "batch_size",
+              "gradient_accumulation_steps", "seed", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay",
+              "adam_epsilon")  # fmt: skip
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -46,8 +56,18 @@ def checkpoints(output: Path) -> list[tuple[int, Path]]:
 
 def resume_folder(output: Path, resume: str) -> Path | None:
     """The checkpoint to resume from: ``auto`` = the latest in ``output`` (None when there is none), ``none``,
-    or a folder (FileNotFoundError when missing)."""
+    or a folder (FileNotFoundError when missing).
+
+    ``none`` is refused (ValueError) when ``output`` holds checkpoints: the new run's would be pruned before the
+    earlier run's higher-numbered ones, and a later ``auto`` would continue the earlier run."""
     if resume == "none":
+        found = checkpoints(output)
+        if found:
+            folder = output / CHECKPOINT_DIR
+            raise ValueError(
+                f"--resume none starts a new run, but {folder} holds an earlier run's checkpoints (up to "
+                f"{found[-1][1].name}): use another --output-dir, or delete {folder} to start over there"
+            )
         return None
     if resume == "auto":
         found = checkpoints(output)
@@ -56,6 +76,60 @@ def resume_folder(output: Path, resume: str) -> Path | None:
     if not (path / "custom_checkpoint_0.pkl").is_file():
         raise FileNotFoundError(f"resume: not a training checkpoint folder: {path}")
     return path
+
+
+def check_no_later_checkpoints(output: Path, step: int) -> None:
+    """ValueError when ``output`` holds checkpoints past ``step``, where a run resumed from an explicit folder starts:
+    they would outlive this run's when pruning, and ``--resume auto`` would pick them."""
+    later = [path.name for found, path in checkpoints(output) if found > step]
+    if later:
+        raise ValueError(
+            f"resuming at step {step}, but {output / CHECKPOINT_DIR} holds later checkpoints ({', '.join(later)}) "
+            "that would be kept over this run's and resumed by --resume auto: use another --output-dir, or delete them"
+        )
+
+
+def check_resume_settings(folder: Path, config: TrainConfig) -> None:
+    """ValueError naming every setting in :data:`MUST_MATCH` that differs from the checkpoint's
+    ``train_config.json`` (old -> new); a checkpoint without one (older versions) is not compared."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"resume: cannot read {path}: {err}") from None
+    names = {f.name for f in fields(TrainConfig)}
+    old = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    changes = []
+    lora = old.mode == config.mode == "lora"  # else the mode differs, or no LoRA settings count
+    for name in (n for n in MUST_MATCH if lora or not n.startswith("lora_")):
+        before, after = _effective(old, name), _effective(config, name)
+        unset_alpha = name == "lora_alpha" and old.lora_alpha is None and config.lora_alpha is None  # follows the rank
+        if before != after and not unset_alpha:
+            changes.append(f"{name} {_show(before)} -> {_show(after)}")
+    if changes:
+        raise ValueError(
+            f"resume: the checkpoint {folder} was trained with other settings ({'; '.join(changes)}): resume with its "
+            "settings, or start a new run with --resume none and another --output-dir"
+        )
+
+
+def _effective(config: TrainConfig, name: str) -> Any:
+    """The value that counts: max_area only without height/width, defaults applied, the dataset as its CSV's
+    absolute path."""
+    if name == "max_area" and config.height is not None:
+        return None
+    if name == "dataset":  # a folder and its metadata.csv are the same dataset
+        path = Path(config.dataset).expanduser().resolve()
+        return str(path / METADATA_NAME if path.is_dir() else path)
+    return {"lora_alpha": config.alpha, "learning_rate": config.lr}.get(name, getattr(config, name))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def register_lora_hooks(accelerator: Any) -> None:
@@ -91,7 +165,7 @@ def save_checkpoint(accelerator: Any, output: Path, step: int, keep: int | None,
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

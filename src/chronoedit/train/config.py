@@ -1,13 +1,15 @@
 """The training configuration: one dataclass, read from a TOML or JSON file, overridden by command-line flags.
 
 Every field is a flag of ``chronoedit train`` (``lora_rank`` -> ``--lora-rank``); a config file holds the same names
-(``lora_rank = 16`` in TOML, ``{"lora_rank": 16}`` in JSON). :func:`check_config` names the first bad value.
+(``lora_rank = 16`` in TOML, ``{"lora_rank": 16}`` in JSON). :func:`check_type` names a value of the wrong type
+(a quoted ``"1e-4"``, ``"false"``), :func:`check_config` the first bad value.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -126,7 +128,9 @@ HELP = {
     "loss_on_first_frame": "include latent frame 0 (the input, denoised at inference too) in the loss (default on)",
     "checkpoint_every": "save a resumable checkpoint every N steps (default 500; 0 = only at the end)",
     "checkpoints_total_limit": "keep at most N checkpoints (default 3)",
-    "resume": "auto (latest checkpoint in OUTPUT_DIR if any; default), none, or a checkpoint folder",
+    "resume": "auto (latest checkpoint in OUTPUT_DIR if any; default), none (a new run: refused while OUTPUT_DIR/"
+    "checkpoints holds checkpoints; train_log.jsonl starts afresh), or a checkpoint folder. A resumed run keeps "
+    "the checkpoint's mode, LoRA shape, data, size, batching, seed and optimizer settings; max_steps may grow",
     "validation_every": "edit the first validation sample(s) every N steps into validation/ (default 0 = off)",
     "validation_samples": "how many dataset samples to edit at validation (default 1)",
     "validation_steps": "denoising steps of validation edits (default 20)",
@@ -181,9 +185,33 @@ def _parse_toml(path: Path, text: str) -> dict[str, Any]:
 
 def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
     """Defaults < config file < flags (``overrides`` holds only the flags given); checked."""
-    config = TrainConfig(**{**file_values, **overrides})
+    values = {**file_values, **overrides}
+    types = field_types()
+    for name, value in values.items():
+        if name in types:
+            check_type(name, value, types[name])
+    config = TrainConfig(**values)
     check_config(config)
     return config
+
+
+# annotation part -> (test, how the error names it)
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "None": (lambda v: v is None, "unset"),
+}
+
+
+def check_type(name: str, value: Any, annotation: str) -> None:
+    """ValueError unless ``value`` fits the field's annotation ('float | None', 'list[str]', ...): a config file's
+    "1e-4" is not a number, "false" is not a boolean, and true is not an integer."""
+    kinds = [_KINDS[part.strip()] for part in annotation.split("|")]
+    if not any(test(value) for test, _ in kinds):
+        raise ValueError(f"{name} must be {' or '.join(what for _, what in kinds)}, got {value!r}")
 
 
 def check_config(c: TrainConfig) -> None:

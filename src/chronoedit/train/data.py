@@ -69,10 +69,11 @@ def read_dataset(path: str | Path) -> list[SampleSpec]:
                 specs.append(_row_spec(file, reader.line_num, row))
     if not specs:
         raise ValueError(f"dataset {file} has no rows (an empty CSV)")
-    keys = [s.key for s in specs]
-    duplicate = next((s for s in specs if keys.count(s.key) > 1), None)
-    if duplicate is not None:
-        raise ValueError(f"{file} {duplicate.where}: key {duplicate.key!r} appears more than once")
+    first: dict[str, SampleSpec] = {}
+    for spec in specs:
+        earlier = first.setdefault(spec.key, spec)
+        if earlier is not spec:
+            raise ValueError(f"{file} {spec.where}: key {spec.key!r} appears more than once (also row {earlier.line})")
     return specs
 
 
@@ -179,17 +180,16 @@ def prepared_frames(spec: SampleSpec, height: int | None, width: int | None, max
 
 
 def check_dataset(specs: list[SampleSpec]) -> None:
-    """Quick pass before any model loads: every image's header is readable and each pair's sizes match
-    (videos are decoded later, when cached)."""
+    """Quick pass before any model loads: every image's header is readable and each pair's sizes match as the
+    images are loaded, EXIF rotation applied (videos are decoded later, when cached)."""
     for spec in specs:
         if spec.video is not None:
             continue
         sizes = []
         for column, path in (("source", spec.source), ("target", spec.target)):
             try:
-                with Image.open(path) as image:
-                    sizes.append(image.size)
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                sizes.append(cio.image_size(path))
+            except (OSError, ValueError) as err:
                 raise ValueError(f"{spec.where}: cannot read {column} image {path}: {err}") from None
         if sizes[0] != sizes[1]:
             raise ValueError(

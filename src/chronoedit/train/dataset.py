@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from .cache import CacheEntry, load_entry
+from .cache import CacheEntry, latent_shape, load_entry
 from .flow import sample_sigmas
 
 _MIX = 1_000_003  # keeps (seed, index) seeds apart
+_VAE_STRIDE = 8  # pixels per latent row and column (the Wan VAE)
 
 
 class StepDataset(Dataset):
@@ -53,3 +54,24 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             "(set height and width, keep pairs and videos apart, or use batch_size 1 with gradient accumulation)"
         )
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def check_batch_shapes(entries: list[CacheEntry], batch_size: int) -> None:
+    """Before training: with ``batch_size`` > 1 every cached sample must have one size and frame count (a batch is
+    stacked), else a ValueError naming two rows that differ."""
+    if batch_size < 2 or not entries:
+        return
+    first, shape = entries[0], latent_shape(entries[0])
+    for entry in entries[1:]:
+        other = latent_shape(entry)
+        if other != shape:
+            raise ValueError(
+                f"batch_size {batch_size} needs samples of one size and frame count, but {first.spec.where} is "
+                f"{_described(shape)} and {entry.spec.where} {_described(other)}: set --height and --width (one size "
+                "for all), keep pairs and videos apart, or use --batch-size 1 with --gradient-accumulation-steps"
+            )
+
+
+def _described(shape: tuple[int, ...]) -> str:
+    """[16, F_lat, h, w] -> 'WIDTHxHEIGHT (F_lat latent frames)' in training pixels."""
+    return f"{shape[3] * _VAE_STRIDE}x{shape[2] * _VAE_STRIDE} ({shape[1]} latent frames)"

@@ -20,10 +20,17 @@ import torch
 
 from ..io import atomic_path
 from .cache import CacheSettings, build_cache, negative_file
-from .checkpoints import TrainState, register_lora_hooks, resume_folder, save_checkpoint
+from .checkpoints import (
+    TrainState,
+    check_no_later_checkpoints,
+    check_resume_settings,
+    register_lora_hooks,
+    resume_folder,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import check_dataset, read_dataset
-from .dataset import StepDataset, collate
+from .dataset import StepDataset, check_batch_shapes, collate
 from .flow import flow_matching_loss
 from .lora import add_lora, count, lora_modules_from_state, trainable_parameters
 
@@ -67,13 +74,17 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         log = _silent
     try:
         set_seed(config.seed)
+        checkpoint = resume_folder(config.output, config.resume)  # a refused resume fails before anything loads
+        if checkpoint is not None:
+            check_resume_settings(checkpoint, config)
         specs = read_dataset(config.dataset)
         check_dataset(specs)
         settings = cache_settings(config, accelerator.device)
         with accelerator.main_process_first():
             entries = build_cache(specs, config.cache, settings, accelerator.device, log)
+        check_batch_shapes(entries, config.batch_size)
         run = setup(config, accelerator, entries, log)
-        resumed = resume(run, log)
+        resumed = resume(run, checkpoint, log)
         losses, seconds = loop(run)
         output = save_result(run)
         return TrainResult(output, run.state.step, resumed, losses, seconds, accelerator.is_main_process)
@@ -180,11 +191,12 @@ def make_validator(config: TrainConfig, accelerator: Any, entries: list[Any]) ->
     )
 
 
-def resume(run: Run, log: Callable[[str], None]) -> int:
-    """Load the checkpoint to resume from (if any); the log keeps only the steps up to it. Returns its step."""
-    folder = resume_folder(run.config.output, run.config.resume)
+def resume(run: Run, folder: Path | None, log: Callable[[str], None]) -> int:
+    """Load the checkpoint to resume from (if any); the log keeps only the steps up to it (a run from step 0 starts
+    it afresh). Returns its step."""
     if folder is not None:
         run.accelerator.load_state(str(folder))
+        check_no_later_checkpoints(run.config.output, run.state.step)
         log(f"resumed from {folder} at step {run.state.step}")
     if run.accelerator.is_main_process:
         truncate_log(run.config.output / LOG_NAME, run.state.step)
@@ -285,20 +297,36 @@ def save_result(run: Run) -> Path:
 
 # ------------------------------------------------------------------------------------------------------- helpers
 def truncate_log(path: Path, step: int) -> None:
-    """Keep the log's records up to ``step`` (a resumed run re-logs the steps after its checkpoint)."""
+    """Keep the log's records up to ``step`` (a resumed run re-logs the steps after its checkpoint); a torn last
+    line is dropped and the file ends with a newline, so the next record starts a line of its own."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
-    if len(kept) != len(lines) or step == 0:
+    text = path.read_text(encoding="utf-8")
+    records = _log_lines(Path(path), text)
+    kept = [line for line, record in records if record["step"] <= step]
+    if len(kept) != len(records) or step == 0 or not text.endswith("\n"):
         with atomic_path(path) as tmp:
-            tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``train_log.jsonl``."""
-    text = Path(path).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The records of a ``train_log.jsonl`` (a torn last line, cut by a crash, is left out)."""
+    return [record for _, record in _log_lines(Path(path), Path(path).read_text(encoding="utf-8"))]
+
+
+def _log_lines(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of each line of the log; the last one is skipped when it does not parse (a write cut short),
+    any other is a ValueError naming it."""
+    numbered = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records = []
+    for number, line in numbered:
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if number == numbered[-1][0]:
+                break
+            raise ValueError(f"{path} line {number} is not a JSON record: fix or delete that line") from None
+    return records
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
