@@ -360,6 +360,19 @@ def test_an_output_never_overwrites_an_input(capsys, tiny_ckpt, tmp_path):
         assert code == 2 and f"row {row} would write {tmp_path / 'img0.png'}, the input image of line 1" in err
     assert (tmp_path / "img0.png").read_bytes() == before
     assert batch(capsys, other, tmp_path / "out", model=tiny_ckpt)[0] == 0
+    Image.new("RGB", (48, 32)).save(tmp_path / "IMG_0001.JPG")  # one file on a case-insensitive file system
+    camera = write_jsonl(tmp_path / "camera.jsonl", [{"input": "IMG_0001.JPG", "prompt": "x", "output_format": "jpg"}])
+    code, _, err = batch(capsys, camera, tmp_path, model=tiny_ckpt)
+    assert code == 2 and "IMG_0001.jpg, the input image of line 1" in err
+
+
+def test_a_row_whose_input_is_a_symlink_loop_fails_alone(capsys, tiny_ckpt, tmp_path):
+    make_images(tmp_path, 1)
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    rows = [{"id": "bad", "input": "loop.png", "prompt": "x"}, {"id": "good", "input": "img0.png", "prompt": "x"}]
+    code, lines, _ = batch(capsys, write_jsonl(tmp_path / "m.jsonl", rows), tmp_path / "out", model=tiny_ckpt)
+    assert code == 1 and lines[-1].startswith("batch: 1 done, 0 skipped, 1 failed")
+    assert (tmp_path / "out" / "good.png").is_file() and (tmp_path / "out" / "bad.error.json").is_file()
 
 
 def test_a_rows_max_area_sizes_it_by_area_and_csv_cells_are_trimmed(capsys, tiny_ckpt, tmp_path):

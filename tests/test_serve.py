@@ -628,16 +628,19 @@ def test_the_servers_preset_keeps_its_trigger_around_an_enhanced_prompt(tmp_path
 
 
 def test_a_bad_server_lora_fails_at_start_without_showing_its_folder(tmp_path):
-    folder = tmp_path / "private-models"
-    folder.mkdir()
-    (folder / "house_style.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    """The LoRA is a symlink into a blob store (a Hugging Face snapshot): neither folder is shown."""
+    folder, blobs = tmp_path / "private-models", tmp_path / "blobs"
+    folder.mkdir(), blobs.mkdir()
+    (blobs / "3f9a2c").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    (folder / "house_style.safetensors").symlink_to(blobs / "3f9a2c")
     state = make_state(tmp_path / "state", "--lora-path", str(folder / "house_style.safetensors"))
     with TestClient(create_app(state)) as client:
         worker = wait_ready(client)["worker"]
         assert worker["state"] == "error" and "<loras>/house_style.safetensors" in worker["error"]
-        assert str(folder) not in worker["error"]
         refused = submit(client, {"prompt": "x"})
-        assert refused.status_code == 503 and str(folder) not in refused.text
+        assert refused.status_code == 503
+        for text in (worker["error"], refused.text):
+            assert str(folder) not in text and str(blobs) not in text and str(tmp_path) not in text
 
 
 def test_the_servers_seed_applies_to_jobs_without_one(tmp_path, demo_home):

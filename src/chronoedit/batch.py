@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import secrets
 import sys
@@ -280,18 +281,27 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def check_inputs_kept(rows: list[Row], out_dir: Path, default_fmt: str) -> None:
     """ManifestError when a row's output (image, sidecar or error record) would be written over an input image."""
-    inputs = {row.input.resolve(): row for row in rows}
+    inputs = {key: row for row in rows if (key := _file_key(row.input)) is not None}
     for row in rows:
         names = [sidecar_path(out_dir, row.id).name, error_path(out_dir, row.id).name]
         with contextlib.suppress(ValueError):  # a bad output_format fails that row later
             names.append(f"{row.id}.{output_format(row, default_fmt)}")
         for name in names:
-            owner = inputs.get((out_dir / name).resolve())
+            owner = inputs.get(_file_key(out_dir / name))
             if owner is not None:
                 raise ManifestError(
                     f"row {row.id} (line {row.line}) would write {out_dir / name}, the input image of line "
                     f"{owner.line}: choose another --out or another id"
                 )
+
+
+def _file_key(path: Path) -> str | None:
+    """The file ``path`` names, compared without letter case (case-insensitive file systems: IMG_1.JPG is
+    IMG_1.jpg); None when it cannot be resolved (a symlink loop: that row fails on its own later)."""
+    try:
+        return os.path.normcase(str(path.resolve())).casefold()
+    except (OSError, RuntimeError):
+        return None
 
 
 def batch_lock(out_dir: Path) -> contextlib.AbstractContextManager[None]:

@@ -124,7 +124,8 @@ def build_state(args: argparse.Namespace) -> Any:
         private["<model>"] = Path(model_job.model_path)
     if model_job.transformer_path is not None:
         private["<transformer>"] = model_job.transformer_path
-    for i, folder in enumerate(dict.fromkeys(path.resolve().parent for path, _ in model_job.loras)):
+    folders = [folder for path, _ in model_job.loras for folder in (path.absolute().parent, path.resolve().parent)]
+    for i, folder in enumerate(f for f in dict.fromkeys(folders) if f.parent != f):  # as given and resolved; not /
         private["<loras>" if i == 0 else f"<loras-{i + 1}>"] = folder
     worker = Worker(store, EditRunner(model_job), base, results, limits, enhancer=_enhancer(args), redact=private)
     token = os.environ.get(args.token_env) or None
