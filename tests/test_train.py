@@ -427,6 +427,56 @@ def test_resume_with_other_settings_names_each_change_and_max_steps_may_grow(two
     assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3]
 
 
+def test_resume_compares_what_the_settings_mean(two_step_run, tiny_ckpt, tiny_ckpt_hd128, pairs, cache_dir, tmp_path,
+                                               capsys, monkeypatch):  # fmt: skip
+    """Targets by the layers they select; the dataset as the file it is from any working directory; the base model
+    by its shape, wherever its copy lives."""
+    import shutil
+
+    out = copy_run(two_step_run, tmp_path)
+    code = cli.main(train_args(tiny_ckpt_hd128, pairs, out, cache_dir, "--max-steps", "3"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "base model attention_head_dim 16 -> 128" in err[0], err
+    assert "lora_targets" not in err[0]
+    moved = Path(shutil.copytree(tiny_ckpt, tmp_path / "mirror" / "ChronoEdit-tiny", symlinks=True))
+    targets = ["ffn.2", "k", "to_q", "v", "o", "ffn.0", "q"]  # another order, our name for q, q twice
+    code = cli.main(train_args(moved, pairs, out, cache_dir, "--max-steps", "3", "--lora-targets", *targets))
+    assert code == 0, capsys.readouterr().err
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(pairs, project / "data")
+    shutil.copytree(pairs, elsewhere / "data")  # the same relative name, another dataset
+    monkeypatch.chdir(project)
+    relative = train_args(tiny_ckpt, Path("data"), Path("out"), cache_dir, "--max-steps", "1")
+    assert cli.main(relative) == 0
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(train_args(tiny_ckpt, project / "data", project / "out", cache_dir, "--max-steps", "2")) == 0
+    code = cli.main(train_args(tiny_ckpt, Path("data"), project / "out", cache_dir, "--max-steps", "3"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and f"dataset {project / 'data' / 'metadata.csv'} -> {elsewhere / 'data' / 'metadata.csv'}" \
+        in err[-1], err
+
+
+def test_encoder_identity_follows_content_not_copies(tiny_ckpt, tmp_path):
+    """Byte-identical copies (another node's download, cp without -p) share the cache; other weights of the same
+    size do not."""
+    import os
+    import shutil
+
+    from chronoedit.train.cache import encoder_identity
+
+    copy = Path(shutil.copytree(tiny_ckpt, tmp_path / "copy"))
+    for file in copy.rglob("*"):
+        os.utime(file, (1e9, 1e9))
+    assert encoder_identity(str(copy), ("vae",)) == encoder_identity(str(tiny_ckpt), ("vae",))
+    (weights,) = (copy / "vae").glob("*.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)  # the end of the last tensor: same size, other weights
+    weights.write_bytes(bytes(data))
+    assert encoder_identity(str(copy), ("vae",)) != encoder_identity(str(tiny_ckpt), ("vae",))
+    assert encoder_identity(str(copy), ("text_encoder",)) == encoder_identity(str(tiny_ckpt), ("text_encoder",))
+
+
 def test_torn_last_log_line_is_dropped_when_resuming(two_step_run, tiny_ckpt, pairs, cache_dir, tmp_path, capsys):
     """A crash cut the log's last write: the torn line is dropped (it was after the checkpoint anyway); a broken line
     before the last one is named in one line."""

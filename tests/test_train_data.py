@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +226,15 @@ def test_unknown_setting_in_a_config_file(tmp_path):
     path.write_text('model_path = "m"\nlora_rnak = 4\n')
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['lora_rnak'\]"):
         read_config_file(path)
+
+
+def test_a_runs_train_config_json_works_as_a_config_file(tmp_path):
+    """Its record of the base model's shape is not a setting, and is not an unknown one either."""
+    from chronoedit.train.checkpoints import run_settings
+    from chronoedit.train.config import TrainConfig, build_config
+
+    written = run_settings(TrainConfig(model_path=str(tmp_path / "m"), dataset=str(tmp_path), lora_rank=8))
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps({**written, "base_model": {"num_layers": 40}}))
+    config = build_config(read_config_file(path), {})
+    assert config.lora_rank == 8 and config.dataset == str(tmp_path / "metadata.csv")

@@ -35,7 +35,7 @@ from ..encoders import TEXT_TOKENS, encode_image, encode_text
 from ..latents import encode_condition, encode_video, image_to_tensor
 from .data import SampleSpec, clip_frames, prepared_frames
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 STAGES = ("text", "image", "latents")
 ENCODERS = {  # the checkpoint components behind each stage
     "text": ("tokenizer", "text_encoder"),
@@ -80,9 +80,13 @@ class CacheSettings:
 
 
 # ------------------------------------------------------------------------------------------------------ identity
+SAMPLE_BYTES = 1 << 16  # of each weight file, at its start, middle and end
+
+
 def encoder_identity(model_path: str, components: tuple[str, ...]) -> str:
     """A hash of some components of a checkpoint folder: their config files' contents, and each other file's name,
-    size and modification time."""
+    size and a sample of its bytes (start, middle, end: other weights of the same size differ there, while every
+    copy of the same files, on any node, hashes alike; a full hash of 20 GB of weights would take minutes)."""
     from ..loading import resolve_checkpoint
 
     root = resolve_checkpoint(model_path)
@@ -91,12 +95,19 @@ def encoder_identity(model_path: str, components: tuple[str, ...]) -> str:
         folder = root / component
         for file in sorted(folder.rglob("*")) if folder.is_dir() else []:
             if file.is_file():
-                if file.suffix == ".json":
-                    digest.update(f"{file.relative_to(root)}:".encode() + file.read_bytes())
-                else:
-                    stat = file.stat()
-                    digest.update(f"{file.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                digest.update(f"{file.relative_to(root)}:{file.stat().st_size}:".encode())
+                digest.update(file.read_bytes() if file.suffix == ".json" else _sampled_bytes(file))
     return digest.hexdigest()
+
+
+def _sampled_bytes(file: Path) -> bytes:
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        parts = []
+        for offset in sorted({0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}):
+            handle.seek(offset)
+            parts.append(handle.read(SAMPLE_BYTES))
+    return b"".join(parts)
 
 
 def file_digest(path: Path) -> str:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..lora import save_lora
-from .config import TrainConfig
+from .config import RECORD_ONLY, TrainConfig
 from .data import METADATA_NAME
-from .lora import load_lora_weights_, lora_modules
+from .lora import SHORT_TARGETS, load_lora_weights_, lora_modules
 
 CHECKPOINT_DIR = "checkpoints"
 LORA_NAME = "lora.safetensors"
@@ -89,6 +89,31 @@ def check_no_later_checkpoints(output: Path, step: int) -> None:
         )
 
 
+# The transformer's shape: a checkpoint resumes on any copy of its base model, not on another model.
+BASE_MODEL_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "in_channels",
+                     "out_channels", "patch_size", "text_dim", "freq_dim", "image_dim", "added_kv_proj_dim",
+                     "pos_embed_seq_len")  # fmt: skip
+BASE_MODEL_KEY = RECORD_ONLY  # in train_config.json, beside the settings
+
+
+def run_settings(config: TrainConfig) -> dict[str, Any]:
+    """What ``train_config.json`` holds: the settings, the dataset as its CSV's absolute path (so a resume from
+    another working directory compares the same file) and the base transformer's shape."""
+    return {**config.to_dict(), "dataset": _dataset_file(config.dataset), BASE_MODEL_KEY: base_model_shape(config)}
+
+
+def base_model_shape(config: TrainConfig) -> dict[str, Any]:
+    """The shape fields of the base model's ``transformer/config.json`` ({} when it cannot be read)."""
+    from ..loading import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(config.model_path) / "transformer" / "config.json"
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {name: saved[name] for name in BASE_MODEL_FIELDS if name in saved}
+
+
 def check_resume_settings(folder: Path, config: TrainConfig) -> None:
     """ValueError naming every setting in :data:`MUST_MATCH` that differs from the checkpoint's
     ``train_config.json`` (old -> new); a checkpoint without one (older versions) is not compared."""
@@ -107,7 +132,14 @@ def check_resume_settings(folder: Path, config: TrainConfig) -> None:
         before, after = _effective(old, name), _effective(config, name)
         unset_alpha = name == "lora_alpha" and old.lora_alpha is None and config.lora_alpha is None  # follows the rank
         if before != after and not unset_alpha:
+            if name == "lora_targets":  # compared as the layers they select, shown as written
+                before, after = old.lora_targets, config.lora_targets
             changes.append(f"{name} {_show(before)} -> {_show(after)}")
+    before, after = saved.get(BASE_MODEL_KEY) or {}, base_model_shape(config)
+    if before and after and before != after:
+        differ = [k for k in BASE_MODEL_FIELDS if before.get(k) != after.get(k)]
+        diff = ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in differ)
+        changes.append(f"base model {diff}")
     if changes:
         raise ValueError(
             f"resume: the checkpoint {folder} was trained with other settings ({'; '.join(changes)}): resume with its "
@@ -117,13 +149,21 @@ def check_resume_settings(folder: Path, config: TrainConfig) -> None:
 
 def _effective(config: TrainConfig, name: str) -> Any:
     """The value that counts: max_area only without height/width, defaults applied, the dataset as its CSV's
-    absolute path."""
+    absolute path, LoRA targets as the layers they select."""
     if name == "max_area" and config.height is not None:
         return None
-    if name == "dataset":  # a folder and its metadata.csv are the same dataset
-        path = Path(config.dataset).expanduser().resolve()
-        return str(path / METADATA_NAME if path.is_dir() else path)
+    if name == "dataset":
+        return _dataset_file(config.dataset)
+    if name == "lora_targets":  # aliases, order and repeats select the same layers
+        return sorted({SHORT_TARGETS.get(target, target) for target in config.lora_targets})
     return {"lora_alpha": config.alpha, "learning_rate": config.lr}.get(name, getattr(config, name))
+
+
+def _dataset_file(dataset: str) -> str:
+    """The dataset's CSV as an absolute path (a folder and its metadata.csv are the same dataset); saved values are
+    absolute already, so they never depend on the current directory."""
+    path = Path(dataset).expanduser().resolve()
+    return str(path / METADATA_NAME if path.is_dir() else path)
 
 
 def _show(value: Any) -> str:

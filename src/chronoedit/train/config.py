@@ -20,6 +20,7 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 # NVIDIA's (DiffSynth's) LoRA targets in original Wan names; ours in :data:`chronoedit.train.lora.SHORT_TARGETS`.
 DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+RECORD_ONLY = "base_model"  # written beside the settings in a run's train_config.json, not a setting
 
 
 @dataclass
@@ -163,6 +164,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config {path}: expected a table of settings")
     data = data.get("train", data) if isinstance(data.get("train"), dict) else data
+    data = {k: v for k, v in data.items() if k != RECORD_ONLY}  # a run's train_config.json works as a config file
     unknown = sorted(set(data) - set(field_types()))
     if unknown:
         raise ValueError(f"config {path}: unknown setting(s) {unknown}")

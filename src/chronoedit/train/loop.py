@@ -26,6 +26,7 @@ from .checkpoints import (
     check_resume_settings,
     register_lora_hooks,
     resume_folder,
+    run_settings,
     save_checkpoint,
 )
 from .config import TrainConfig
@@ -200,7 +201,7 @@ def resume(run: Run, folder: Path | None, log: Callable[[str], None]) -> int:
         log(f"resumed from {folder} at step {run.state.step}")
     if run.accelerator.is_main_process:
         truncate_log(run.config.output / LOG_NAME, run.state.step)
-        write_json(run.config.output / "train_config.json", run.config.to_dict())
+        write_json(run.config.output / "train_config.json", run_settings(run.config))
     return run.state.step
 
 
@@ -261,7 +262,7 @@ def after_step(run: Run, loss: float, seconds: float) -> None:
             handle.write(json.dumps(record) + "\n")
     last = step == cfg.max_steps
     if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
-        save_checkpoint(acc, cfg.output, step, cfg.checkpoints_total_limit, cfg.to_dict())
+        save_checkpoint(acc, cfg.output, step, cfg.checkpoints_total_limit, run_settings(cfg))
     if run.validator is not None and cfg.validation_every and (step % cfg.validation_every == 0 or last):
         with acc.autocast():
             run.validator.run(acc.unwrap_model(run.transformer), step)
