@@ -13,8 +13,9 @@ output is a file named by a hash of that stage's own inputs, so a change redoes 
   posterior means: from every file's content, the size rule and the VAE.
 
 The size rule is height and width when given (max_area then plays no part), else max_area. An encoder is known by its
-config files' contents and its other files' names, sizes and modification times (weights replaced by others of the
-same size, e.g. a fine-tuned VAE, change the time; hashing 20+ GB of weights on every run would not do). Files are
+config files' contents and its other files' names, sizes and sampled bytes (start, middle, end: weights replaced by
+others of the same size, e.g. a fine-tuned VAE, differ there, while copies on other nodes match; hashing 20+ GB of
+weights on every run would not do). Files are
 written atomically: an interrupted run keeps what it finished, and a run over a complete cache loads no encoder.
 """
 
