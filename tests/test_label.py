@@ -311,6 +311,35 @@ def test_multi_line_prompt_cut_inside_its_quotes_is_torn(capsys, server, tmp_pat
     assert [r["key"] for r in rows(metadata)] == ["a", "c"]
 
 
+@pytest.mark.parametrize(
+    ("tail", "retried"),
+    [
+        ("no chan", True),  # an unquoted reason cut mid-text looks whole: dropped and the pair asked again
+        ('"no change: the VLM said the ima', True),  # cut inside its quotes
+        ('"no change: the VLM said the image, twice"', False),  # quoted and closed: whole, kept
+    ],
+    ids=["unquoted-cut", "quoted-cut", "quoted-whole"],
+)
+def test_skipped_row_with_a_torn_reason_is_retried(capsys, server, tmp_path, tail, retried):
+    """A skipped row without its final newline is kept only when its reason is provably whole (closed quotes)."""
+    pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue"), "b": ("green", "green")})
+    out = tmp_path / "ds"
+    assert label(capsys, pairs, out, server.url)[0] == 0
+    skipped = out / "skipped.csv"
+    (header, row) = skipped.read_text().splitlines(keepends=True)
+    assert row.endswith(",no change\n")
+    skipped.write_text(header + row[: -len("no change\n")] + tail)
+    requests = len(server.requests)
+    code, stdout, _ = label(capsys, pairs, out, server.url)
+    assert code == 0
+    if retried:
+        assert "1 filtered as no change, 1 already done" in stdout and len(server.requests) == requests + 1
+        assert skipped.read_text() == header + row
+    else:
+        assert "0 filtered as no change, 2 already done" in stdout and len(server.requests) == requests
+        assert skipped.read_text() == header + row[: -len("no change\n")] + tail + "\n"
+
+
 def test_sigkill_mid_run_loses_at_most_the_pair_in_flight(capsys, tmp_path):
     pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue"), "c": ("yellow", "grey"), "d": ("blue", "red"),
                                             "e": ("grey", "green")})  # fmt: skip

@@ -13,7 +13,7 @@ writes are removed; keys already in either CSV are done. Rows are found as the c
 inside a quoted cell (a prompt edited by hand over several lines) ends no row and no quote is ever left open. A last
 row that is whole but lacks its final newline (a hand-edited file saved by an editor that drops it) is kept and the
 newline added: whole means every cell present, quotes closed, and its last cell complete (metadata.csv: the target
-image it names exists; skipped.csv: a reason).
+image it names exists; skipped.csv: a non-empty reason in closed quotes, see :func:`_skipped_row_ok`).
 One labeler per folder at a time (an flock).
 """
 
@@ -37,7 +37,7 @@ METADATA_COLUMNS = ("key", "video", "prompt", "source_image", "target_image")
 SKIPPED_COLUMNS = ("key", "source", "target", "reason")
 LOCK_NAME = ".chronoedit-label.lock"
 VIDEO_FPS = 8
-RowCheck = Callable[[dict[str, str]], bool]  # whether a parsed last row's last cell is complete
+RowCheck = Callable[[dict[str, str], str], bool]  # whether a last row (its cells, its text) has its last cell complete
 
 
 class LabelDataset:
@@ -193,17 +193,20 @@ def _whole_row(record: bytes, columns: tuple[str, ...], row_ok: RowCheck | None)
         return False
     if len(rows) != 1 or len(rows[0]) != len(columns):
         return False
-    return row_ok is None or row_ok(dict(zip(columns, rows[0], strict=True)))
+    return row_ok is None or row_ok(dict(zip(columns, rows[0], strict=True)), text)
 
 
 def _metadata_row_ok(root: Path) -> RowCheck:
     """A metadata row's last cell is complete when the target image it names exists (it is written first)."""
-    return lambda row: bool(row["target_image"]) and (root / row["target_image"]).is_file()
+    return lambda row, _text: bool(row["target_image"]) and (root / row["target_image"]).is_file()
 
 
-def _skipped_row_ok(row: dict[str, str]) -> bool:
-    """A skipped row's last cell, the reason, is never empty."""
-    return bool(row["reason"].strip())
+def _skipped_row_ok(row: dict[str, str], text: str) -> bool:
+    """A skipped row's last cell, the reason, is complete when it is non-empty and was quoted: its closing quote is
+    written last. An unquoted reason cut mid-text ("no chan") cannot be told from a whole one, so such a row is
+    taken as torn and dropped: the pair is merely asked about again (cheap, and the answer is recorded anew), which
+    beats keeping a reason that may be truncated."""
+    return bool(row["reason"].strip()) and text.endswith('"')
 
 
 def _remove_temp_files(folder: Path) -> None:
