@@ -90,6 +90,30 @@ def run(capsys, *argv):
             'So the user wants to add a hat.\n\nEnhanced prompt: "The user wants to add a red hat."',
             "The user wants to add a red hat.",
         ),
+        # a capitalised prefix after a lead-in with punctuation or digits beats a later lower-case mention
+        (
+            "Sure! Here is the enhanced prompt: The user wants to turn the red car blue, keeping its shape.\n\n"
+            "Note: the user wants to keep the background, so I left it out.",
+            "The user wants to turn the red car blue, keeping its shape.",
+        ),
+        (
+            "Step 2 result: The user wants to turn the red car blue.\n\n"
+            "Note: the user wants to keep the road unchanged.",
+            "The user wants to turn the red car blue.",
+        ),
+        # ... and an earlier lower-case mention in the same paragraph
+        (
+            "Okay, so the user wants to put a hat on the cat. Here is the rewritten prompt: The user wants to place a "
+            "red hat on the cat.",
+            "The user wants to place a red hat on the cat.",
+        ),
+        # a note is no label: a capitalised "Note: The user wants to" does not start the prompt
+        (
+            "Sure! Here is the enhanced prompt: The user wants to turn the red car blue.\n\n"
+            "Note: The user wants to keep the road, so I kept it.",
+            "The user wants to turn the red car blue.",
+        ),
+        ("Rewritten prompt:\n> The user wants to add a hat.", "The user wants to add a hat."),
     ],
 )
 def test_clean_dense_prompt(answer, expected):

@@ -266,6 +266,80 @@ def test_whole_last_row_without_a_final_newline_is_kept(capsys, server, tmp_path
     assert metadata.read_text() == original
 
 
+MULTI_LINE = "The user wants to\npaint the square grey,\nby hand."  # a prompt edited by hand over three lines
+
+
+def test_multi_line_prompt_as_the_last_row_without_a_newline_is_kept(capsys, server, tmp_path):
+    """A newline inside a quoted prompt is no row boundary: the whole last row is kept (its newline added), and the
+    next pair's row starts on a line of its own, so the CSV reads back as the rows written."""
+    pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue"), "c": ("yellow", "grey")})
+    out = tmp_path / "ds"
+    assert label(capsys, pairs, out, server.url)[0] == 0
+    metadata = out / "metadata.csv"
+    edited = metadata.read_text().replace(dense("turn the yellow square grey"), MULTI_LINE)  # quoted already
+    assert edited.endswith(f'"{MULTI_LINE}",images/c_source.png,images/c_target.png\n')
+    metadata.write_text(edited.rstrip("\n"))
+    make_pairs(pairs, {"d": ("blue", "red")})
+    requests = len(server.requests)
+    code, stdout, _ = label(capsys, pairs, out, server.url)
+    assert code == 0 and "1 labeled" in stdout and "2 already done" in stdout
+    assert len(server.requests) == requests + 2  # only d was asked about
+    assert metadata.read_text() == edited + (
+        f'd,videos/d.mp4,"{dense("turn the blue square red")}",images/d_source.png,images/d_target.png\n'
+    )
+    assert [(r["key"], r["prompt"]) for r in rows(metadata)] == [("a", dense("turn the red square blue")),
+                                                                 ("c", MULTI_LINE),
+                                                                 ("d", dense("turn the blue square red"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("cut", ["The user wants to\n", "The user wants to\npaint the squ"], ids=["at-newline", "mid"])
+def test_multi_line_prompt_cut_inside_its_quotes_is_torn(capsys, server, tmp_path, cut):
+    """A write cut inside a quoted multi-line prompt leaves no open quote behind: the row is dropped, asked again,
+    and written whole."""
+    pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue"), "c": ("yellow", "grey")})
+    out = tmp_path / "ds"
+    assert label(capsys, pairs, out, server.url)[0] == 0
+    metadata = out / "metadata.csv"
+    original = metadata.read_text()
+    lines = original.splitlines(keepends=True)
+    metadata.write_text("".join(lines[:2]) + f'c,videos/c.mp4,"{cut}')
+    requests = len(server.requests)
+    code, stdout, _ = label(capsys, pairs, out, server.url)
+    assert code == 0 and "1 labeled" in stdout and "1 already done" in stdout
+    assert len(server.requests) == requests + 2
+    assert metadata.read_text() == original
+    assert [r["key"] for r in rows(metadata)] == ["a", "c"]
+
+
+@pytest.mark.parametrize(
+    ("tail", "retried"),
+    [
+        ("no chan", True),  # an unquoted reason cut mid-text looks whole: dropped and the pair asked again
+        ('"no change: the VLM said the ima', True),  # cut inside its quotes
+        ('"no change: the VLM said the image, twice"', False),  # quoted and closed: whole, kept
+    ],
+    ids=["unquoted-cut", "quoted-cut", "quoted-whole"],
+)
+def test_skipped_row_with_a_torn_reason_is_retried(capsys, server, tmp_path, tail, retried):
+    """A skipped row without its final newline is kept only when its reason is provably whole (closed quotes)."""
+    pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue"), "b": ("green", "green")})
+    out = tmp_path / "ds"
+    assert label(capsys, pairs, out, server.url)[0] == 0
+    skipped = out / "skipped.csv"
+    (header, row) = skipped.read_text().splitlines(keepends=True)
+    assert row.endswith(",no change\n")
+    skipped.write_text(header + row[: -len("no change\n")] + tail)
+    requests = len(server.requests)
+    code, stdout, _ = label(capsys, pairs, out, server.url)
+    assert code == 0
+    if retried:
+        assert "1 filtered as no change, 1 already done" in stdout and len(server.requests) == requests + 1
+        assert skipped.read_text() == header + row
+    else:
+        assert "0 filtered as no change, 2 already done" in stdout and len(server.requests) == requests
+        assert skipped.read_text() == header + row[: -len("no change\n")] + tail + "\n"
+
+
 def test_sigkill_mid_run_loses_at_most_the_pair_in_flight(capsys, tmp_path):
     pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue"), "c": ("yellow", "grey"), "d": ("blue", "red"),
                                             "e": ("grey", "green")})  # fmt: skip

@@ -48,40 +48,37 @@ def clean_dense_prompt(answer: str) -> str:
     """The "The user wants to ..." paragraph inside a VLM answer, as one line; PromptError if there is none.
 
     Thinking blocks, markdown (fences, emphasis, headings, bullets), labels such as "Enhanced prompt:", surrounding
-    quotes and trailing notes in later paragraphs are removed; a lower-case "the user wants to" is capitalised. A
-    paragraph or line that starts with the prefix is preferred over one that merely mentions it ("Okay, so the user
-    wants to ... Here is the rewritten prompt:").
+    quotes and trailing notes in later paragraphs are removed; a lower-case "the user wants to" is capitalised. The
+    prompt is the first match of, in this order: (a) a paragraph or line that starts with "The user wants to" (capital
+    T; quotes and a label before it allowed, but not "Note:"); (b) "The user wants to" anywhere, as in "Sure! Here is
+    the enhanced prompt: The user wants to ..."; only then a lower-case mention, which is how a preamble ("Okay, so
+    the user wants to ...") or a note ("Note: the user wants to keep ...") speaks of the user: (c) at the start of a
+    paragraph or line, (d) anywhere. It runs from the match to the end of its paragraph.
     """
     text = strip_thinking(answer).replace("```", "\n\n")
     text = re.sub(r"(\*\*|__|`)", "", text)
     text = re.sub(r"(?m)^\s*(#+|>|[-*•]|\d+[.)])\s+", "", text)
     paragraphs = re.split(r"\n\s*\n", text)
-    # a paragraph (or line) that starts with the prefix wins over a preamble that only mentions it
-    for find in (_line_start, _anywhere):
+    for pattern in _PROMPT_STARTS:
         for paragraph in paragraphs:
-            start = find(paragraph)
-            body = " ".join(paragraph[start + len(PREFIX) :].split()).rstrip("\"'“”‘’ ") if start >= 0 else ""
+            match = pattern.search(paragraph)
+            body = " ".join(paragraph[match.end(1) :].split()).rstrip("\"'“”‘’ ") if match else ""
             if body:
                 return f"{PREFIX} {body}" if body[0].isalnum() else f"{PREFIX}{body}"
     shown = " ".join(text.split())[:120]
     raise PromptError(f"the VLM's answer does not contain a prompt starting with '{PREFIX}': {shown!r}")
 
 
-# the prefix at the start of a line, after quotes and an optional short label such as "Enhanced prompt:"
-_AT_LINE_START = re.compile(
-    r"^[\s\"'“”‘’]*(?:[A-Za-z][A-Za-z ]{0,30}:[\s\"'“”‘’]*)?(" + re.escape(PREFIX) + ")", re.IGNORECASE | re.MULTILINE
+# the prefix at the start of a line, after quotes and an optional short label such as "Enhanced prompt:" (a note
+# is no label: "Note: The user wants to keep the background" comments on the prompt, it is not the prompt)
+_LINE_START = r"^[\s\"'“”‘’]*(?:(?!(?i:notes?|explanation|reasoning) *:)[A-Za-z][A-Za-z ]{0,30}:[\s\"'“”‘’]*)?"
+# where the prompt starts, best first: (a) and (b) as written, "The user wants to"; (c) and (d) in any case
+_PROMPT_STARTS = (
+    re.compile(_LINE_START + f"({re.escape(PREFIX)})", re.MULTILINE),
+    re.compile(f"({re.escape(PREFIX)})"),
+    re.compile(_LINE_START + f"({re.escape(PREFIX)})", re.MULTILINE | re.IGNORECASE),
+    re.compile(f"({re.escape(PREFIX)})", re.IGNORECASE),
 )
-
-
-def _line_start(paragraph: str) -> int:
-    """Where the prefix starts a line of ``paragraph`` (quotes and a label before it allowed), else -1."""
-    match = _AT_LINE_START.search(paragraph)
-    return match.start(1) if match else -1
-
-
-def _anywhere(paragraph: str) -> int:
-    """Where the prefix first occurs in ``paragraph`` (any case), else -1."""
-    return paragraph.lower().find(PREFIX.lower())
 
 
 def enhance_prompt(vlm: VLM, image: Image.Image, instruction: str) -> str:

@@ -8,10 +8,12 @@ Layout (paths in the CSVs are relative to the dataset folder, as NVIDIA's / Diff
     DATASET/images/KEY_source.png, KEY_target.png
 
 A pair's files are written atomically first, then its CSV row is appended, flushed and fsynced, so a crash loses at
-most the pair in flight. On open, a torn last line (a write cut short) is dropped and temp files of interrupted
-writes are removed; keys already in either CSV are done. A last row that is whole but lacks its final newline (a
-hand-edited file saved by an editor that drops it) is kept and the newline added: whole means every cell present,
-quotes closed, and its last cell complete (metadata.csv: the target image it names exists; skipped.csv: a reason).
+most the pair in flight. On open, a torn last row (a write cut short) is dropped and temp files of interrupted
+writes are removed; keys already in either CSV are done. Rows are found as the csv module reads them, so a newline
+inside a quoted cell (a prompt edited by hand over several lines) ends no row and no quote is ever left open. A last
+row that is whole but lacks its final newline (a hand-edited file saved by an editor that drops it) is kept and the
+newline added: whole means every cell present, quotes closed, and its last cell complete (metadata.csv: the target
+image it names exists; skipped.csv: a non-empty reason in closed quotes, see :func:`_skipped_row_ok`).
 One labeler per folder at a time (an flock).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +37,7 @@ METADATA_COLUMNS = ("key", "video", "prompt", "source_image", "target_image")
 SKIPPED_COLUMNS = ("key", "source", "target", "reason")
 LOCK_NAME = ".chronoedit-label.lock"
 VIDEO_FPS = 8
-RowCheck = Callable[[dict[str, str]], bool]  # whether a parsed last row's last cell is complete
+RowCheck = Callable[[dict[str, str], str], bool]  # whether a last row (its cells, its text) has its last cell complete
 
 
 class LabelDataset:
@@ -138,33 +141,72 @@ def _repair_csv(path: Path, columns: tuple[str, ...], row_ok: RowCheck) -> list[
 
 
 def _whole_lines(data: bytes, columns: tuple[str, ...], row_ok: RowCheck) -> bytes:
-    """``data`` up to its last newline; plus the text after it, newline added, when that is a whole row."""
-    complete = data[: data.rfind(b"\n") + 1]
-    tail = data[len(complete) :]
-    if tail and _whole_row(tail, columns, row_ok if complete else None):  # without a newline before: the header
+    """``data`` up to the end of its last complete CSV record; a last record that lacks only its final newline is
+    kept with the newline added when it is a whole row. Only an incomplete last record is cut, at its start."""
+    start, closed = _last_record(data)
+    tail = data[start:]
+    if not tail or (closed and tail.endswith((b"\n", b"\r"))):
+        return data
+    if closed and _whole_row(tail, columns, row_ok if start else None):  # at the very start: the header
         return data + b"\n"
-    return complete
+    return data[:start]
 
 
-def _whole_row(line: bytes, columns: tuple[str, ...], row_ok: RowCheck | None) -> bool:
-    """Whether ``line`` parses as one row with every column (quotes closed) that ``row_ok`` accepts."""
+def _last_record(data: bytes) -> tuple[int, bool]:
+    """Where the last CSV record of ``data`` starts (a byte offset) and whether it ends outside quotes.
+
+    The csv module itself finds the records, as the readers later see them: a newline inside a quoted cell ends no
+    record. It is fed one physical line at a time (split as ``newline=""`` splits them), so ``line_num`` after each
+    record tells where the next one starts; a sentinel line after the data is swallowed only by a record whose
+    quotes are still open at the end of the data. A non-UTF-8 byte in the data raises UnicodeDecodeError, unless it
+    is in an unfinished last line (a write cut inside a character): that line's record is incomplete.
+    """
+    lines = data.splitlines(keepends=True)
+    texts = [line.decode("utf-8") for line in lines[:-1]]
+    torn_character = False
+    if lines:
+        try:
+            texts.append(lines[-1].decode("utf-8"))
+        except UnicodeDecodeError:
+            if lines[-1].endswith((b"\n", b"\r")):
+                raise
+            texts.append(lines[-1].decode("utf-8", errors="replace"))
+            torn_character = True
+    offsets = list(itertools.accumulate(map(len, lines), initial=0))
+    reader = csv.reader([*texts, "\n"])
+    last = start = 0  # the line index where the last record and the next one start
+    for _ in reader:
+        if start == len(lines):  # the sentinel on its own
+            break
+        if reader.line_num > len(lines):  # the sentinel swallowed into an open quoted cell
+            return offsets[start], False
+        last, start = start, reader.line_num
+    return offsets[last], not torn_character
+
+
+def _whole_row(record: bytes, columns: tuple[str, ...], row_ok: RowCheck | None) -> bool:
+    """Whether ``record`` parses as one row with every column (quotes closed) that ``row_ok`` accepts."""
     try:
-        rows = list(csv.reader(io.StringIO(line.decode("utf-8"), newline=""), strict=True))
+        text = record.decode("utf-8")
+        rows = list(csv.reader(io.StringIO(text, newline=""), strict=True))
     except (UnicodeDecodeError, csv.Error):
         return False
     if len(rows) != 1 or len(rows[0]) != len(columns):
         return False
-    return row_ok is None or row_ok(dict(zip(columns, rows[0], strict=True)))
+    return row_ok is None or row_ok(dict(zip(columns, rows[0], strict=True)), text)
 
 
 def _metadata_row_ok(root: Path) -> RowCheck:
     """A metadata row's last cell is complete when the target image it names exists (it is written first)."""
-    return lambda row: bool(row["target_image"]) and (root / row["target_image"]).is_file()
+    return lambda row, _text: bool(row["target_image"]) and (root / row["target_image"]).is_file()
 
 
-def _skipped_row_ok(row: dict[str, str]) -> bool:
-    """A skipped row's last cell, the reason, is never empty."""
-    return bool(row["reason"].strip())
+def _skipped_row_ok(row: dict[str, str], text: str) -> bool:
+    """A skipped row's last cell, the reason, is complete when it is non-empty and was quoted: its closing quote is
+    written last. An unquoted reason cut mid-text ("no chan") cannot be told from a whole one, so such a row is
+    taken as torn and dropped: the pair is merely asked about again (cheap, and the answer is recorded anew), which
+    beats keeping a reason that may be truncated."""
+    return bool(row["reason"].strip()) and text.endswith('"')
 
 
 def _remove_temp_files(folder: Path) -> None:
