@@ -243,6 +243,7 @@ def test_torn_last_line_is_repaired(capsys, server, tmp_path):
     code, stdout, _ = label(capsys, pairs, out, server.url)
     assert code == 0 and "1 labeled" in stdout and "1 already done" in stdout
     assert metadata.read_text() == "".join(lines)  # the torn line is gone and the row written again, whole
+    assert (out / "metadata.csv.torn").read_text() == lines[2][:25] + "\n"  # the cut bytes are kept, not lost
 
 
 def test_whole_last_row_without_a_final_newline_is_kept(capsys, server, tmp_path):

@@ -37,6 +37,7 @@ METADATA_COLUMNS = ("key", "video", "prompt", "source_image", "target_image")
 SKIPPED_COLUMNS = ("key", "source", "target", "reason")
 LOCK_NAME = ".chronoedit-label.lock"
 VIDEO_FPS = 8
+TORN_SUFFIX = ".torn"  # where a repair keeps the bytes of a torn last record
 RowCheck = Callable[[dict[str, str], str], bool]  # whether a last row (its cells, its text) has its last cell complete
 
 
@@ -114,8 +115,8 @@ def _append(handle: IO[str], values: tuple[str, ...]) -> None:
 
 
 def _repair_csv(path: Path, columns: tuple[str, ...], row_ok: RowCheck) -> list[dict[str, str]]:
-    """Create ``path`` with its header, or drop a torn last line (or end a whole one with its newline); return its
-    rows. ValueError for foreign columns."""
+    """Create ``path`` with its header, or drop a torn last record into ``PATH.torn`` (or end a whole one with its
+    newline); return its rows. ValueError for foreign columns."""
     data = path.read_bytes() if path.exists() else b""
     complete = _whole_lines(data, columns, row_ok)
     if not complete:
@@ -133,7 +134,11 @@ def _repair_csv(path: Path, columns: tuple[str, ...], row_ok: RowCheck) -> list[
             handle.write(b"\n")
             handle.flush()
             os.fsync(handle.fileno())
-    elif complete != data:
+    elif complete != data:  # the cut bytes are kept beside it: a hand-edit's stray quote must not lose rows for good
+        with open(path.with_name(path.name + TORN_SUFFIX), "ab") as kept:
+            kept.write(data[len(complete):] + b"\n")
+            kept.flush()
+            os.fsync(kept.fileno())
         with open(path, "r+b") as handle:
             handle.truncate(len(complete))
             os.fsync(handle.fileno())
