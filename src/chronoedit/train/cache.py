@@ -13,10 +13,10 @@ output is a file named by a hash of that stage's own inputs, so a change redoes 
   posterior means: from every file's content, the size rule and the VAE.
 
 The size rule is height and width when given (max_area then plays no part), else max_area. An encoder is known by its
-config files' contents and its other files' names, sizes and sampled bytes (start, middle, end: weights replaced by
-others of the same size, e.g. a fine-tuned VAE, differ there, while copies on other nodes match; hashing 20+ GB of
-weights on every run would not do). Files are
-written atomically: an interrupted run keeps what it finished, and a run over a complete cache loads no encoder.
+config files' contents and its other files' names, sizes and sampled bytes (16 blocks of 64 KB spread over each file:
+weights replaced by others of the same size, e.g. a fine-tuned VAE, differ there, while copies on other nodes match;
+hashing 20+ GB of weights on every run would not do). Files are written atomically: an interrupted run keeps what
+it finished, and a run over a complete cache loads no encoder.
 """
 
 from __future__ import annotations
@@ -81,13 +81,14 @@ class CacheSettings:
 
 
 # ------------------------------------------------------------------------------------------------------ identity
-SAMPLE_BYTES = 1 << 16  # of each weight file, at its start, middle and end
+SAMPLE_BYTES, SAMPLES = 1 << 16, 16  # of each weight file: 16 blocks of 64 KB spread from its start to its end
 
 
 def encoder_identity(model_path: str, components: tuple[str, ...]) -> str:
     """A hash of some components of a checkpoint folder: their config files' contents, and each other file's name,
-    size and a sample of its bytes (start, middle, end: other weights of the same size differ there, while every
-    copy of the same files, on any node, hashes alike; a full hash of 20 GB of weights would take minutes)."""
+    size and a sample of its bytes (16 blocks spread over the file, header included: other weights of the same size
+    differ there, while every copy of the same files, on any node, hashes alike; a full hash of 20 GB of weights
+    would take minutes, the sample reads 1 MB a file)."""
     from ..loading import resolve_checkpoint
 
     root = resolve_checkpoint(model_path)
@@ -105,7 +106,8 @@ def _sampled_bytes(file: Path) -> bytes:
     size = file.stat().st_size
     with file.open("rb") as handle:
         parts = []
-        for offset in sorted({0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}):
+        last = max(0, size - SAMPLE_BYTES)
+        for offset in sorted({last * i // (SAMPLES - 1) for i in range(SAMPLES)}):
             handle.seek(offset)
             parts.append(handle.read(SAMPLE_BYTES))
     return b"".join(parts)
