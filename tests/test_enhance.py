@@ -114,6 +114,16 @@ def run(capsys, *argv):
             "The user wants to turn the red car blue.",
         ),
         ("Rewritten prompt:\n> The user wants to add a hat.", "The user wants to add a hat."),
+        # a heading or a list after the prompt is not part of it
+        ("The user wants to add a hat.\n\n## Notes\nI kept the background.", "The user wants to add a hat."),
+        ("The user wants to add a hat.\n\n- Word count: 7\n- Kept the pose", "The user wants to add a hat."),
+        # a restated request that introduces the prompt, an analysis, a request label: not the prompt
+        ("The user wants to add a hat. Here is the enhanced prompt:\n\nThe user wants to place a red hat.",
+         "The user wants to place a red hat."),
+        ("**Analysis:** The user wants a hat.\n\n**Rewritten prompt:** The user wants to place a red hat.",
+         "The user wants to place a red hat."),
+        ("Understanding the request: The user wants to add a hat.\n\nThe user wants to place a red hat.",
+         "The user wants to place a red hat."),
     ],
 )
 def test_clean_dense_prompt(answer, expected):

@@ -57,21 +57,23 @@ def clean_dense_prompt(answer: str) -> str:
     """
     text = strip_thinking(answer).replace("```", "\n\n")
     text = re.sub(r"(\*\*|__|`)", "", text)
-    text = re.sub(r"(?m)^\s*(#+|>|[-*•]|\d+[.)])\s+", "", text)
+    text = re.sub(r"(?m)^[ \t]*(#+|>|[-*•]|\d+[.)])[ \t]+", "", text)  # markers go, the blank lines between stay
     paragraphs = re.split(r"\n\s*\n", text)
     for pattern in _PROMPT_STARTS:
         for paragraph in paragraphs:
             match = pattern.search(paragraph)
             body = " ".join(paragraph[match.end(1) :].split()).rstrip("\"'“”‘’ ") if match else ""
-            if body:
+            if body and not body.endswith(":"):  # "The user wants to X. Here is the prompt:" introduces the prompt
                 return f"{PREFIX} {body}" if body[0].isalnum() else f"{PREFIX}{body}"
     shown = " ".join(text.split())[:120]
     raise PromptError(f"the VLM's answer does not contain a prompt starting with '{PREFIX}': {shown!r}")
 
 
-# the prefix at the start of a line, after quotes and an optional short label such as "Enhanced prompt:" (a note
-# is no label: "Note: The user wants to keep the background" comments on the prompt, it is not the prompt)
-_LINE_START = r"^[\s\"'“”‘’]*(?:(?!(?i:notes?|explanation|reasoning) *:)[A-Za-z][A-Za-z ]{0,30}:[\s\"'“”‘’]*)?"
+# the prefix at the start of a line, after quotes and an optional short label such as "Enhanced prompt:" (a note,
+# an analysis or the restated request is no label: "Note: The user wants to keep ..." comments on the prompt)
+_NOT_LABELS = (r"notes?|explanations?|reasoning|analysis|request|draft|thinking|thoughts|understanding[a-z ]*"
+               r"|original[a-z ]*")
+_LINE_START = rf"^[\s\"'“”‘’]*(?:(?!(?i:{_NOT_LABELS}) *:)[A-Za-z][A-Za-z ]{{0,30}}:[\s\"'“”‘’]*)?"
 # where the prompt starts, best first: (a) and (b) as written, "The user wants to"; (c) and (d) in any case
 _PROMPT_STARTS = (
     re.compile(_LINE_START + f"({re.escape(PREFIX)})", re.MULTILINE),
