@@ -13,7 +13,8 @@ writes are removed; keys already in either CSV are done. Rows are found as the c
 inside a quoted cell (a prompt edited by hand over several lines) ends no row and no quote is ever left open. A last
 row that is whole but lacks its final newline (a hand-edited file saved by an editor that drops it) is kept and the
 newline added: whole means every cell present, quotes closed, and its last cell complete (metadata.csv: the target
-image it names exists; skipped.csv: a non-empty reason in closed quotes, see :func:`_skipped_row_ok`).
+image it names exists). A skipped.csv row without its newline is always taken as torn: its pair is simply asked
+again. Whatever a repair cuts is kept in ``NAME.torn`` beside the CSV.
 One labeler per folder at a time (an flock).
 """
 
@@ -207,11 +208,10 @@ def _metadata_row_ok(root: Path) -> RowCheck:
 
 
 def _skipped_row_ok(row: dict[str, str], text: str) -> bool:
-    """A skipped row's last cell, the reason, is complete when it is non-empty and was quoted: its closing quote is
-    written last. An unquoted reason cut mid-text ("no chan") cannot be told from a whole one, so such a row is
-    taken as torn and dropped: the pair is merely asked about again (cheap, and the answer is recorded anew), which
-    beats keeping a reason that may be truncated."""
-    return bool(row["reason"].strip()) and text.endswith('"')
+    """Never: a skipped row without its final newline is taken as torn. Its reason may be cut anywhere, even after a
+    closing quote (a cut inside ``""yes""`` ends in a quote too), so the pair is simply asked about again: cheap,
+    and the answer is recorded anew."""
+    return False
 
 
 def _remove_temp_files(folder: Path) -> None:

@@ -136,10 +136,9 @@ def check_resume_settings(folder: Path, config: TrainConfig) -> None:
                 before, after = old.lora_targets, config.lora_targets
             changes.append(f"{name} {_show(before)} -> {_show(after)}")
     before, after = saved.get(BASE_MODEL_KEY) or {}, base_model_shape(config)
-    if before and after and before != after:
-        differ = [k for k in BASE_MODEL_FIELDS if before.get(k) != after.get(k)]
-        diff = ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in differ)
-        changes.append(f"base model {diff}")
+    differ = [k for k in BASE_MODEL_FIELDS if before.get(k) != after.get(k)] if before and after else []
+    if differ:  # a field missing from one config and null in the other is no difference
+        changes.append("base model " + ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in differ))
     if changes:
         raise ValueError(
             f"resume: the checkpoint {folder} was trained with other settings ({'; '.join(changes)}): resume with its "
@@ -160,10 +159,12 @@ def _effective(config: TrainConfig, name: str) -> Any:
 
 
 def _dataset_file(dataset: str) -> str:
-    """The dataset's CSV as an absolute path (a folder and its metadata.csv are the same dataset); saved values are
-    absolute already, so they never depend on the current directory."""
-    path = Path(dataset).expanduser().resolve()
-    return str(path / METADATA_NAME if path.is_dir() else path)
+    """The dataset's CSV as an absolute path, its folder resolved (a folder and its metadata.csv are the same
+    dataset); saved values are absolute already, so they never depend on the current directory."""
+    path = Path(dataset).expanduser().absolute()
+    if path.is_dir():
+        path = path / METADATA_NAME
+    return str(path.parent.resolve() / path.name)  # the CSV's own name kept: it may be a link into a blob store
 
 
 def _show(value: Any) -> str:
