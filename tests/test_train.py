@@ -5,6 +5,7 @@ fine-tune saves a transformer that ``chronoedit edit --transformer`` loads."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -455,6 +456,32 @@ def test_resume_compares_what_the_settings_mean(two_step_run, tiny_ckpt, tiny_ck
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and f"dataset {project / 'data' / 'metadata.csv'} -> {elsewhere / 'data' / 'metadata.csv'}" \
         in err[-1], err
+
+
+def test_resume_accepts_the_same_model_and_dataset_in_other_forms(tiny_ckpt, pairs, cache_dir, tmp_path, capsys):
+    """A base-model config re-saved with an optional field as null, and a dataset whose metadata.csv links into a
+    blob store (a hub snapshot), given first as its folder and then as the CSV: the same run resumes."""
+    import shutil
+
+    model_a = Path(shutil.copytree(tiny_ckpt, tmp_path / "a", symlinks=True))
+    model_b = Path(shutil.copytree(tiny_ckpt, tmp_path / "b", symlinks=True))
+    for model, extra in ((model_a, {}), (model_b, {"pos_embed_seq_len": None})):
+        config_path = model / "transformer" / "config.json"
+        config = {k: v for k, v in json.loads(config_path.read_text()).items() if k != "pos_embed_seq_len"}
+        config_path.unlink()  # a copy, not the shared fixture's file
+        config_path.write_text(json.dumps({**config, **extra}))
+    snapshot, blobs = tmp_path / "snapshot", tmp_path / "blobs"
+    shutil.copytree(pairs, snapshot)
+    blobs.mkdir()
+    (snapshot / "metadata.csv").rename(blobs / "f00d")
+    (snapshot / "metadata.csv").symlink_to(blobs / "f00d")
+    out = tmp_path / "run"
+    assert cli.main(train_args(model_a, snapshot, out, cache_dir, "--max-steps", "1")) == 0
+    saved = json.loads((out / "train_config.json").read_text())["dataset"]
+    assert saved == str(snapshot.resolve() / "metadata.csv")
+    code = cli.main(train_args(model_b, snapshot / "metadata.csv", out, cache_dir, "--max-steps", "2"))
+    assert code == 0, capsys.readouterr().err
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2]
 
 
 def test_encoder_identity_follows_content_not_copies(tiny_ckpt, tmp_path):
