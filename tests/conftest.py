@@ -19,6 +19,15 @@ TINY_SPEC = TinySpec(num_attention_heads=2, attention_head_dim=16)  # D = 32; hi
 TINY_SPEC_HD128 = TinySpec(num_attention_heads=2, attention_head_dim=128, shards=3)  # real RoPE split 44/42/42
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_home(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """chronoedit's own files (demo model, remembered weight digests) go to a session folder, not the user's home
+    (tests that need another folder set CHRONOEDIT_HOME themselves)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHRONOEDIT_HOME", str(tmp_path_factory.mktemp("chronoedit_home")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_spec() -> TinySpec:
     """The spec of :func:`tiny_ckpt` (head_dim 16, 2 heads, one safetensors file)."""

@@ -13,10 +13,10 @@ output is a file named by a hash of that stage's own inputs, so a change redoes 
   posterior means: from every file's content, the size rule and the VAE.
 
 The size rule is height and width when given (max_area then plays no part), else max_area. An encoder is known by its
-config files' contents and its other files' names, sizes and sampled bytes (16 blocks of 64 KB spread over each file:
-weights replaced by others of the same size, e.g. a fine-tuned VAE, differ there, while copies on other nodes match;
-hashing 20+ GB of weights on every run would not do). Files are written atomically: an interrupted run keeps what
-it finished, and a run over a complete cache loads no encoder.
+config files' contents and its other files' names and content hashes (remembered per machine, see
+:mod:`chronoedit.train.digests`): weights replaced by others of the same size, e.g. a fine-tuned VAE, are told apart,
+while copies on other nodes match. Files are written atomically: an interrupted run keeps what it finished, and a run
+over a complete cache loads no encoder.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 from ..encoders import TEXT_TOKENS, encode_image, encode_text
 from ..latents import encode_condition, encode_video, image_to_tensor
 from .data import SampleSpec, clip_frames, prepared_frames
+from .digests import file_digest, remembered_digests
 
 CACHE_VERSION = 3
 STAGES = ("text", "image", "latents")
@@ -81,44 +82,21 @@ class CacheSettings:
 
 
 # ------------------------------------------------------------------------------------------------------ identity
-SAMPLE_BYTES, SAMPLES = 1 << 16, 16  # of each weight file: 16 blocks of 64 KB spread from its start to its end
-
-
-def encoder_identity(model_path: str, components: tuple[str, ...]) -> str:
-    """A hash of some components of a checkpoint folder: their config files' contents, and each other file's name,
-    size and a sample of its bytes (16 blocks spread over the file, header included: other weights of the same size
-    differ there, while every copy of the same files, on any node, hashes alike; a full hash of 20 GB of weights
-    would take minutes, the sample reads 1 MB a file)."""
+def encoder_identity(model_path: str, components: tuple[str, ...], digest: Callable[[Path], str]) -> str:
+    """A hash of some components of a checkpoint folder: their config files' contents, and each other file's name
+    and content ``digest`` (remembered across runs, see :mod:`chronoedit.train.digests`): other weights of the same
+    size are told apart, and every copy of the same files, on any node, gives the same identity."""
     from ..loading import resolve_checkpoint
 
     root = resolve_checkpoint(model_path)
-    digest = hashlib.sha256()
+    hasher = hashlib.sha256()
     for component in components:
         folder = root / component
         for file in sorted(folder.rglob("*")) if folder.is_dir() else []:
             if file.is_file():
-                digest.update(f"{file.relative_to(root)}:{file.stat().st_size}:".encode())
-                digest.update(file.read_bytes() if file.suffix == ".json" else _sampled_bytes(file))
-    return digest.hexdigest()
-
-
-def _sampled_bytes(file: Path) -> bytes:
-    size = file.stat().st_size
-    with file.open("rb") as handle:
-        parts = []
-        last = max(0, size - SAMPLE_BYTES)
-        for offset in sorted({last * i // (SAMPLES - 1) for i in range(SAMPLES)}):
-            handle.seek(offset)
-            parts.append(handle.read(SAMPLE_BYTES))
-    return b"".join(parts)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+                hasher.update(f"{file.relative_to(root)}:".encode())
+                hasher.update(file.read_bytes() if file.suffix == ".json" else digest(file).encode())
+    return hasher.hexdigest()
 
 
 def _stage_file(cache_dir: Path, stage: str, payload: dict[str, Any]) -> Path:
@@ -131,9 +109,16 @@ def _text_file(cache_dir: Path, prompt: str, settings: CacheSettings, encoder: s
     return _stage_file(cache_dir, "text", {"prompt": prompt, "encoder": encoder, "dtype": settings.text_dtype})
 
 
-def cache_entries(specs: list[SampleSpec], cache_dir: Path, settings: CacheSettings) -> list[CacheEntry]:
+def encoder_identities(model_path: str, log: Callable[[str], None] = lambda _: None) -> dict[str, str]:
+    """Each stage's encoder identity (weights hashed once per machine, then remembered)."""
+    with remembered_digests(log) as digest:
+        return {stage: encoder_identity(model_path, names, digest) for stage, names in ENCODERS.items()}
+
+
+def cache_entries(specs: list[SampleSpec], cache_dir: Path, settings: CacheSettings,
+                  log: Callable[[str], None] = lambda _: None) -> list[CacheEntry]:  # fmt: skip
     """Each sample's entry: its three files, named by the inputs of each stage."""
-    encoders = {stage: encoder_identity(settings.model_path, names) for stage, names in ENCODERS.items()}
+    encoders = encoder_identities(settings.model_path, log)
     entries = []
     for spec in specs:
         files = [file_digest(p) for p in (spec.source, spec.target, spec.video) if p is not None]
@@ -148,8 +133,7 @@ def cache_entries(specs: list[SampleSpec], cache_dir: Path, settings: CacheSetti
 
 def negative_file(cache_dir: Path, settings: CacheSettings) -> Path:
     """The cached text embedding of the empty prompt (validation's negative)."""
-    encoder = encoder_identity(settings.model_path, ENCODERS["text"])
-    return _text_file(cache_dir, NEGATIVE_PROMPT, settings, encoder)
+    return _text_file(cache_dir, NEGATIVE_PROMPT, settings, encoder_identities(settings.model_path)["text"])
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -161,7 +145,7 @@ def build_cache(
     Each stage is its own function, so its encoder is unreferenced (and freed) before the next one loads."""
     from ..memory import free_device_cache
 
-    entries = cache_entries(specs, cache_dir, settings)
+    entries = cache_entries(specs, cache_dir, settings, log)
     negative = negative_file(cache_dir, settings)
     for stage in (_text_stage, _image_stage, _latent_stage):
         stage(entries, negative, settings, device, log)
