@@ -450,6 +450,18 @@ def test_errors_shown_to_clients_carry_no_server_paths(tmp_path):
                      "server has none (none in <model>/lora)")  # fmt: skip
 
 
+def test_a_relative_state_dir_is_hidden_without_touching_words(tmp_path, demo_home, monkeypatch):
+    """``--state-dir st``: its absolute path is hidden, and "num_inference_steps" keeps its "st"."""
+    monkeypatch.chdir(tmp_path)
+    with TestClient(create_app(make_state(Path("st"), "--max-steps", "4"))) as client:
+        response = submit(client, {"prompt": "x", "num_inference_steps": 5})
+    assert response.status_code == 422
+    assert response.json()["detail"] == "num_inference_steps 5 is over this server's limit of 4"
+    from chronoedit.serve.editing import redact
+
+    assert redact(f"cannot write {tmp_path}/st/results/x", {"<state>": Path("st")}) == "cannot write <state>/results/x"
+
+
 def test_enhance_prompt_through_an_openai_compatible_endpoint(tmp_path, demo_home, client):
     from vlm_fakes import FakeOpenAIServer, user_images
 

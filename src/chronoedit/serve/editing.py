@@ -71,10 +71,12 @@ def _check_pixels(image: Image.Image, limits: Limits) -> None:
 
 
 def redact(text: str, paths: dict[str, Path]) -> str:
-    """``text`` with each server path replaced by its placeholder (clients never see the server's folders)."""
-    for placeholder, path in sorted(paths.items(), key=lambda item: -len(str(item[1]))):
-        for form in {str(path), str(path.resolve())}:
-            text = text.replace(form, placeholder)
+    """``text`` with each server path, absolute and resolved, replaced by its placeholder (clients never see the
+    server's folders). A relative path is never matched as written: "st" would hit words."""
+    forms = [(form, placeholder) for placeholder, path in paths.items()
+             for form in {str(path.absolute()), str(path.resolve())}]  # fmt: skip
+    for form, placeholder in sorted(forms, key=lambda item: -len(item[0])):  # longest first: nested folders
+        text = text.replace(form, placeholder)
     return text
 
 
