@@ -281,22 +281,13 @@ def test_sigkill_then_rerun_loses_nothing(tiny_ckpt, tmp_path):
 
 def test_row_presets_switch_loras_per_row(capsys, tiny_ckpt, tmp_path, monkeypatch):
     """A row's preset loads its LoRA once and makes it active only for that row, with its own flow shift."""
-    import torch
-    from safetensors.torch import save_file
+    from tiny_loras import attention_lora
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     for child in tiny_ckpt.iterdir():
         (ckpt / child.name).symlink_to(child)
-    config = json.loads((tiny_ckpt / "transformer" / "config.json").read_text())
-    dim = config["num_attention_heads"] * config["attention_head_dim"]
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name in ("to_q", "to_k", "to_v"):
-        tensors[f"transformer.blocks.0.attn1.{name}.lora_A.weight"] = torch.randn(4, dim, generator=g)
-        tensors[f"transformer.blocks.0.attn1.{name}.lora_B.weight"] = torch.randn(dim, 4, generator=g)
-    (ckpt / "lora").mkdir()
-    save_file(tensors, ckpt / "lora" / "chronoedit_distill_lora.safetensors")
+    attention_lora(tiny_ckpt, ckpt / "lora" / "chronoedit_distill_lora.safetensors")
 
     seen = []
     real = edit_cmd.generate

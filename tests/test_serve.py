@@ -602,29 +602,15 @@ def test_retention_period_must_be_positive(tmp_path, value):
 # ---------------------------------------------------------------- server-wide flags
 
 
-def _attention_lora(ckpt: Path, path: Path) -> Path:
-    """A small random LoRA on the first block's self-attention of the checkpoint's transformer (diffusers names)."""
-    import torch
-    from safetensors.torch import save_file
-
-    config = json.loads((ckpt / "transformer" / "config.json").read_text())
-    dim = config["num_attention_heads"] * config["attention_head_dim"]
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name in ("to_q", "to_k", "to_v"):
-        tensors[f"transformer.blocks.0.attn1.{name}.lora_A.weight"] = torch.randn(4, dim, generator=g)
-        tensors[f"transformer.blocks.0.attn1.{name}.lora_B.weight"] = torch.randn(dim, 4, generator=g)
-    save_file(tensors, str(path))
-    return path
-
-
 def test_the_servers_preset_keeps_its_trigger_around_an_enhanced_prompt(tmp_path, tiny_ckpt):
     from vlm_fakes import FakeOpenAIServer
 
     from chronoedit.presets import PRESETS
 
     dense = "The user wants to make it sharper; everything else stays as it is."
-    lora = _attention_lora(tiny_ckpt, tmp_path / "my_upscale_lora.safetensors")
+    from tiny_loras import attention_lora
+
+    lora = attention_lora(tiny_ckpt, tmp_path / "my_upscale_lora.safetensors")
     fake = FakeOpenAIServer(lambda request: dense)
     try:
         flags = ["--model-path", str(tiny_ckpt), "--preset", "upscale", "--lora-path", str(lora),
