@@ -124,6 +124,11 @@ def run(capsys, *argv):
          "The user wants to place a red hat."),
         ("Understanding the request: The user wants to add a hat.\n\nThe user wants to place a red hat.",
          "The user wants to place a red hat."),
+        # a prompt that goes on as a list (the model ignored "no lists"): the list's items join it
+        ("The user wants to add a hat. These stay as they are:\n\n- the cat's face\n- the sofa",
+         "The user wants to add a hat. These stay as they are: the cat's face; the sofa"),
+        ("Sure.\n\nThe user wants to turn the car blue while keeping:\n\n1. the driver\n2. the road",
+         "The user wants to turn the car blue while keeping: the driver; the road"),
     ],
 )
 def test_clean_dense_prompt(answer, expected):

@@ -59,14 +59,24 @@ def clean_dense_prompt(answer: str) -> str:
     text = re.sub(r"(\*\*|__|`)", "", text)
     text = re.sub(r"(?m)^[ \t]*(#+|>|[-*•]|\d+[.)])[ \t]+", "", text)  # markers go, the blank lines between stay
     paragraphs = re.split(r"\n\s*\n", text)
+    introducing = None  # a prompt ending in ':' ("... Here is the prompt:", or a list of what stays follows)
     for pattern in _PROMPT_STARTS:
-        for paragraph in paragraphs:
+        for i, paragraph in enumerate(paragraphs):
             match = pattern.search(paragraph)
             body = " ".join(paragraph[match.end(1) :].split()).rstrip("\"'“”‘’ ") if match else ""
-            if body and not body.endswith(":"):  # "The user wants to X. Here is the prompt:" introduces the prompt
-                return f"{PREFIX} {body}" if body[0].isalnum() else f"{PREFIX}{body}"
+            if body.endswith(":"):
+                items = [line.strip() for rest in paragraphs[i + 1 :] for line in rest.splitlines() if line.strip()]
+                introducing = introducing or f"{body} {'; '.join(items)}"  # the list's items, one after another
+            elif body:
+                return _with_prefix(body)
+    if introducing is not None:  # nothing else: the prompt went on as a list
+        return _with_prefix(" ".join(introducing.split()).rstrip("\"'“”‘’ "))
     shown = " ".join(text.split())[:120]
     raise PromptError(f"the VLM's answer does not contain a prompt starting with '{PREFIX}': {shown!r}")
+
+
+def _with_prefix(body: str) -> str:
+    return f"{PREFIX} {body}" if body[0].isalnum() else f"{PREFIX}{body}"
 
 
 # the prefix at the start of a line, after quotes and an optional short label such as "Enhanced prompt:" (a note,
