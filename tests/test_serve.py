@@ -459,7 +459,23 @@ def test_a_relative_state_dir_is_hidden_without_touching_words(tmp_path, demo_ho
     assert response.json()["detail"] == "num_inference_steps 5 is over this server's limit of 4"
     from chronoedit.serve.editing import redact
 
-    assert redact(f"cannot write {tmp_path}/st/results/x", {"<state>": Path("st")}) == "cannot write <state>/results/x"
+    state = {"<state>": Path("st")}
+    for shown in (f"cannot write {tmp_path}/st/results/x", "cannot write st/results/x", "cannot write 'st/results/x'"):
+        assert redact(shown, state).replace("'", "") == "cannot write <state>/results/x"
+    words = "num_inference_steps in steps/st.png or best/st"
+    assert redact(words, state) == words
+
+
+def test_a_hub_id_models_cache_folder_is_hidden(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from chronoedit.serve.editing import redact
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    state = make_state(tmp_path / "state", "--model-path", "acme/ChronoEdit-14B-Diffusers")
+    error = f"no weights in {tmp_path}/hub/models--acme--ChronoEdit-14B-Diffusers/snapshots/aaaa/transformer"
+    assert redact(error, state.worker.redact) == "no weights in <hub-cache>/models--acme--ChronoEdit-14B-Diffusers/" \
+        "snapshots/aaaa/transformer"
 
 
 def test_enhance_prompt_through_an_openai_compatible_endpoint(tmp_path, demo_home, client):

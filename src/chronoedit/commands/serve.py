@@ -122,6 +122,10 @@ def build_state(args: argparse.Namespace) -> Any:
     private = {"<state>": args.state_dir}  # server folders never shown to clients
     if model_job.model_path != edit_cmd.DEMO:
         private["<model>"] = Path(model_job.model_path)
+        if not private["<model>"].is_dir():  # a hub id: its files live in the hub cache
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            private["<hub-cache>"] = Path(HF_HUB_CACHE)
     if model_job.transformer_path is not None:
         private["<transformer>"] = model_job.transformer_path
     folders = [folder for path, _ in model_job.loras for folder in (path.absolute().parent, path.resolve().parent)]

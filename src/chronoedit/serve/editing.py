@@ -71,12 +71,13 @@ def _check_pixels(image: Image.Image, limits: Limits) -> None:
 
 
 def redact(text: str, paths: dict[str, Path]) -> str:
-    """``text`` with each server path, absolute and resolved, replaced by its placeholder (clients never see the
-    server's folders). A relative path is never matched as written: "st" would hit words."""
-    forms = [(form, placeholder) for placeholder, path in paths.items()
-             for form in {str(path.absolute()), str(path.resolve())}]  # fmt: skip
-    for form, placeholder in sorted(forms, key=lambda item: -len(item[0])):  # longest first: nested folders
-        text = text.replace(form, placeholder)
+    """``text`` with each server path replaced by its placeholder (clients never see the server's folders): as
+    given, absolute and resolved, each only as a whole path ("st" is hidden in "st/results", not in "steps")."""
+    forms = {form: placeholder for placeholder, path in paths.items()
+             for form in (str(path), str(path.absolute()), str(path.resolve()))
+             if form not in ("", ".", "/")}  # fmt: skip
+    for form in sorted(forms, key=len, reverse=True):  # longest first: nested folders
+        text = re.sub(rf"(?<![\w./-]){re.escape(form)}(?=[/\\'\"\s:;,)]|$)", lambda _, p=forms[form]: p, text)
     return text
 
 
