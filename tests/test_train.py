@@ -479,9 +479,38 @@ def test_resume_accepts_the_same_model_and_dataset_in_other_forms(tiny_ckpt, pai
     assert cli.main(train_args(model_a, snapshot, out, cache_dir, "--max-steps", "1")) == 0
     saved = json.loads((out / "train_config.json").read_text())["dataset"]
     assert saved == str(snapshot.resolve() / "metadata.csv")
+    record = out / "checkpoints" / "checkpoint-000001" / "train_config.json"  # as earlier versions saved it
+    record.write_text(json.dumps({**json.loads(record.read_text()), "dataset": str(blobs / "f00d")}))
     code = cli.main(train_args(model_b, snapshot / "metadata.csv", out, cache_dir, "--max-steps", "2"))
     assert code == 0, capsys.readouterr().err
     assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2]
+
+
+def test_weights_are_hashed_once_per_process_without_a_writable_home_and_again_after_a_rewrite(
+        tiny_ckpt, tmp_path, monkeypatch):  # fmt: skip
+    import os
+    import shutil
+
+    from chronoedit.train import digests
+    from chronoedit.train.cache import encoder_identities
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("CHRONOEDIT_HOME", str(tmp_path / "file" / "home"))  # cannot be created
+    hashed, notes = [], []
+    real = digests.file_digest
+    monkeypatch.setattr(digests, "file_digest", lambda path: hashed.append(path) or real(path))
+    model = Path(shutil.copytree(tiny_ckpt, tmp_path / "model"))
+    first = encoder_identities(str(model), notes.append)
+    weights = len(hashed)
+    assert weights and encoder_identities(str(model), notes.append) == first and len(hashed) == weights
+    assert len([n for n in notes if n.startswith("note: cannot remember weight digests")]) == 1
+    (vae,) = (model / "vae").glob("*.safetensors")
+    stat, data = vae.stat(), bytearray(vae.read_bytes())
+    data[len(data) // 2] ^= 1
+    with open(vae, "r+b") as handle:  # rewritten in place, size and modification time kept (cp -p, rsync -t)
+        handle.write(bytes(data))
+    os.utime(vae, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert encoder_identities(str(model))["latents"] != first["latents"]
 
 
 def test_encoder_identity_follows_content_not_copies(tiny_ckpt, tmp_path, monkeypatch):

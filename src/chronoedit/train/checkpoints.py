@@ -131,7 +131,8 @@ def check_resume_settings(folder: Path, config: TrainConfig) -> None:
     for name in (n for n in MUST_MATCH if lora or not n.startswith("lora_")):
         before, after = _effective(old, name), _effective(config, name)
         unset_alpha = name == "lora_alpha" and old.lora_alpha is None and config.lora_alpha is None  # follows the rank
-        if before != after and not unset_alpha:
+        same_file = name == "dataset" and Path(before).resolve() == Path(after).resolve()  # e.g. saved as its blob
+        if before != after and not unset_alpha and not same_file:
             if name == "lora_targets":  # compared as the layers they select, shown as written
                 before, after = old.lora_targets, config.lora_targets
             changes.append(f"{name} {_show(before)} -> {_show(after)}")

@@ -1,7 +1,8 @@
 """Content hashes of large files (encoder weights), each file read once per machine.
 
-A file's SHA-256 is remembered in ``$CHRONOEDIT_HOME/file-digests.json`` (default ``~/.cache/chronoedit``) under its
-resolved path, size and modification time; a file that changes, or another copy of it, is hashed again. Hashing the
+A file's SHA-256 is remembered in ``$CHRONOEDIT_HOME/file-digests.json`` (default ``~/.cache/chronoedit``), and for
+the life of the process, under its resolved path, inode, size, modification and change times (a rewrite changes the
+change time, which no tool sets back); a file that changes, or another copy of it, is hashed again. Hashing the
 14B checkpoint's encoders (about 13 GB) takes a few tens of seconds once; later runs only stat the files.
 """
 
@@ -18,6 +19,7 @@ from ..io import atomic_path
 
 MEMO_NAME = "file-digests.json"
 BLOCK = 1 << 20
+_SEEN: dict[str, str] = {}  # this process's digests (when the memo file cannot be written, still hashed once)
 
 
 def memo_path() -> Path:
@@ -44,19 +46,22 @@ def remembered_digests(log: Callable[[str], None] = lambda _: None) -> Iterator[
         memo = memo if isinstance(memo, dict) else {}
     except (OSError, ValueError):
         memo = {}
+    memo.update(_SEEN)
     added: dict[str, str] = {}
 
     def digest(file: Path) -> str:
         stat = file.stat()
-        key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = f"{file.resolve()}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
         if key not in memo:
             log(f"hashing {file.name} ({stat.st_size / 1e9:.1f} GB) once, to key the cache by the weights' content")
-            memo[key] = added[key] = file_digest(file)
+            memo[key] = added[key] = _SEEN[key] = file_digest(file)
         return memo[key]
 
     yield digest
     if added:
-        with contextlib.suppress(OSError):
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps(memo, indent=0, sort_keys=True), encoding="utf-8")
+        except OSError as err:
+            log(f"note: cannot remember weight digests in {path} ({err.strerror or err}): later runs hash again")
