@@ -7,6 +7,7 @@ Imported by ``test_vlm.py``, ``test_enhance.py`` and ``test_label.py``. Nothing 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -89,7 +90,8 @@ def _handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             if status != 200:
                 self.send_header("retry-after-ms", "10")
             self.end_headers()
-            self.wfile.write(data)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that timed out and left
+                self.wfile.write(data)
 
         def log_message(self, *args: Any) -> None:  # quiet
             pass
