@@ -654,3 +654,17 @@ def test_each_cache_stage_is_redone_only_when_its_own_inputs_change(tiny_ckpt, p
     assert loads == []
     cache_once(data, cache, tiny_ckpt, size=16)
     assert loads == ["image_processor", "image_encoder", "vae"]
+
+
+def test_a_second_run_in_the_same_output_folder_is_refused(tiny_ckpt, pairs, cache_dir, tmp_path, capsys):
+    """Two runs in one folder would resume, log and checkpoint over each other: the second is one error line."""
+    from chronoedit.io import locked
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with locked(out / ".chronoedit-train.lock", "held by the first run"):
+        code = cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"chronoedit: error: another chronoedit train is using {out}"]
+    assert not (out / "train_log.jsonl").exists()
+    assert cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "1")) == 0  # once it is free

@@ -12,6 +12,8 @@ import types
 from dataclasses import fields
 from typing import Any
 
+from . import edit as edit_cmd
+
 EPILOG = """\
 dataset: a folder with metadata.csv (or a CSV file), paths relative to it, one of
   key,video,prompt,source_image,target_image   (chronoedit label; the images are used when given)
@@ -89,6 +91,7 @@ def handle(args: argparse.Namespace) -> int:
         values.pop(key, None)
     file_values = read_config_file(config_file) if config_file else {}
     config = build_config(file_values, values)
+    edit_cmd._quiet_libraries(config.quiet)  # no weight-loading bars from transformers / diffusers
     result = train(config, log=_log(config.quiet))
     if not result.main_process:
         return 0

@@ -36,6 +36,7 @@ from .flow import flow_matching_loss
 from .lora import add_lora, count, lora_modules_from_state, trainable_parameters
 
 LOG_NAME = "train_log.jsonl"
+LOCK_NAME = ".chronoedit-train.lock"
 LORA_OUTPUT = "lora.safetensors"
 COMFYUI_LORA_OUTPUT = "lora_comfyui.safetensors"  # the same LoRA with the original Wan names (ComfyUI's loaders)
 TRANSFORMER_OUTPUT = "transformer"
@@ -73,6 +74,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     accelerator = make_accelerator(config)
     if not accelerator.is_main_process:
         log = _silent
+    owner = _lock_output(config, accelerator)  # one run per output folder (held by the main process)
     try:
         set_seed(config.seed)
         checkpoint = resume_folder(config.output, config.resume)  # a refused resume fails before anything loads
@@ -90,8 +92,21 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         output = save_result(run)
         return TrainResult(output, run.state.step, resumed, losses, seconds, accelerator.is_main_process)
     finally:
+        if owner is not None:
+            owner.close()
         accelerator.end_training()
         _reset_accelerate_state()
+
+
+def _lock_output(config: TrainConfig, accelerator: Any) -> Any:
+    """The main process's lock on the output folder: a second run there would resume, log and checkpoint over the
+    first one's files."""
+    from ..io import hold_lock
+
+    if not accelerator.is_main_process:
+        return None
+    config.output.mkdir(parents=True, exist_ok=True)
+    return hold_lock(config.output / LOCK_NAME, f"another chronoedit train is using {config.output}")
 
 
 def make_accelerator(config: TrainConfig) -> Any:
