@@ -176,8 +176,10 @@ def test_health_config_and_openapi(client):
     config = client.get("/v1/config").json()
     assert {p["name"] for p in config["presets"]} >= {"distill", "upscale", "paint-brush"}
     assert config["limits"]["max_steps"] == 6 and config["defaults"]["num_inference_steps"] == 2
-    paths = client.get("/openapi.json").json()["paths"]
-    assert "/v1/edits" in paths and "/v1/edits/{job_id}" in paths
+    spec = client.get("/openapi.json").json()
+    assert "/v1/edits" in spec["paths"] and "/v1/edits/{job_id}" in spec["paths"]
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"  # /docs can send the token
+    assert spec["paths"]["/v1/edits"]["post"]["security"] == [{"HTTPBearer": []}]
 
 
 def test_fifty_concurrent_submissions_all_complete(tmp_path, demo_home):
@@ -671,3 +673,27 @@ def test_the_servers_seed_applies_to_jobs_without_one(tmp_path, demo_home):
 def test_default_steps_over_the_step_limit_fail_at_start(tmp_path, demo_home):
     with pytest.raises(ValueError, match=r"server's 2 denoising steps per job .* over --max-steps 1"):
         make_state(tmp_path, "--max-steps", "1")
+
+
+def test_a_busy_port_is_one_error_line_before_anything_loads(tmp_path, capsys):
+    import socket
+
+    from chronoedit import cli
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        code = cli.main(["serve", "--port", str(port), "--state-dir", str(tmp_path / "state"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"chronoedit: error: cannot listen on 127.0.0.1:{port}")
+    assert not (tmp_path / "state").exists()  # nothing opened, nothing loaded
+
+
+def test_stopping_while_the_model_loads_does_not_wait_for_it(tmp_path, demo_home):
+    state = make_state(tmp_path)
+    gate = threading.Event()
+    state.worker.runner.load = lambda: gate.wait(30)
+    state.worker.start()
+    started = time.monotonic()
+    state.worker.stop()
+    assert time.monotonic() - started < 5 and state.worker.alive  # the loading thread is left to the process's end
+    gate.set()

@@ -82,6 +82,7 @@ def handle(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as exc:
         raise ValueError("chronoedit serve needs the serve extra: pip install 'chronoedit[serve]'") from exc
+    _check_port(args.host, args.port)  # before anything loads or is printed
     state = build_state(args)
     from ..serve.app import create_app
 
@@ -166,6 +167,17 @@ def _limits(args: argparse.Namespace) -> Any:
                   max_queue=args.max_queue, max_steps=args.max_steps,
                   max_reasoning_steps=args.max_reasoning_steps,
                   keep_results_hours=args.keep_results_hours)  # fmt: skip
+
+
+def _check_port(host: str, port: int) -> None:
+    """ValueError when ``host:port`` cannot be listened on (in use, no such address, not allowed)."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        socket.create_server((host, port), family=family).close()
+    except OSError as err:
+        raise ValueError(f"cannot listen on {_url_host(host)}:{port}: {err.strerror or err}") from None
 
 
 def _is_loopback(host: str) -> bool:

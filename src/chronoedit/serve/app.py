@@ -105,9 +105,12 @@ def describe_validation(errors: Any) -> str:
 
 
 def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
-    from fastapi import APIRouter
+    from fastapi import APIRouter, Depends
+    from fastapi.security import HTTPBearer
 
-    router = APIRouter(prefix="/v1")
+    # The token itself is checked by the guard middleware; this declares it, so /docs offers "Authorize".
+    bearer = HTTPBearer(auto_error=False, description="the server's token, when it was started with one")
+    router = APIRouter(prefix="/v1", dependencies=[Depends(bearer)])
 
     @router.post("/edits", status_code=202, summary="Queue an edit")
     def submit(

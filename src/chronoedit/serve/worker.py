@@ -83,6 +83,8 @@ class Worker:
         """Stop: the running job is interrupted at its next step and re-queued (waits at most ``timeout`` s)."""
         self._stop.set()
         self._wake.set()
+        if self.state == LOADING:  # a load cannot be interrupted: the daemon thread ends with the process
+            return
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
 
