@@ -668,3 +668,14 @@ def test_a_second_run_in_the_same_output_folder_is_refused(tiny_ckpt, pairs, cac
     assert code == 2 and err == [f"chronoedit: error: another chronoedit train is using {out}"]
     assert not (out / "train_log.jsonl").exists()
     assert cli.main(train_args(tiny_ckpt, pairs, out, cache_dir, "--max-steps", "1")) == 0  # once it is free
+
+
+def test_caching_shows_a_bar_per_stage_unless_quiet(tiny_ckpt, pairs, tmp_path, capsys):
+    args = [a for a in train_args(tiny_ckpt, pairs, tmp_path / "out", tmp_path / "cache", "--max-steps", "1")
+            if a != "--quiet"]  # fmt: skip
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    for stage in ("caching prompts", "caching CLIP tokens", "caching latents"):
+        assert f"{stage}: 100%" in err and "4/4" in err, err[-2000:]
+    quiet = train_args(tiny_ckpt, pairs, tmp_path / "out2", tmp_path / "cache2", "--max-steps", "1")
+    assert cli.main(quiet) == 0 and "caching" not in capsys.readouterr().err

@@ -72,6 +72,7 @@ class CacheSettings:
     width: int | None
     max_area: int
     text_dtype: str  # the text encoder's dtype name ("float32", "bfloat16")
+    show_progress: bool = False  # a bar per stage (samples encoded / to encode); not part of any key
 
     @property
     def size_rule(self) -> dict[str, int]:
@@ -170,7 +171,7 @@ def _text_stage(entries: list[CacheEntry], negative: Path, settings: CacheSettin
     if not todo and negative.is_file():
         return
     with _loaded(settings, ENCODERS["text"], device, log) as (tokenizer, text_encoder):
-        for entry in todo:
+        for entry in _bar(todo, "caching prompts", settings):
             embeds = _real_tokens(encode_text(tokenizer, text_encoder, [entry.spec.prompt])[0])
             _save(entry.file("text"), {"prompt_embeds": embeds})
         if not negative.is_file():
@@ -184,7 +185,7 @@ def _image_stage(entries: list[CacheEntry], negative: Path, settings: CacheSetti
     if not todo:
         return
     with _loaded(settings, ENCODERS["image"], device, log) as (processor, image_encoder):
-        for entry in todo:
+        for entry in _bar(todo, "caching CLIP tokens", settings):
             source = _frames(entry, settings)[0]
             _save(entry.file("image"), {"image_embeds": encode_image(processor, image_encoder, [source])[0]})
 
@@ -196,8 +197,14 @@ def _latent_stage(entries: list[CacheEntry], negative: Path, settings: CacheSett
     if not todo:
         return
     with _loaded(settings, ENCODERS["latents"], device, log) as (vae,):
-        for entry in todo:
+        for entry in _bar(todo, "caching latents", settings):
             _save(entry.file("latents"), _encode_latents(vae, _frames(entry, settings)))
+
+
+def _bar(todo: list[CacheEntry], desc: str, settings: CacheSettings) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(todo, desc=desc, unit="sample", disable=not settings.show_progress, dynamic_ncols=True)
 
 
 def _frames(entry: CacheEntry, settings: CacheSettings) -> list[Any]:

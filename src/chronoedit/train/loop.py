@@ -82,7 +82,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             check_resume_settings(checkpoint, config)
         specs = read_dataset(config.dataset)
         check_dataset(specs)
-        settings = cache_settings(config, accelerator.device)
+        settings = cache_settings(config, accelerator.device, show_progress=accelerator.is_main_process)
         with accelerator.main_process_first():
             entries = build_cache(specs, config.cache, settings, accelerator.device, log)
         check_batch_shapes(entries, config.batch_size)
@@ -121,10 +121,11 @@ def make_accelerator(config: TrainConfig) -> Any:
     )
 
 
-def cache_settings(config: TrainConfig, device: torch.device) -> CacheSettings:
+def cache_settings(config: TrainConfig, device: torch.device, show_progress: bool = False) -> CacheSettings:
     """UMT5 runs in bf16 on a GPU with bf16 training (fp32 UMT5-XXL is 22 GB), else in fp32."""
     text_dtype = "bfloat16" if device.type == "cuda" and config.mixed_precision == "bf16" else "float32"
-    return CacheSettings(config.model_path, config.height, config.width, config.max_area, text_dtype)
+    return CacheSettings(config.model_path, config.height, config.width, config.max_area, text_dtype,
+                         show_progress=show_progress and not config.quiet)  # fmt: skip
 
 
 def build_transformer(config: TrainConfig, log: Callable[[str], None]) -> torch.nn.Module:
