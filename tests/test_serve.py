@@ -697,3 +697,14 @@ def test_stopping_while_the_model_loads_does_not_wait_for_it(tmp_path, demo_home
     state.worker.stop()
     assert time.monotonic() - started < 5 and state.worker.alive  # the loading thread is left to the process's end
     gate.set()
+
+
+def test_serve_offers_no_local_enhancer_flags(capsys):
+    """serve runs the enhancer through an endpoint only: its help has no local-model device or dtype."""
+    from chronoedit import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "--prompt-enhancer-base-url" in text and "--prompt-enhancer-device" not in text
+    assert "local model folder" not in text

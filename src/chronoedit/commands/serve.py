@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     edit_cmd._add_lora_args(parser)
     from ..vlm.cli import add_vlm_args
 
-    add_vlm_args(parser, prefix=ENHANCER_PREFIX, title="prompt enhancer (for requests with enhance_prompt)")
+    add_vlm_args(parser, prefix=ENHANCER_PREFIX, title="prompt enhancer (for requests with enhance_prompt)",
+                 endpoint_only=True)  # a local VLM would share the GPU with the edit model on every job
     parser.set_defaults(handler=handle, num_frames=None, seed=None)
     for action in parser._actions:  # a server's jobs are seeded at random unless --seed fixes them
         if action.dest == "seed":

@@ -15,28 +15,30 @@ DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
 def add_vlm_args(parser: argparse.ArgumentParser, prefix: str = "vlm", title: str = "vision-language model",
-                 group: argparse._ArgumentGroup | None = None) -> argparse._ArgumentGroup:  # fmt: skip
+                 group: argparse._ArgumentGroup | None = None,
+                 endpoint_only: bool = False) -> argparse._ArgumentGroup:  # fmt: skip
     """Add ``--PREFIX-model``, ``--PREFIX-base-url`` and the backend knobs as one argument group (a new one titled
-    ``title``, or ``group``); returns the group."""
+    ``title``, or ``group``); returns the group. ``endpoint_only``: no local-model flags (device, dtype)."""
     group = group if group is not None else parser.add_argument_group(title)
     flag = f"--{prefix}"
-    group.add_argument(
-        f"{flag}-model", metavar="MODEL", default=None,
-        help=f"local model folder or hub id of a Qwen2.5-VL / Qwen3-VL class model (default {DEFAULT_VLM_MODEL}); "
-        f"with {flag}-base-url the model name the server serves",
-    )  # fmt: skip
+    served = f"the model name the endpoint of {flag}-base-url serves"
+    local = f"local model folder or hub id of a Qwen2.5-VL / Qwen3-VL class model (default {DEFAULT_VLM_MODEL}), or "
+    group.add_argument(f"{flag}-model", metavar="MODEL", default=None,
+                       help=served if endpoint_only else local + served)  # fmt: skip
     group.add_argument(
         f"{flag}-base-url", metavar="URL", default=None,
-        help="use an OpenAI-compatible chat-completions endpoint instead of a local model, e.g. "
-        "http://localhost:8000/v1 (vLLM, SGLang, llama.cpp, Ollama) or https://api.openai.com/v1",
+        help=("an" if endpoint_only else "use an") + " OpenAI-compatible chat-completions endpoint"
+        + ("" if endpoint_only else " instead of a local model") + ", e.g. http://localhost:8000/v1 (vLLM, SGLang, "
+        "llama.cpp, Ollama) or https://api.openai.com/v1",
     )  # fmt: skip
     group.add_argument(f"{flag}-api-key-env", metavar="VAR", default="OPENAI_API_KEY",
                        help="environment variable holding the endpoint's API key (OPENAI_API_KEY; may be unset "
                        "for local servers)")  # fmt: skip
-    group.add_argument(f"{flag}-device", metavar="DEVICE", default=None,
-                       help="device of a local model: cuda, cuda:1, cpu or auto (spread over GPUs)")  # fmt: skip
-    group.add_argument(f"{flag}-dtype", choices=DTYPE_CHOICES, default=None,
-                       help="dtype of a local model (bf16 on GPU, fp32 on CPU)")  # fmt: skip
+    if not endpoint_only:
+        group.add_argument(f"{flag}-device", metavar="DEVICE", default=None,
+                           help="device of a local model: cuda, cuda:1, cpu or auto (spread over GPUs)")  # fmt: skip
+        group.add_argument(f"{flag}-dtype", choices=DTYPE_CHOICES, default=None,
+                           help="dtype of a local model (bf16 on GPU, fp32 on CPU)")  # fmt: skip
     group.add_argument(f"{flag}-timeout", type=float, metavar="SECONDS", default=120.0,
                        help="endpoint request timeout (120)")  # fmt: skip
     group.add_argument(
@@ -61,7 +63,7 @@ def vlm_config_from_args(args: argparse.Namespace, prefix: str = "vlm") -> VLMCo
     dest = prefix.replace("-", "_")
 
     def value(name: str) -> object:
-        return getattr(args, f"{dest}_{name}")
+        return getattr(args, f"{dest}_{name}", None)  # device and dtype are absent with endpoint_only
 
     base_url = value("base_url")
     model = value("model")
