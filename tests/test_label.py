@@ -422,11 +422,19 @@ def test_empty_or_foreign_csv(capsys, server, tmp_path, text, message):
     assert message in bad_run(capsys, server, csv_path, tmp_path / "ds")
 
 
-def test_unmatched_and_duplicate_names(tmp_path):
+def test_unmatched_and_duplicate_names(capsys, server, tmp_path):
+    """An image without its other half is a bad pair: an error naming it, or recorded with --skip-bad-pairs."""
     pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue")})
     square("red").save(pairs / "source" / "lonely.png")
-    with pytest.raises(PairsError, match=r"source/lonely.png has no target image"):
-        read_pairs(pairs)
+    square("red").save(pairs / "target" / "widowed.png")
+    assert "source/lonely.png has no target image" in bad_run(capsys, server, pairs, tmp_path / "ds")
+    code, stdout, _ = label(capsys, pairs, tmp_path / "ds2", server.url, "--skip-bad-pairs")
+    assert code == 0 and "1 labeled" in stdout and "2 bad pairs skipped" in stdout
+    reasons = {row["key"]: row["reason"] for row in rows(tmp_path / "ds2" / "skipped.csv")}
+    assert reasons == {"lonely": "bad pair: source/lonely.png has no target image (expected target/lonely.png or "
+                                 ".jpg/.webp)",
+                       "widowed": "bad pair: target/widowed.png has no source image (expected source/widowed.png "
+                                  "or .jpg/.webp)"}  # fmt: skip
     csv_path = tmp_path / "pairs.csv"
     csv_path.write_text("key,source,target\nk,a.png,b.png\nK,c.png,d.png\n")
     with pytest.raises(PairsError, match=r"duplicate key 'K' in pairs.csv line 3 \(also pairs.csv line 2\)"):

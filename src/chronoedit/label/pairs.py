@@ -44,6 +44,7 @@ class Pair:
     target: Path
     origin: str  # "pairs.csv line 3" or "source/cat.png"
     instruction: str | None = None
+    problem: str | None = None  # known when read: an image without its other half (a bad pair, see check_pair)
 
 
 def read_pairs(path: str | Path) -> list[Pair]:
@@ -102,16 +103,20 @@ def _by_stem(files: list[Path], folder_name: str) -> dict[str, Path]:
 def _read_subfolders(folder: Path) -> list[Pair]:
     sources = _by_stem(_images(folder / "source"), "source")
     targets = _by_stem(_images(folder / "target"), "target")
-    for stem, path in sources.items():
-        if stem not in targets:
-            raise PairsError(f"source/{path.name} has no target image (expected target/{stem}.png or .jpg/.webp)")
-    for stem, path in targets.items():
-        if stem not in sources:
-            raise PairsError(f"target/{path.name} has no source image (expected source/{stem}.png or .jpg/.webp)")
-    if not sources:
+    if not sources and not targets:
         raise PairsError(f"no pairs found in {folder}: source/ and target/ hold no png, jpg, jpeg or webp images")
-    return [Pair(make_key(stem, f"source/{path.name}"), path, targets[stem], f"source/{path.name}")
-            for stem, path in sorted(sources.items())]  # fmt: skip
+    pairs = []
+    for stem in sorted(sources.keys() | targets.keys()):
+        source, target = sources.get(stem), targets.get(stem)
+        origin = f"source/{source.name}" if source is not None else f"target/{target.name}"  # type: ignore[union-attr]
+        problem = None
+        if target is None:
+            problem = f"{origin} has no target image (expected target/{stem}.png or .jpg/.webp)"
+        elif source is None:
+            problem = f"{origin} has no source image (expected source/{stem}.png or .jpg/.webp)"
+        pairs.append(Pair(make_key(stem, origin), source or folder / "source" / f"{stem}.png",
+                          target or folder / "target" / f"{stem}.png", origin, problem=problem))  # fmt: skip
+    return pairs
 
 
 def _read_suffixed(folder: Path, source_suffix: str, target_suffix: str) -> list[Pair]:
@@ -120,13 +125,18 @@ def _read_suffixed(folder: Path, source_suffix: str, target_suffix: str) -> list
     targets = _by_stem([p for p in files if p.stem.lower().endswith(target_suffix)], folder.name)
     names = {stem[: -len(source_suffix)]: path for stem, path in sources.items()}
     target_names = {stem[: -len(target_suffix)]: path for stem, path in targets.items()}
-    for name, path in names.items():
-        if name not in target_names:
-            raise PairsError(f"{path.name} has no target image (expected {name}{target_suffix}.png or .jpg/.webp)")
-    for name, path in target_names.items():
-        if name not in names:
-            raise PairsError(f"{path.name} has no source image (expected {name}{source_suffix}.png or .jpg/.webp)")
-    return [Pair(make_key(name, path.name), path, target_names[name], path.name) for name, path in names.items()]
+    pairs = []
+    for name in sorted(names.keys() | target_names.keys()):
+        source, target = names.get(name), target_names.get(name)
+        origin = (source or target).name  # type: ignore[union-attr]
+        problem = None
+        if target is None:
+            problem = f"{origin} has no target image (expected {name}{target_suffix}.png or .jpg/.webp)"
+        elif source is None:
+            problem = f"{origin} has no source image (expected {name}{source_suffix}.png or .jpg/.webp)"
+        pairs.append(Pair(make_key(name, origin), source or folder / f"{name}{source_suffix}.png",
+                          target or folder / f"{name}{target_suffix}.png", origin, problem=problem))  # fmt: skip
+    return pairs
 
 
 # -------------------------------------------------------------------------------------------------------------- CSV
@@ -183,6 +193,8 @@ def check_pair(pair: Pair) -> str | None:
 
     Pairs are the two frames of one video, so their sizes must be equal: resize them beforehand if needed.
     """
+    if pair.problem is not None:
+        return pair.problem
     sizes = {}
     for role in ("source", "target"):
         path = getattr(pair, role)
