@@ -55,6 +55,8 @@ def test_readme_command_on_the_demo_model(capsys, tmp_path):
     lines, err = edit(capsys, "-p", "put a red hat on the cup", "-o", "outputs/edit.png", *SMALL)
     assert lines == ["wrote edited image: outputs/edit.png (32x32)"]
     assert "demo model has random weights" in err and "--model-path" in err
+    stages = [line for line in err.splitlines() if line.startswith("chronoedit: ") and "note:" not in line]
+    assert [line.split(" ")[1] for line in stages] == ["loading", "editing", "decoding"]  # the long steps say so
     with Image.open(tmp_path / "outputs" / "edit.png") as result:
         assert result.size == (32, 32) and result.mode == "RGB"
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["edit.png"]  # no temp files left

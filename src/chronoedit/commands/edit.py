@@ -472,7 +472,9 @@ def _read_input(path: str | None) -> tuple[str, Image.Image]:
 def _stage(job: EditJob, message: str) -> None:
     """Print a stage message to stderr unless --quiet."""
     if not job.quiet:
-        print(f"chronoedit: {message}", file=sys.stderr, flush=True)
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"chronoedit: {message}", file=sys.stderr)  # above a progress bar that is still drawn
 
 
 def resolve_model_path(job: EditJob) -> str:
@@ -543,6 +545,8 @@ def generate(pipe: Any, job: EditJob, on_step: Callable[[int, int], None] | None
     def callback(_pipe: Any, step: int, _t: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
         if on_step is not None:
             on_step(step + 1, job.num_inference_steps)
+        if step + 1 == job.num_inference_steps:  # the VAE decode that follows takes a while on large edits
+            _stage(job, "decoding the frames with the VAE")
         return {}
 
     reasoning = (
@@ -567,7 +571,7 @@ def generate(pipe: Any, job: EditJob, on_step: Callable[[int, int], None] | None
         enable_temporal_reasoning=job.enable_temporal_reasoning,
         num_temporal_reasoning_steps=job.num_temporal_reasoning_steps,
         return_trajectory=job.return_trajectory,
-        callback_on_step_end=callback if on_step is not None else None,
+        callback_on_step_end=callback,
     )
     cio.check_finite(out.frames)
     if getattr(out, "trajectory", None) is not None:
