@@ -16,6 +16,10 @@ from typing import Any
 
 from .commands import edit as edit_cmd
 
+# One load at a time in the process: loading builds modules on the meta device through process-wide hooks, which two
+# loads at once corrupt (two runners too: a server restarted in-process while its old worker still loads).
+_LOADING = threading.RLock()
+
 
 class EditRunner:
     """Loads the pipeline of ``base`` (its model, transformer, device and dtype) on first use; runs jobs on it."""
@@ -25,13 +29,11 @@ class EditRunner:
         self.base_loras = list(base.loras)  # loaded with the model, so a bad one fails at start, not every job
         self.pipe: Any = None
         self.adapters: dict[Path, str] = {}  # resolved LoRA file -> adapter name
-        self._loading = threading.RLock()
 
     def load(self) -> Any:
         """The pipeline, loaded the first time with ``base``'s LoRAs (errors propagate: nothing can run without
-        it). Callers in other threads wait for the one load: loading builds modules on the meta device, which two
-        loads at once corrupt."""
-        with self._loading:
+        it). Callers in other threads wait for the one load (see :data:`_LOADING`)."""
+        with _LOADING:
             if self.pipe is None:
                 pipe = edit_cmd.load_pipeline(self.base)
                 self.pipe = pipe
