@@ -158,6 +158,7 @@ def test_failed_row_is_recorded_and_the_batch_goes_on(capsys, tiny_ckpt, tmp_pat
     assert (out / "ok1.png").exists() and (out / "ok2.png").exists()
     errors = {i: json.loads((out / f"{i}.error.json").read_text()) for i in ("gone", "bad", "badseed")}
     assert "input image not found" in errors["gone"]["error"] and errors["gone"]["manifest_line"] == 2
+    assert errors["gone"]["input"] == str(tmp_path / "missing.png")  # absolute, as in the result sidecars
     assert "cannot read image" in errors["bad"]["error"]
     assert "seed must be an integer" in errors["badseed"]["error"]
     assert all("\n" not in e["error"] for e in errors.values())

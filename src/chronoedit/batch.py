@@ -415,7 +415,7 @@ def run_batch(manifest: str | Path, out_dir: str | Path, args: argparse.Namespac
                     message = _one_line(exc)
                     summary.failures.append(f"{row.id}: {message}")
                     write_json(error_path(out_dir, row.id), {
-                        "id": row.id, "manifest_line": row.line, "input": str(row.input), "error": message,
+                        "id": row.id, "manifest_line": row.line, "input": str(row.input.absolute()), "error": message,
                         "error_type": type(exc).__name__, "run_id": run_id, "time": _now(),
                         "chronoedit_version": __version__,
                     })  # fmt: skip
