@@ -246,6 +246,18 @@ def test_torn_last_line_is_repaired(capsys, server, tmp_path):
     assert (out / "metadata.csv.torn").read_text() == lines[2][:25] + "\n"  # the cut bytes are kept, not lost
 
 
+def test_reopening_removes_only_true_temp_files(capsys, server, tmp_path):
+    pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue")})
+    out = tmp_path / "ds"
+    assert label(capsys, pairs, out, server.url)[0] == 0
+    mine, stale = out / "plan.tmp-2.txt", out / "images" / "a_source.png.tmp-4242-0123abcd.png"
+    mine.write_text("the user's notes")
+    stale.write_bytes(b"partial")
+    code, stdout, _ = label(capsys, pairs, out, server.url)
+    assert code == 0 and "1 already done" in stdout
+    assert mine.read_text() == "the user's notes" and not stale.exists()
+
+
 def test_whole_last_row_without_a_final_newline_is_kept(capsys, server, tmp_path):
     """A prompt corrected by hand in an editor that drops the final newline: the last row is whole, so it is kept
     (the newline added back) and not asked again; a row cut inside its last cell is still torn and written again."""

@@ -215,9 +215,9 @@ def _skipped_row_ok(row: dict[str, str], text: str) -> bool:
 
 
 def _remove_temp_files(folder: Path) -> None:
-    """Temp files of atomic writes cut short by a crash (``NAME.tmp-PID-HEX.suffix``)."""
+    """Temp files of atomic writes cut short by a crash (exactly :func:`chronoedit.io.atomic_path`'s names)."""
     for path in folder.iterdir():
-        if path.is_file() and ".tmp-" in path.name:
+        if path.is_file() and cio.is_temp_name(path.name):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
