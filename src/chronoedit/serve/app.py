@@ -183,7 +183,7 @@ FORM_SLACK_BYTES = 1 << 20  # room for the options and the multipart framing bes
 
 def _guard(state: ServerState):  # type: ignore[no-untyped-def]
     """HTTP middleware run before any body is read: with a token configured every /v1 route but /v1/health needs
-    ``Authorization: Bearer``; an upload whose Content-Length is over the limit is refused at once."""
+    ``Authorization: Bearer`` (the upload size is :class:`BodyLimit`'s, inside it)."""
 
     async def guard(request: Request, call_next: Any) -> Any:
         path = request.url.path
@@ -192,10 +192,6 @@ def _guard(state: ServerState):  # type: ignore[no-untyped-def]
             if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), state.token.encode()):
                 return JSONResponse({"detail": "a valid bearer token is required (Authorization: Bearer <token>)"},
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-        if request.method == "POST" and path == "/v1/edits":
-            length = request.headers.get("content-length", "")
-            if length.isdigit() and int(length) > state.limits.max_upload_bytes + FORM_SLACK_BYTES:
-                return JSONResponse({"detail": upload_too_large(state.limits.max_upload_bytes)}, status_code=413)
         return await call_next(request)
 
     return guard
@@ -218,8 +214,9 @@ def parse_options(text: str) -> EditOptions:
 
 
 class BodyLimit:
-    """ASGI middleware: counts the bytes of an upload's body as they arrive and answers 413 once they pass the
-    limit, so a body without Content-Length (chunked) is never read, nor spooled to disk, beyond it."""
+    """ASGI middleware for the upload's size: a Content-Length over the limit is answered 413 before any body is
+    read; otherwise the bytes are counted as they arrive and 413 comes once they pass the limit, so a body without
+    Content-Length (chunked) is never read, nor spooled to disk, beyond it."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -228,6 +225,10 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/edits":
             return await self.app(scope, receive, send)
         allowed, seen = self.state.limits.max_upload_bytes + FORM_SLACK_BYTES, 0
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > allowed:
+            too_large = JSONResponse({"detail": upload_too_large(self.state.limits.max_upload_bytes)}, status_code=413)
+            return await too_large(scope, receive, send)
 
         async def counted() -> dict[str, Any]:
             nonlocal seen
