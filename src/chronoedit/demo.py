@@ -387,9 +387,9 @@ def build_tiny_checkpoint(root: str | Path, spec: TinySpec = DEMO_SPEC) -> Path:
 
 def default_demo_dir() -> Path:
     """Where the demo checkpoint lives: ``$CHRONOEDIT_HOME/demo-v1`` or ``~/.cache/chronoedit/demo-v1``."""
-    home = os.environ.get("CHRONOEDIT_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "chronoedit"
-    return base / "demo-v1"
+    from .io import chronoedit_home
+
+    return chronoedit_home() / "demo-v1"
 
 
 def ensure_demo_checkpoint(path: Path | None = None) -> Path:

@@ -225,6 +225,13 @@ def _to_numpy_hwc(frame: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
+def chronoedit_home() -> Path:
+    """Where chronoedit keeps its own files (the demo model, remembered weight digests): ``$CHRONOEDIT_HOME``, else
+    ``~/.cache/chronoedit``."""
+    home = os.environ.get("CHRONOEDIT_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "chronoedit"
+
+
 _TEMP_NAME = re.compile(r"(?P<name>.+)\.tmp-\d+-[0-9a-f]{8}(?P<suffix>\.[^./]*)?")
 _PROBE_NAME = re.compile(r"\..+\.probe-\d+-[0-9a-f]{8}")
 

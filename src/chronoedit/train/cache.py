@@ -117,9 +117,8 @@ def encoder_identities(model_path: str, log: Callable[[str], None] = lambda _: N
 
 
 def cache_entries(specs: list[SampleSpec], cache_dir: Path, settings: CacheSettings,
-                  log: Callable[[str], None] = lambda _: None) -> list[CacheEntry]:  # fmt: skip
-    """Each sample's entry: its three files, named by the inputs of each stage."""
-    encoders = encoder_identities(settings.model_path, log)
+                  encoders: dict[str, str]) -> list[CacheEntry]:  # fmt: skip
+    """Each sample's entry: its three files, named by the inputs of each stage (``encoders``: their identities)."""
     entries = []
     for spec in specs:
         files = [file_digest(p) for p in (spec.source, spec.target, spec.video) if p is not None]
@@ -132,9 +131,11 @@ def cache_entries(specs: list[SampleSpec], cache_dir: Path, settings: CacheSetti
     return entries
 
 
-def negative_file(cache_dir: Path, settings: CacheSettings) -> Path:
-    """The cached text embedding of the empty prompt (validation's negative)."""
-    return _text_file(cache_dir, NEGATIVE_PROMPT, settings, encoder_identities(settings.model_path)["text"])
+def negative_file(cache_dir: Path, settings: CacheSettings, text_encoder: str | None = None) -> Path:
+    """The cached text embedding of the empty prompt (validation's negative); ``text_encoder``: its identity when
+    known already."""
+    text_encoder = text_encoder or encoder_identities(settings.model_path)["text"]
+    return _text_file(cache_dir, NEGATIVE_PROMPT, settings, text_encoder)
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -146,8 +147,9 @@ def build_cache(
     Each stage is its own function, so its encoder is unreferenced (and freed) before the next one loads."""
     from ..memory import free_device_cache
 
-    entries = cache_entries(specs, cache_dir, settings, log)
-    negative = negative_file(cache_dir, settings)
+    encoders = encoder_identities(settings.model_path, log)
+    entries = cache_entries(specs, cache_dir, settings, encoders)
+    negative = negative_file(cache_dir, settings, encoders["text"])
     for stage in (_text_stage, _image_stage, _latent_stage):
         stage(entries, negative, settings, device, log)
         gc.collect()

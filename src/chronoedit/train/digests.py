@@ -11,11 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..io import atomic_path
+from ..io import atomic_path, chronoedit_home
 
 MEMO_NAME = "file-digests.json"
 BLOCK = 1 << 20
@@ -23,8 +22,7 @@ _SEEN: dict[str, str] = {}  # this process's digests (when the memo file cannot 
 
 
 def memo_path() -> Path:
-    home = os.environ.get("CHRONOEDIT_HOME")
-    return (Path(home).expanduser() if home else Path.home() / ".cache" / "chronoedit") / MEMO_NAME
+    return chronoedit_home() / MEMO_NAME
 
 
 def file_digest(path: Path) -> str:
