@@ -40,6 +40,8 @@ from serve_helpers import free_port, png_bytes, submit, wait_ready
 
 from chronoedit import cli
 from chronoedit.commands.serve import build_state
+from chronoedit.editing import wants_trajectory, write_outputs
+from chronoedit.media import save_image
 from chronoedit.serve.editing import INPUT_NAME, build_job
 from chronoedit.serve.options import EditOptions
 
@@ -84,21 +86,20 @@ def server_process(flags: list[str]):  # type: ignore[no-untyped-def]
 
 
 def run_direct(state, jobs: int, work: Path) -> float:  # type: ignore[no-untyped-def]
-    """Seconds for ``jobs`` edits through the server's runner, no HTTP/queue (validation + pipeline + write)."""
-    from chronoedit.commands import edit as edit_cmd
-    from chronoedit.io import save_image
-
-    state.worker.runner.load()
+    """Seconds for ``jobs`` edits through the server's runner, no HTTP/queue (validation + pipeline + write), as the
+    worker runs them: the job resolved on the server's model and defaults, run, its outputs written."""
+    worker = state.worker
+    worker.runner.load()
     image = png_bytes()
     start = time.perf_counter()
     for i in range(jobs):
         job_dir = work / f"direct{i}"
         job_dir.mkdir(parents=True)
         save_image(Image.open(io.BytesIO(image)).convert("RGB"), job_dir / INPUT_NAME)
-        job = build_job(state.worker.base_args, EditOptions(prompt=f"edit {i}", seed=i), job_dir, state.limits)
-        out = state.worker.runner.run(job)
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-            edit_cmd.write_outputs(job, out)
+        options = EditOptions(prompt=f"edit {i}", seed=i)
+        edit, plan = build_job(worker.runner.spec, worker.defaults, options, job_dir, state.limits)
+        out = worker.runner.run(edit, wants_trajectory(edit, plan))
+        write_outputs(edit, plan, out)
     return time.perf_counter() - start
 
 

@@ -80,7 +80,7 @@ def measure(workdir: Path, name: str, mode: str, checkpointing: bool, steps: int
 
 
 def _trainable(ckpt: Path, mode: str) -> int:
-    from chronoedit.model import ChronoEditTransformer3DModel
+    from chronoedit import ChronoEditTransformer3DModel
     from chronoedit.train.config import DEFAULT_LORA_TARGETS
     from chronoedit.train.lora import add_lora, count, trainable_parameters
 

@@ -1,21 +1,27 @@
-"""Helpers for the server tests: a server state on the demo model, a real uvicorn server in a thread, polling."""
+"""Helpers for the server tests: a server state on the demo model (optionally with its own model loader), a stand-in
+pipeline, a real uvicorn server in a thread, polling."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from chronoedit import cli
 from chronoedit.commands.serve import build_state
+from chronoedit.editing import EditRunner
+from chronoedit.serve.worker import Worker
 
 TINY_FLAGS = ["--height", "32", "--width", "32", "--num-inference-steps", "2", "--device", "cpu", "--quiet"]
 
@@ -25,8 +31,48 @@ def serve_args(state_dir: Path, *extra: str) -> Any:
     return cli.parse_args(["serve", "--state-dir", str(state_dir), *TINY_FLAGS, *extra])
 
 
-def make_state(state_dir: Path, *extra: str) -> Any:
-    return build_state(serve_args(state_dir, *extra))
+def make_state(state_dir: Path, *extra: str, load: Callable[..., Any] | None = None) -> Any:
+    """The server's state as ``chronoedit serve`` builds it (worker not started). With ``load`` its worker runs on an
+    :class:`~chronoedit.editing.EditRunner` that loads the model with ``load(spec, report)`` (the application layer's
+    seam to count, slow down or fake model loads)."""
+    state = build_state(serve_args(state_dir, *extra))
+    if load is None:
+        return state
+    old = state.worker
+    worker = Worker(state.store, EditRunner(old.runner.spec, load=load), old.defaults, old.results_dir, old.limits,
+                    enhancer=old.enhancer, redact=old.redact)  # fmt: skip
+    return dataclasses.replace(state, worker=worker)
+
+
+class FakePipe:
+    """A stand-in for a loaded pipeline: every edit a mid-grey frame of its size, except the prompts in ``fail``,
+    where it raises ``RuntimeError`` as a bug would. ``prompts`` are the prompts it was called with."""
+
+    def __init__(self, fail: tuple[str, ...] = ()) -> None:
+        self.fail, self.prompts = fail, []
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        pass
+
+    def set_flow_shift(self, shift: float) -> None:
+        pass
+
+    def __call__(self, *, prompt: str, height: int, width: int, **kwargs: Any) -> Any:
+        self.prompts.append(prompt)
+        if prompt in self.fail:
+            raise RuntimeError(f"a bug while editing {prompt!r}")
+        return types.SimpleNamespace(frames=np.full((1, 1, height, width, 3), 0.5, dtype=np.float32))
+
+
+def fake_load(pipe: Any, gate: threading.Event | None = None) -> Callable[..., Any]:
+    """A model loader that returns ``pipe`` (after ``gate`` is set, when given)."""
+
+    def load(spec: Any, report: Any) -> Any:
+        if gate is not None:
+            gate.wait(30)
+        return pipe
+
+    return load
 
 
 def png_bytes(size: tuple[int, int] = (48, 32), color: tuple[int, int, int] = (200, 120, 40)) -> bytes:

@@ -12,38 +12,49 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 pytest.importorskip("chronoedit.pipeline", reason="chronoedit.pipeline is not importable yet (pipeline not landed)")
 
 from chronoedit import __version__, cli
-from chronoedit.commands import edit as edit_cmd
+from chronoedit.batch import Batch, Summary, run_batch
+from chronoedit.editing import MODEL_PATH_ENV, EditRunner, EditSettings, load_pipeline, resolve_model
+from chronoedit.editing import runner as runner_module
 
 SMALL = ["--height", "32", "--width", "32", "--num-inference-steps", "2", "--device", "cpu", "--quiet"]
+SMALL_SETTINGS = EditSettings(height=32, width=32, num_inference_steps=2)  # SMALL as the application layer's
 
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path, tmp_path_factory):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CHRONOEDIT_HOME", str(tmp_path_factory.getbasetemp() / "chronoedit_home"))
-    monkeypatch.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
+    monkeypatch.delenv(MODEL_PATH_ENV, raising=False)
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Count pipeline runs (by row prompt) while still running them."""
+    """Count pipeline runs (by the row's prompt) while still running them: the runner's ``generate``, wrapped."""
     seen: list[str] = []
-    real = edit_cmd.generate
+    real = runner_module.generate
 
-    def counting(pipe, job, **kwargs):
-        seen.append(job.prompt)
-        return real(pipe, job, **kwargs)
+    def counting(pipe, edit, *args, **kwargs):
+        seen.append(edit.instruction)
+        return real(pipe, edit, *args, **kwargs)
 
-    monkeypatch.setattr(edit_cmd, "generate", counting)
+    monkeypatch.setattr(runner_module, "generate", counting)
     return seen
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model load fails the test (whoever made the runner: the CLI or the test)."""
+    monkeypatch.setattr(EditRunner, "load", lambda self: pytest.fail("the model must not be loaded"))
 
 
 def make_images(folder: Path, count: int) -> list[str]:
@@ -61,9 +72,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def batch(capsys, manifest, out, *extra, model):
+    """``chronoedit batch`` through the CLI: (exit code, stdout lines, stderr)."""
     code = cli.main(["batch", str(manifest), "--out", str(out), "--model-path", str(model), *SMALL, *map(str, extra)])
     captured = capsys.readouterr()
     return code, captured.out.strip().splitlines(), captured.err
+
+
+def run_rows(manifest, out, *, model, load=load_pipeline) -> Summary:
+    """The batch through the application layer (SMALL's settings) on a runner that loads the model with ``load``."""
+    spec = resolve_model(str(model), device="cpu")
+    batch = Batch(manifest=Path(manifest), out_dir=Path(out), model=spec, defaults=SMALL_SETTINGS)
+    return run_batch(batch, quiet=True, runner=EditRunner(spec, load=load))
 
 
 def three_rows(tmp_path: Path) -> Path:
@@ -122,18 +141,23 @@ def test_rerun_skips_done_rows_and_redoes_partial_ones(capsys, tiny_ckpt, tmp_pa
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.json")}
 
     loads = []
-    real_load = edit_cmd.load_pipeline
-    monkeypatch.setattr(edit_cmd, "load_pipeline", lambda job: loads.append(1) or real_load(job))
-    code, lines, _ = batch(capsys, manifest, "out", model=tiny_ckpt)
-    assert (code, lines) == (0, ["batch: 0 done, 3 skipped, 0 failed (outputs in out)"])
+
+    def counting_load(spec, report):  # the runner's loader: the seam that sees every model load
+        loads.append(spec)
+        return load_pipeline(spec, report)
+
+    summary = run_rows(manifest, "out", model=tiny_ckpt, load=counting_load)
+    assert (summary.exit_code, summary.line(Path("out"))) == (0, "batch: 0 done, 3 skipped, 0 failed (outputs in out)")
     assert len(calls) == 3 and loads == []  # nothing ran, the model was not even loaded
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.json")} == before
 
     (tmp_path / "out" / "b.json").unlink()  # b's image exists but it is not done without its sidecar
     (tmp_path / "out" / "img2.json").write_text('{"truncated": ')  # a sidecar that does not parse: redo
-    code, lines, _ = batch(capsys, manifest, "out", model=tiny_ckpt)
-    assert (code, lines) == (0, ["batch: 2 done, 1 skipped, 0 failed (outputs in out)"])
-    assert sorted(calls[3:]) == ["add snow", "make it blue"] and loads == [1]
+    summary = run_rows(manifest, "out", model=tiny_ckpt, load=counting_load)
+    assert (summary.exit_code, summary.line(Path("out"))) == (0, "batch: 2 done, 1 skipped, 0 failed (outputs in out)")
+    assert sorted(calls[3:]) == ["add snow", "make it blue"] and len(loads) == 1
+    code, lines, _ = batch(capsys, manifest, "out", model=tiny_ckpt)  # and through the CLI: all done
+    assert (code, lines) == (0, ["batch: 0 done, 3 skipped, 0 failed (outputs in out)"])
     assert (tmp_path / "out" / "a.json").read_bytes() == before["a.json"]
     assert json.loads((tmp_path / "out" / "b.json").read_text())["run_id"] != json.loads(before["b.json"])["run_id"]
 
@@ -148,27 +172,85 @@ def test_failed_row_is_recorded_and_the_batch_goes_on(capsys, tiny_ckpt, tmp_pat
             {"id": "gone", "input": "missing.png", "prompt": "x"},
             {"id": "bad", "input": "broken.png", "prompt": "x"},
             {"id": "badseed", "input": "img1.png", "prompt": "x", "seed": "abc"},
+            {"id": "nosteps", "input": "img1.png", "prompt": "x", "num_inference_steps": 0},
             {"id": "ok2", "input": "img1.png", "prompt": "y"},
         ],
     )
     code, lines, err = batch(capsys, manifest, "out", model=tiny_ckpt)
     assert code == 1
-    assert lines == ["batch: 2 done, 0 skipped, 3 failed (outputs in out)"]
+    assert lines == ["batch: 2 done, 0 skipped, 4 failed (outputs in out)"]
     out = tmp_path / "out"
     assert (out / "ok1.png").exists() and (out / "ok2.png").exists()
-    errors = {i: json.loads((out / f"{i}.error.json").read_text()) for i in ("gone", "bad", "badseed")}
+    errors = {i: json.loads((out / f"{i}.error.json").read_text()) for i in ("gone", "bad", "badseed", "nosteps")}
     assert "input image not found" in errors["gone"]["error"] and errors["gone"]["manifest_line"] == 2
     assert errors["gone"]["input"] == str(tmp_path / "missing.png")  # absolute, as in the result sidecars
     assert "cannot read image" in errors["bad"]["error"]
     assert "seed must be an integer" in errors["badseed"]["error"]
+    assert errors["nosteps"]["error"] == "num_inference_steps must be at least 1, got 0"  # the manifest's column
     assert all("\n" not in e["error"] for e in errors.values())
     assert not (out / "gone.png").exists() and not (out / "gone.json").exists()
     assert "row gone (line 2) failed: input image not found" in err
 
     (tmp_path / "missing.png").write_bytes((tmp_path / "img0.png").read_bytes())  # fix one row and rerun
     code, lines, _ = batch(capsys, manifest, "out", model=tiny_ckpt)
-    assert (code, lines) == (1, ["batch: 1 done, 2 skipped, 2 failed (outputs in out)"])
+    assert (code, lines) == (1, ["batch: 1 done, 2 skipped, 3 failed (outputs in out)"])
     assert (out / "gone.json").exists() and not (out / "gone.error.json").exists()
+
+
+class FailingPipe:
+    """A stand-in pipeline: a grey frame for every prompt but ``boom``, where it raises as a bug would."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        pass
+
+    def set_flow_shift(self, shift) -> None:
+        pass
+
+    def __call__(self, *, prompt, height, width, **kwargs):
+        self.prompts.append(prompt)
+        if prompt == "boom":
+            raise RuntimeError("boom: a bug, not a user error")
+        return types.SimpleNamespace(frames=np.full((1, 1, height, width, 3), 0.5, dtype=np.float32))
+
+
+def test_a_bug_in_a_row_stops_the_batch_while_user_errors_are_recorded(capsys, tiny_ckpt, tmp_path, monkeypatch):
+    """Only a user error is a row's failure (recorded, the batch goes on); any other exception ends the batch as a
+    bug, with no error record (a rerun redoes the row)."""
+    make_images(tmp_path, 1)
+    manifest = write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "gone", "input": "missing.png", "prompt": "x"},
+        {"id": "good", "input": "img0.png", "prompt": "fine"},
+        {"id": "bug", "input": "img0.png", "prompt": "boom"},
+        {"id": "never", "input": "img0.png", "prompt": "after"},
+    ])  # fmt: skip
+    pipe, out = FailingPipe(), tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom: a bug, not a user error"):
+        run_rows(manifest, out, model="demo", load=lambda spec, report: pipe)
+    assert pipe.prompts == ["fine", "boom"]  # the row after the bug did not run
+    assert "input image not found" in json.loads((out / "gone.error.json").read_text())["error"]
+    with Image.open(out / "good.png") as image:
+        assert image.size == (32, 32)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "gone.error.json", "good.json", "good.png"]  # fmt: skip
+
+    # Through the CLI (real model, its runner's generate failing on "boom"): the traceback, a bug line, exit code 1.
+    real = runner_module.generate
+
+    def failing(pipe, edit, *args, **kwargs):
+        if edit.instruction == "boom":
+            raise RuntimeError("boom: a bug, not a user error")
+        return real(pipe, edit, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "generate", failing)
+    code, lines, err = batch(capsys, manifest, tmp_path / "cli", model=tiny_ckpt)
+    assert code == 1 and lines == []  # no summary: the batch did not finish
+    assert "Traceback" in err and "RuntimeError: boom: a bug, not a user error" in err
+    assert err.strip().splitlines()[-1] == cli.BUG_NOTE and "chronoedit: error:" not in err
+    assert not (tmp_path / "cli" / "bug.error.json").exists() and (tmp_path / "cli" / "gone.error.json").exists()
+    assert (tmp_path / "cli" / "good.json").exists() and not (tmp_path / "cli" / "never.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -189,8 +271,7 @@ def test_failed_row_is_recorded_and_the_batch_goes_on(capsys, tiny_ckpt, tmp_pat
         ("input,prompt\na.png,x,extra\n", "m.csv", "line 2 has more cells than the header"),
     ],
 )  # fmt: skip
-def test_bad_manifest_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, content, name, expected):
-    monkeypatch.setattr(edit_cmd, "load_pipeline", lambda job: pytest.fail("the model must not be loaded"))
+def test_bad_manifest_is_one_line_and_exit_2(capsys, tmp_path, no_loading, content, name, expected):
     manifest = tmp_path / name
     if content is not None:
         manifest.write_text(content)
@@ -200,13 +281,15 @@ def test_bad_manifest_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, cont
     assert expected in err and "Traceback" not in err
 
 
-def test_bad_flags_exit_2_before_loading(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(edit_cmd, "load_pipeline", lambda job: pytest.fail("the model must not be loaded"))
+def test_bad_flags_exit_2_before_loading(capsys, tmp_path, no_loading):
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"input": "a.png", "prompt": "x"}])
     code, _, err = batch(capsys, manifest, "out", "--output-format", "gif", model="demo")
-    assert code == 2 and "--output-format must be png, jpg or webp" in err
+    assert code == 2 and "argument --output-format: invalid choice: 'gif'" in err
     code, _, err = batch(capsys, manifest, "out", model=tmp_path / "nope")
     assert code == 2 and "model folder not found" in err
+    code, _, err = batch(capsys, manifest, "out", "--num-inference-steps", "0", model="demo")  # named as the flag
+    assert (code, err) == (2, "chronoedit: error: --num-inference-steps must be at least 1, got 0\n")
+    assert not (tmp_path / "out").exists()  # nothing run, nothing written
 
 
 def _kill_at_a_random_moment(code: str, env: dict, out: Path, rng: random.Random) -> None:
@@ -291,13 +374,14 @@ def test_row_presets_switch_loras_per_row(capsys, tiny_ckpt, tmp_path, monkeypat
     attention_lora(tiny_ckpt, ckpt / "lora" / "chronoedit_distill_lora.safetensors")
 
     seen = []
-    real = edit_cmd.generate
+    real = runner_module.generate
 
-    def spying(pipe, job, **kwargs):
-        seen.append((job.prompt, pipe.get_active_adapters(), pipe.scheduler.config.flow_shift))
-        return real(pipe, job, **kwargs)
+    def spying(pipe, edit, *args, **kwargs):  # the LoRAs and flow shift the row ran with (still set after it)
+        out = real(pipe, edit, *args, **kwargs)
+        seen.append((edit.instruction, pipe.get_active_adapters(), pipe.scheduler.config.flow_shift))
+        return out
 
-    monkeypatch.setattr(edit_cmd, "generate", spying)
+    monkeypatch.setattr(runner_module, "generate", spying)
     make_images(tmp_path, 1)
     rows = [{"id": "plain1", "input": "img0.png", "prompt": "one", "seed": 1},
             {"id": "fast", "input": "img0.png", "prompt": "two", "seed": 1, "preset": "distill",
@@ -321,7 +405,7 @@ def test_row_presets_switch_loras_per_row(capsys, tiny_ckpt, tmp_path, monkeypat
 
 def test_only_true_temp_files_are_removed(capsys, tiny_ckpt, tmp_path):
     """Ids and inputs whose names merely contain '.tmp-' survive reruns; a killed batch's real temp files go."""
-    from chronoedit.io import is_temp_name
+    from chronoedit.files import is_temp_name
 
     Image.new("RGB", (48, 32), (9, 99, 199)).save(tmp_path / "holiday.tmp-1.png")
     rows = [{"id": "scan.tmp-2", "input": "holiday.tmp-1.png", "prompt": "x"},
@@ -368,7 +452,7 @@ def test_a_row_whose_input_is_a_symlink_loop_fails_alone(capsys, tiny_ckpt, tmp_
 
 
 def test_a_rows_max_area_sizes_it_by_area_and_csv_cells_are_trimmed(capsys, tiny_ckpt, tmp_path):
-    from chronoedit.io import auto_size
+    from chronoedit.sizing import auto_size
 
     make_images(tmp_path, 2)
     (tmp_path / "m.csv").write_text("id, input, prompt, max_area\nauto, img0.png, x, 3072\nfixed, img1.png , y,\n")

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from chronoedit import ChronoEditTransformer3DModel
+from chronoedit.errors import UserError
 from chronoedit.keymap import ours_to_original
 from chronoedit.loading import load_transformer
 
@@ -77,7 +78,7 @@ def test_unknown_original_key_is_named(reference, tmp_path):
     original["diffusion_model.blocks.0.self_attn.mystery.weight"] = torch.zeros(2)
     path = tmp_path / "bad.safetensors"
     save_file(original, str(path))
-    with pytest.raises(ValueError, match=r"self_attn\.mystery"):
+    with pytest.raises(UserError, match=r"self_attn\.mystery"):
         load_transformer(path)
 
 

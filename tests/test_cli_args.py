@@ -14,20 +14,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chronoedit import cli
+from chronoedit import cli, editing
 from chronoedit.commands import edit as edit_cmd
+from chronoedit.editing import service
+from chronoedit.sizing import auto_size
 
 
 @pytest.fixture(autouse=True)
 def no_model(monkeypatch, tmp_path):
     """Work in a temp folder, without a model path from the environment, with model loading forbidden."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
+    monkeypatch.delenv(editing.MODEL_PATH_ENV, raising=False)
 
-    def forbidden(job):
+    def forbidden(spec, report=None):
         raise AssertionError("model loading reached during argument validation")
 
-    monkeypatch.setattr(edit_cmd, "load_pipeline", forbidden)
+    monkeypatch.setattr(service, "load_pipeline", forbidden)
 
 
 @pytest.fixture
@@ -138,7 +140,7 @@ def test_missing_model_folder(capsys, image, tmp_path):
 
 
 def test_model_path_from_environment(capsys, image, tmp_path, monkeypatch):
-    monkeypatch.setenv(edit_cmd.MODEL_PATH_ENV, str(tmp_path / "missing-model"))
+    monkeypatch.setenv(editing.MODEL_PATH_ENV, str(tmp_path / "missing-model"))
     code, _, err = run_cli(capsys, "-i", image, "-p", "x")
     assert_one_error(code, err, "missing-model")
 
@@ -198,8 +200,9 @@ def test_help_and_no_command(capsys):
 
 def test_validation_reaches_model_loading_when_valid(capsys, image):
     """A valid invocation gets as far as the (forbidden) model load: the validation above is not vacuous."""
-    with pytest.raises(AssertionError, match="model loading reached"):
-        cli.main(["edit", "-i", str(image), "-p", "x", "--height", "32", "--width", "48"])
+    assert cli.main(["edit", "-i", str(image), "-p", "x", "--height", "32", "--width", "48"]) == 1
+    err = capsys.readouterr().err
+    assert "AssertionError: model loading reached" in err and "Traceback" in err  # a bug shows as a bug
 
 
 def test_process_exit_code_and_no_traceback(image, tmp_path):
@@ -215,51 +218,57 @@ def test_process_exit_code_and_no_traceback(image, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- jobs and outputs (fake)
+def _resolve(*argv):
+    """(model spec, edit, output plan) of ``chronoedit edit ARGV``."""
+    return edit_cmd.resolve(cli.parse_args(["edit", *map(str, argv)]))
+
+
 def _job(image, *flags):
-    return edit_cmd.build_edit_job(cli.parse_args(["edit", "-i", str(image), "-p", "x", *flags]))
+    return _resolve("-i", image, "-p", "x", *flags)
 
 
 def test_defaults(image):
-    job = _job(image, "--model-path", ".")
-    assert (job.num_inference_steps, job.guidance_scale, job.flow_shift, job.seed) == (50, 5.0, 5.0, 0)
-    assert (job.width, job.height) == edit_cmd.cio.auto_size(96, 64)
-    assert job.num_frames == 5 and not job.enable_temporal_reasoning
-    assert job.output == edit_cmd.DEFAULT_OUTPUT and job.output_image is None
-    reasoning = _job(image, "--model-path", ".", "--enable-temporal-reasoning")
+    spec, edit, plan = _job(image, "--model-path", ".")
+    assert (edit.num_inference_steps, edit.guidance_scale, edit.flow_shift, edit.seed) == (50, 5.0, 5.0, 0)
+    assert (edit.width, edit.height) == auto_size(96, 64)
+    assert edit.num_frames == 5 and not edit.enable_temporal_reasoning
+    assert plan.output == edit_cmd.DEFAULT_OUTPUT and plan.output_image is None
+    assert spec.model_path == "." and spec.device == "cpu" and spec.dtype == "fp32"
+    _, reasoning, plan = _job(image, "--model-path", ".", "--enable-temporal-reasoning")
     assert reasoning.num_frames == 29 and reasoning.num_temporal_reasoning_steps == 50
-    assert not reasoning.return_trajectory  # a .png output needs no trajectory
+    assert not editing.wants_trajectory(reasoning, plan)  # a .png output needs no trajectory
 
 
 def test_demo_defaults(image):
-    job = edit_cmd.build_edit_job(cli.parse_args(["edit", "-i", str(image)]))
-    assert job.model_path == "demo" and job.prompt == edit_cmd.DEMO_PROMPT
-    assert job.num_inference_steps == 4 and job.dtype == "fp32"
-    assert job.width * job.height <= 256 * 256 and (job.width, job.height) == (304, 208)
-    assert job.image.size == (304, 208)
+    spec, edit, _ = _resolve("-i", image)
+    assert spec.model_path == "demo" and edit.prompt == editing.DEMO_PROMPT
+    assert edit.num_inference_steps == 4 and spec.dtype == "fp32"
+    assert edit.width * edit.height <= 256 * 256 and (edit.width, edit.height) == (304, 208)
+    assert edit.image.size == (304, 208)
 
 
 def test_default_input_when_none_given():
-    job = edit_cmd.build_edit_job(cli.parse_args(["edit"]))
-    assert job.image.size == (job.width, job.height)
-    assert job.input_name in ("example image", "example image (drawn)")
+    _, edit, _ = _resolve()
+    assert edit.image.size == (edit.width, edit.height)
+    assert edit.input_name in ("example image", "example image (drawn)")
 
 
 def test_drawn_example_when_asset_missing(monkeypatch, tmp_path):
     monkeypatch.setattr("importlib.resources.files", lambda package: tmp_path / "no-assets")
-    job = edit_cmd.build_edit_job(cli.parse_args(["edit"]))
-    assert job.input_name == "example image (drawn)" and job.image.size == (job.width, job.height)
+    _, edit, _ = _resolve()
+    assert edit.input_name == "example image (drawn)" and edit.image.size == (edit.width, edit.height)
 
 
 def test_no_trajectory_requested_without_reasoning_steps(image):
-    job = _job(image, "--enable-temporal-reasoning", "--num-temporal-reasoning-steps", "0", "-o", "v.mp4")
-    assert not job.return_trajectory
-    assert _job(image, "--enable-temporal-reasoning", "-o", "v.mp4").return_trajectory
+    _, edit, plan = _job(image, "--enable-temporal-reasoning", "--num-temporal-reasoning-steps", "0", "-o", "v.mp4")
+    assert not editing.wants_trajectory(edit, plan)
+    assert editing.wants_trajectory(*_job(image, "--enable-temporal-reasoning", "-o", "v.mp4")[1:])
 
 
 def test_explicit_size_and_output_image_only(image):
-    job = _job(image, "--height", "32", "--width", "48", "--output-image", "e.png")
-    assert (job.width, job.height) == (48, 32) and job.image.size == (48, 32)
-    assert job.output is None and str(job.output_image) == "e.png"
+    _, edit, plan = _job(image, "--height", "32", "--width", "48", "--output-image", "e.png")
+    assert (edit.width, edit.height) == (48, 32) and edit.image.size == (48, 32)
+    assert plan.output is None and str(plan.output_image) == "e.png"
 
 
 class FakePipe:
@@ -281,7 +290,7 @@ class FakePipe:
 
 
 def _run_fake(monkeypatch, capsys, pipe, *argv):
-    monkeypatch.setattr(edit_cmd, "load_pipeline", lambda job: pipe)
+    monkeypatch.setattr(service, "load_pipeline", lambda spec, report=None: pipe)
     code = cli.main(["edit", *map(str, argv)])
     out, err = capsys.readouterr()
     return code, out, err
@@ -387,14 +396,14 @@ def test_fake_missing_trajectory_writes_nothing(monkeypatch, capsys, image, tmp_
         "t.mp4",
         "--quiet",
     )
-    assert_one_error(code, err, "no trajectory")
+    assert code == 1 and "RuntimeError: the pipeline returned no trajectory" in err  # the pipeline's bug, shown as one
     assert out == "" and not (tmp_path / "t.mp4").exists() and not (tmp_path / "outputs" / "edit.png").exists()
 
 
 def test_keyboard_interrupt(monkeypatch, capsys, image):
-    def interrupted(job):
+    def interrupted(spec, report=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(edit_cmd, "load_pipeline", interrupted)
+    monkeypatch.setattr(service, "load_pipeline", interrupted)
     assert cli.main(["edit", "-i", str(image), "-p", "x"]) == 130
     assert capsys.readouterr().err.strip() == "chronoedit: interrupted"

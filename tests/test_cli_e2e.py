@@ -9,8 +9,7 @@ from PIL import Image
 pytest.importorskip("chronoedit.pipeline", reason="chronoedit.pipeline is not importable yet (pipeline not landed)")
 pytest.importorskip("chronoedit.demo", reason="chronoedit.demo is not importable yet")
 
-from chronoedit import cli
-from chronoedit.commands import edit as edit_cmd
+from chronoedit import cli, editing
 
 SMALL = ["--height", "32", "--width", "32", "--num-inference-steps", "2", "--device", "cpu"]
 
@@ -25,7 +24,7 @@ def demo_home(tmp_path_factory):
 def isolated(monkeypatch, tmp_path, demo_home):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CHRONOEDIT_HOME", str(demo_home))
-    monkeypatch.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
+    monkeypatch.delenv(editing.MODEL_PATH_ENV, raising=False)
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from chronoedit import ChronoEditTransformer3DModel, cli
-from chronoedit.commands import edit as edit_cmd
+from chronoedit import ChronoEditTransformer3DModel, cli, editing
+from chronoedit.editing import LoraSpec, service
 from chronoedit.keymap import ours_to_original
 from chronoedit.lora import LoraModule, save_lora
 
@@ -34,7 +34,7 @@ def base(tiny_ckpt) -> ChronoEditTransformer3DModel:
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
+    monkeypatch.delenv(editing.MODEL_PATH_ENV, raising=False)
 
 
 @pytest.fixture
@@ -126,15 +126,16 @@ def test_distill_preset_finds_the_checkpoint_lora_and_its_settings(capsys, monke
     (ckpt / "lora").mkdir()
     save_lora(random_lora(base, seed=5), ckpt / "lora" / "chronoedit_distill_lora.safetensors")
     seen = {}
-    original = edit_cmd.generate
+    original = service.generate
 
-    def recording(pipe, job):
+    def recording(pipe, edit, *args, **kwargs):
+        out = original(pipe, edit, *args, **kwargs)
         config = pipe.scheduler.config
         shift = config.get("flow_shift", config.get("shift"))
-        seen.update(job=job, adapters=pipe.get_active_adapters(), shift=shift)
-        return original(pipe, job)
+        seen.update(job=edit, adapters=pipe.get_active_adapters(), shift=shift)
+        return out
 
-    monkeypatch.setattr(edit_cmd, "generate", recording)
+    monkeypatch.setattr(service, "generate", recording)
     code, lines, err = run(capsys, "-i", image, "-p", "make it blue", "--model-path", ckpt, "-o", "x.png",
                            "--preset", "distill", *FAST)  # fmt: skip
     assert code == 0, err
@@ -142,7 +143,7 @@ def test_distill_preset_finds_the_checkpoint_lora_and_its_settings(capsys, monke
     assert (tmp_path / "x.png").is_file()
     job = seen["job"]
     assert (job.num_inference_steps, job.guidance_scale, job.flow_shift) == (8, 1.0, 2.0)
-    assert job.loras == [(ckpt / "lora" / "chronoedit_distill_lora.safetensors", 1.0)]
+    assert job.loras == (LoraSpec(ckpt / "lora" / "chronoedit_distill_lora.safetensors", 1.0),)
     assert seen["adapters"] == ["chronoedit_distill_lora"] and seen["shift"] == 2.0
 
 

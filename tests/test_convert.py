@@ -9,8 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from chronoedit import ChronoEditTransformer3DModel, cli
+from chronoedit.commands.convert import parse_size
+from chronoedit.errors import UserError
 from chronoedit.keymap import ours_to_original
-from chronoedit.saving import plan_shards
+from chronoedit.saving import plan_shards, save_transformer
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,28 @@ def test_bad_shard_size_and_missing_source(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["lots", "inf", "nanGB", "0", "-5MB"])
+def test_bad_shard_sizes_are_user_errors(text):
+    with pytest.raises(UserError, match="--max-shard-size") as err:
+        parse_size(text)
+    assert err.value.field == "max_shard_size"
+
+
+def test_a_config_that_is_no_json_object_is_one_line(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text("[1, 2]")
+    code = cli.main(["convert", str(tmp_path / "nope"), str(tmp_path / "out"), "--config", str(config)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"chronoedit: error: --config {config}: expected a JSON object "
+                                 "(a transformer's config.json)"], err  # fmt: skip
+
+
+def test_an_output_folder_that_cannot_be_written_is_a_user_error(model, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match=rf"cannot write {tmp_path / 'file' / 'out'}: "):
+        save_transformer(model, tmp_path / "file" / "out")
 
 
 def test_plan_shards_respects_the_limit():

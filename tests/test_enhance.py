@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 from vlm_fakes import FakeOpenAIServer, closed_port, system_text, tiny_qwen_vl_dir, user_images, user_text
 
-from chronoedit import cli
-from chronoedit.commands import edit as edit_cmd
-from chronoedit.enhance import PREFIX, SYSTEM_PROMPT, PromptError, clean_dense_prompt
+from chronoedit import cli, editing
+from chronoedit.editing import service
+from chronoedit.enhance import PREFIX, SYSTEM_PROMPT, PromptError, clean_dense_prompt, user_message
+from chronoedit.errors import UserError
 
 pytest.importorskip("openai")
 SMALL = ["--height", "32", "--width", "32", "--num-inference-steps", "2", "--device", "cpu"]
@@ -56,7 +57,7 @@ def image(tmp_path):
 def isolated(monkeypatch, tmp_path, tmp_path_factory):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CHRONOEDIT_HOME", str(tmp_path_factory.getbasetemp() / "chronoedit_home"))
-    monkeypatch.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
+    monkeypatch.delenv(editing.MODEL_PATH_ENV, raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
 
 
@@ -137,8 +138,15 @@ def test_clean_dense_prompt(answer, expected):
 
 @pytest.mark.parametrize("answer", ["A hat is added to the cup.", "", "<think>The user wants to</think>", PREFIX])
 def test_clean_dense_prompt_fails_clearly(answer):
-    with pytest.raises(PromptError, match="does not contain a prompt starting with 'The user wants to'"):
+    with pytest.raises(PromptError, match="does not contain a prompt starting with 'The user wants to'") as err:
         clean_dense_prompt(answer)
+    assert isinstance(err.value, UserError)  # the user's VLM answered badly: one line, not a bug
+
+
+def test_an_empty_instruction_is_a_user_error():
+    with pytest.raises(UserError, match="the edit instruction to enhance is empty") as err:
+        user_message(" \n ")
+    assert err.value.field == "prompt"
 
 
 def test_system_prompt_asks_for_the_trained_form():
@@ -202,11 +210,12 @@ def spy_order(monkeypatch):
     from chronoedit.vlm.openai_api import OpenAIVLM
 
     events: list[str] = []
-    real_close, real_load, real_generate = OpenAIVLM.close, edit_cmd.load_pipeline, edit_cmd.generate
+    real_close, real_load, real_generate = OpenAIVLM.close, service.load_pipeline, service.generate
     monkeypatch.setattr(OpenAIVLM, "close", lambda self: events.append("vlm released") or real_close(self))
-    monkeypatch.setattr(edit_cmd, "load_pipeline", lambda job: events.append("pipeline load") or real_load(job))
-    monkeypatch.setattr(edit_cmd, "generate", lambda pipe, job: events.append(f"edit: {job.prompt}")
-                        or real_generate(pipe, job))  # fmt: skip
+    monkeypatch.setattr(service, "load_pipeline", lambda spec, report: events.append("pipeline load")
+                        or real_load(spec, report))
+    monkeypatch.setattr(service, "generate", lambda pipe, edit, *args, **kwargs: events.append(f"edit: {edit.prompt}")
+                        or real_generate(pipe, edit, *args, **kwargs))  # fmt: skip
     return events
 
 

@@ -21,7 +21,8 @@ from vlm_fakes import FakeOpenAIServer, closed_port, system_text, tiny_qwen_vl_d
 
 import chronoedit
 from chronoedit import cli
-from chronoedit.label import METADATA_COLUMNS, PairsError, read_pairs
+from chronoedit.errors import UserError
+from chronoedit.label import METADATA_COLUMNS, PairsError, label_pairs, read_pairs
 from chronoedit.label.prompts import DENSE_SYSTEM_PROMPT, INSTRUCTION_SYSTEM_PROMPT, clean_instruction
 
 pytest.importorskip("openai")
@@ -451,6 +452,30 @@ def test_unmatched_and_duplicate_names(capsys, server, tmp_path):
     csv_path.write_text("key,source,target\nk,a.png,b.png\nK,c.png,d.png\n")
     with pytest.raises(PairsError, match=r"duplicate key 'K' in pairs.csv line 3 \(also pairs.csv line 2\)"):
         read_pairs(csv_path)
+
+
+def test_a_bad_pair_is_a_user_error_before_the_vlm_loads(tmp_path):
+    pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue")})
+    square("blue", size=(30, 24)).save(pairs / "target" / "a.png")
+
+    def no_vlm():
+        raise AssertionError("the VLM was loaded for bad data")
+
+    with pytest.raises(UserError, match=r"source/a\.png: source and target sizes differ") as err:
+        label_pairs(read_pairs(pairs), tmp_path / "ds", no_vlm)
+    assert isinstance(err.value, PairsError)
+
+
+def test_a_dataset_folder_that_cannot_be_written_is_one_line(capsys, server, tmp_path):
+    pairs = make_pairs(tmp_path / "pairs", {"a": ("red", "blue")})
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "images").write_text("a file where the images folder goes")
+    error = bad_run(capsys, server, pairs, out)
+    assert error.startswith(f"chronoedit: error: cannot write {out}: ") and "File exists" in error
+    (out / "images").unlink()
+    (out / "metadata.csv").write_bytes(b"key,video,prompt,source_image,target_image\n\xff,v,p,s,t\n")
+    assert f"{out / 'metadata.csv'} is not UTF-8 text" in bad_run(capsys, server, pairs, out)
 
 
 def test_skip_bad_pairs_records_them_and_labels_the_rest(capsys, server, tmp_path):

@@ -1,4 +1,4 @@
-"""Loading a checkpoint: every way a folder can be wrong gives the right exception naming the problem; dtype islands,
+"""Loading a checkpoint: every way a folder can be wrong gives a UserError naming the problem; dtype islands,
 the real config's quirks and RoPE where the reference is wrong (REFERENCE §1, §4).
 
 One tiny checkpoint in the real diffusers layout is built per module; each bad case alters a copy of it.
@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from chronoedit import loading
+from chronoedit import ChronoEditTransformer3DModel, loading
 from chronoedit.demo import TinySpec
-from chronoedit.model import ChronoEditTransformer3DModel
+from chronoedit.errors import UserError
 from chronoedit.model.rope import apply_rotary, axis_dims, temporal_positions
 from chronoedit.pipeline import ChronoEditPipeline
 
@@ -63,15 +63,31 @@ def _edit_config(folder: Path, **changes) -> None:
 # ------------------------------------------------------------------------------------------ the checkpoint location
 def test_missing_checkpoint_folder_names_the_path(tmp_path):
     missing = tmp_path / "no" / "such-checkpoint"
-    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+    with pytest.raises(UserError, match=re.escape(str(missing))):
         loading.load_pipeline_components(missing)
-    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+    with pytest.raises(UserError, match=re.escape(str(missing))):
         ChronoEditPipeline.from_pretrained(str(missing))
-    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+    with pytest.raises(UserError, match=re.escape(str(missing))):
         ChronoEditTransformer3DModel.from_pretrained(str(missing), subfolder="transformer")
 
 
-def test_unknown_repo_id_offline_is_file_not_found_without_hanging(tmp_path, monkeypatch):
+def test_public_transformer_class_is_the_pure_model_with_from_pretrained(tiny):
+    """``chronoedit.model`` holds no IO; ``chronoedit.ChronoEditTransformer3DModel`` adds diffusers' loading to it."""
+    from chronoedit.model import ChronoEditTransformer3DModel as PureModel
+
+    assert issubclass(ChronoEditTransformer3DModel, PureModel) and not hasattr(PureModel, "from_pretrained")
+    model = ChronoEditTransformer3DModel.from_pretrained(str(tiny), subfolder="transformer")
+    assert type(model) is ChronoEditTransformer3DModel
+    assert type(loading.load_transformer(tiny, subfolder="transformer")) is ChronoEditTransformer3DModel
+
+
+def test_bad_transformer_config_is_a_user_error(ckpt):
+    _edit_config(ckpt, qk_norm="layer_norm")
+    with pytest.raises(UserError, match=r"transformer config: unsupported qk_norm 'layer_norm'"):
+        loading.load_transformer(ckpt, subfolder="transformer")
+
+
+def test_unknown_repo_id_offline_is_a_user_error_without_hanging(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.chdir(tmp_path)  # "owner/name" must not exist as a relative folder
@@ -80,43 +96,43 @@ def test_unknown_repo_id_offline_is_file_not_found_without_hanging(tmp_path, mon
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # nothing cached
     repo = "chronoedit-tests/no-such-model"
     start = time.monotonic()
-    with pytest.raises(FileNotFoundError, match=re.escape(repo)):
+    with pytest.raises(UserError, match=re.escape(repo)):
         loading.load_pipeline_components(repo)
     assert time.monotonic() - start < 30, "an offline lookup must fail fast, not wait on the network"
 
 
-def test_file_instead_of_folder_is_value_error(tiny):
+def test_file_instead_of_folder_is_a_user_error(tiny):
     path = tiny / "model_index.json"
-    with pytest.raises(ValueError, match=f"not a folder.*{re.escape(str(path))}"):
+    with pytest.raises(UserError, match=f"not a folder.*{re.escape(str(path))}"):
         loading.load_pipeline_components(path)
-    with pytest.raises(ValueError, match=r"not a folder or a \.safetensors file"):
+    with pytest.raises(UserError, match=r"not a folder or a \.safetensors file"):
         loading.load_transformer(tiny / "transformer" / "config.json")
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_missing_component_folder_names_the_component(ckpt, component):
     shutil.rmtree(ckpt / component)
-    with pytest.raises(FileNotFoundError, match=rf"'{component}/'.*component {component} is missing"):
+    with pytest.raises(UserError, match=rf"'{component}/'.*component {component} is missing"):
         loading.load_pipeline_components(ckpt, **_others(component))
 
 
 def test_missing_component_through_the_pipeline(ckpt):
     """The real entry point, every other component really loaded: still the component's name."""
     shutil.rmtree(ckpt / "transformer")
-    with pytest.raises(FileNotFoundError, match="component transformer is missing"):
+    with pytest.raises(UserError, match="component transformer is missing"):
         ChronoEditPipeline.from_pretrained(str(ckpt))
 
 
 # ------------------------------------------------------------------------------------ transformer config vs weights
 def test_config_with_more_layers_names_a_missing_key(ckpt):
     _edit_config(ckpt, num_layers=SPEC.num_layers + 1)
-    with pytest.raises(ValueError, match=r"lack \d+ key\(s\).*'blocks\.2\.[\w.]+'"):
+    with pytest.raises(UserError, match=r"lack \d+ key\(s\).*'blocks\.2\.[\w.]+'"):
         loading.load_transformer(ckpt, subfolder="transformer")
 
 
 def test_config_with_fewer_layers_names_an_unexpected_key(ckpt):
     _edit_config(ckpt, num_layers=SPEC.num_layers - 1)
-    with pytest.raises(ValueError, match=r"unexpected key 'blocks\.1\.[\w.]+'"):
+    with pytest.raises(UserError, match=r"unexpected key 'blocks\.1\.[\w.]+'"):
         loading.load_transformer(ckpt, subfolder="transformer")
 
 
@@ -126,7 +142,7 @@ def test_extra_weight_key_is_named(ckpt):
     state["blocks.0.attn1.to_q.lora_A.weight"] = torch.zeros(4, 32)
     save_file(state, path)
     with pytest.raises(
-        ValueError, match=rf"unexpected key 'blocks\.0\.attn1\.to_q\.lora_A\.weight' in {re.escape(str(path))}"
+        UserError, match=rf"unexpected key 'blocks\.0\.attn1\.to_q\.lora_A\.weight' in {re.escape(str(path))}"
     ):
         loading.load_transformer(ckpt, subfolder="transformer")
 
@@ -148,7 +164,7 @@ def test_wrong_shape_names_key_and_both_shapes(ckpt):
     assert good == (64, 32)
     state["blocks.1.ffn.net.0.proj.weight"] = torch.zeros(48, 32)
     save_file(state, path)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UserError) as info:
         loading.load_transformer(ckpt, subfolder="transformer")
     message = str(info.value)
     assert "'blocks.1.ffn.net.0.proj.weight'" in message
@@ -161,7 +177,7 @@ def test_missing_weight_key_is_named(ckpt):
     state = load_file(path)
     del state["proj_out.bias"]
     save_file(state, path)
-    with pytest.raises(ValueError, match=re.escape("'proj_out.bias'")):
+    with pytest.raises(UserError, match=re.escape("'proj_out.bias'")):
         loading.load_transformer(ckpt, subfolder="transformer")
 
 
@@ -172,7 +188,7 @@ def test_truncated_or_empty_safetensors(ckpt, keep):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     assert path.stat().st_size == int(len(data) * keep)
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*(truncated|corrupt)"):
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))}.*(truncated|corrupt)"):
         loading.load_transformer(ckpt, subfolder="transformer")
 
 
@@ -203,7 +219,7 @@ def test_sharded_checkpoint_loads(ckpt):
 def test_index_listing_a_missing_shard_names_it(ckpt):
     names, _ = _shard(ckpt)
     (ckpt / "transformer" / names[1]).unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(names[1])):
+    with pytest.raises(UserError, match=re.escape(names[1])):
         loading.load_transformer(ckpt, subfolder="transformer")
 
 
@@ -219,11 +235,11 @@ CONFIG_FILES = {
 
 
 @pytest.mark.parametrize("component", list(CONFIG_FILES))
-def test_unparsable_config_is_value_error_naming_component(ckpt, component):
+def test_unparsable_config_is_a_user_error_naming_component(ckpt, component):
     path = ckpt / component / CONFIG_FILES[component]
     assert path.is_file()
     path.write_text('{"num_layers": 2,,')
-    with pytest.raises(ValueError, match=re.escape(str(ckpt / component))):
+    with pytest.raises(UserError, match=re.escape(str(ckpt / component))):
         loading.load_pipeline_components(ckpt, **_others(component))
 
 
@@ -231,21 +247,21 @@ def test_unparsable_config_is_value_error_naming_component(ckpt, component):
 def test_unparsable_config_names_the_file(ckpt, component):
     path = ckpt / component / CONFIG_FILES[component]
     path.write_text('{"num_layers": 2,,')
-    with pytest.raises(ValueError, match=re.escape(str(path))):
+    with pytest.raises(UserError, match=re.escape(str(path))):
         loading.load_pipeline_components(ckpt, **_others(component))
 
 
 def test_unparsable_tokenizer_config_names_the_file(ckpt):
     path = ckpt / "tokenizer" / "tokenizer_config.json"
     path.write_text('{"num_layers": 2,,')
-    with pytest.raises(ValueError, match=re.escape(path.name)):
+    with pytest.raises(UserError, match=re.escape(path.name)):
         loading.load_pipeline_components(ckpt, **_others("tokenizer"))
 
 
 def test_unparsable_transformer_config_through_load_transformer(ckpt):
     path = ckpt / "transformer" / "config.json"
     path.write_text("not json at all")
-    with pytest.raises(ValueError, match=rf"cannot parse {re.escape(str(path))}"):
+    with pytest.raises(UserError, match=rf"cannot parse {re.escape(str(path))}"):
         loading.load_transformer(ckpt, subfolder="transformer")
 
 
@@ -420,5 +436,5 @@ def test_truncated_library_component_weights_name_the_component(ckpt, component)
     """transformers/diffusers raise SafetensorError for these: still one line naming the component."""
     weights = sorted((ckpt / component).glob("*.safetensors"))[0]
     weights.write_bytes(weights.read_bytes()[:2000])
-    with pytest.raises(ValueError, match=rf"cannot load {component} from .*{component}"):
+    with pytest.raises(UserError, match=rf"cannot load {component} from .*{component}"):
         loading.load_pipeline_components(ckpt, **_others(component))

@@ -8,6 +8,7 @@ from PIL import Image
 
 import chronoedit.pipeline as pipeline_module
 from chronoedit import ChronoEditPipeline
+from chronoedit.errors import UserError
 
 ARGS = {"prompt": "a red cup", "height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 1.0}
 
@@ -59,7 +60,7 @@ def test_non_finite_latents_raise_a_clear_error(pipe, image):
     def poison(_pipe, _step, _t, tensors):
         return {"latents": tensors["latents"] * float("nan")}
 
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(UserError, match="NaN or Inf"):
         pipe(image=image, callback_on_step_end=poison, **ARGS)
 
 
@@ -108,8 +109,9 @@ def test_flow_shift_reaches_flow_match_euler(pipe):
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     pipe.set_flow_shift(2.0)
     assert pipe.scheduler.config.shift == 2.0
-    with pytest.raises(ValueError, match="flow_shift must be a positive finite number"):
+    with pytest.raises(UserError, match="flow_shift must be a positive finite number") as caught:
         pipe.set_flow_shift(float("inf"))
+    assert caught.value.field == "flow_shift"
 
 
 def test_nan_is_caught_at_the_step_that_made_it(pipe, image):
@@ -119,7 +121,7 @@ def test_nan_is_caught_at_the_step_that_made_it(pipe, image):
         calls.append(step)
         return {"latents": tensors["latents"] * (float("nan") if step == 0 else 1.0)}
 
-    with pytest.raises(ValueError, match="after step 2"):
+    with pytest.raises(UserError, match="after step 2"):
         pipe(image=image, callback_on_step_end=poison_second, **{**ARGS, "num_inference_steps": 4})
     assert calls == [0]  # stopped right after the poisoned latents went through one step
 

@@ -7,6 +7,7 @@ from PIL import Image
 
 from chronoedit import cli
 from chronoedit.commands import edit as edit_cmd
+from chronoedit.editing import LoraSpec
 from chronoedit.presets import PAINT_BRUSH_TRIGGER, PRESETS, UPSCALE_TRIGGER
 
 
@@ -23,14 +24,14 @@ def setup(tmp_path, monkeypatch):
 
 def job(image, ckpt, *flags):
     args = cli.parse_args(["edit", "-i", str(image), "-p", "a red hat", "--model-path", str(ckpt), *map(str, flags)])
-    return edit_cmd.build_edit_job(args)
+    return edit_cmd.resolve(args)[1]
 
 
 def test_distill_preset_sets_steps_guidance_shift_and_finds_the_lora(setup):
     image, ckpt = setup
     j = job(image, ckpt, "--preset", "distill")
     assert (j.num_inference_steps, j.guidance_scale, j.flow_shift) == (8, 1.0, 2.0)
-    assert j.loras == [(ckpt / "lora" / "chronoedit_distill_lora.safetensors", 1.0)]
+    assert j.loras == (LoraSpec(ckpt / "lora" / "chronoedit_distill_lora.safetensors", 1.0),)
     assert j.prompt == "a red hat"
 
 
@@ -45,7 +46,7 @@ def test_explicit_flags_override_the_preset(setup):
 def test_without_preset_the_defaults_stay(setup):
     image, ckpt = setup
     j = job(image, ckpt)
-    assert (j.num_inference_steps, j.guidance_scale, j.flow_shift, j.loras) == (50, 5.0, 5.0, [])
+    assert (j.num_inference_steps, j.guidance_scale, j.flow_shift, j.loras) == (50, 5.0, 5.0, ())
 
 
 def test_per_lora_scales(setup, tmp_path):
@@ -54,7 +55,7 @@ def test_per_lora_scales(setup, tmp_path):
     a.write_bytes(b"x")
     b.write_bytes(b"x")
     j = job(image, ckpt, "--lora-path", f"{a}:0.8", str(b), "--lora-scale", "0.5")
-    assert j.loras == [(a, 0.8), (b, 0.5)]
+    assert j.loras == (LoraSpec(a, 0.8), LoraSpec(b, 0.5))
 
 
 def test_user_lora_satisfies_the_preset(setup, tmp_path):
@@ -62,7 +63,7 @@ def test_user_lora_satisfies_the_preset(setup, tmp_path):
     mine = tmp_path / "my_distill_v2.safetensors"
     mine.write_bytes(b"x")
     j = job(image, ckpt, "--preset", "distill", "--lora-path", f"{mine}:0.9")
-    assert j.loras == [(mine, 0.9)]
+    assert j.loras == (LoraSpec(mine, 0.9),)
 
 
 def test_upscale_preset_adds_the_trigger_and_a_2k_area(setup, tmp_path):
@@ -71,7 +72,7 @@ def test_upscale_preset_adds_the_trigger_and_a_2k_area(setup, tmp_path):
     j = job(image, ckpt, "--preset", "upscale")
     assert j.prompt.startswith(UPSCALE_TRIGGER) and j.prompt.endswith("a red hat")
     assert (j.width, j.height) == (2048, 1152)
-    assert j.loras[0][0].name == "chronoedit_upscaler_lora.safetensors"
+    assert j.loras[0].path.name == "chronoedit_upscaler_lora.safetensors"
 
 
 def test_paint_brush_prompt_and_both_loras(setup):
@@ -79,7 +80,8 @@ def test_paint_brush_prompt_and_both_loras(setup):
     (ckpt / "lora" / "paintbrush_lora.safetensors").write_bytes(b"x")
     j = job(image, ckpt, "--preset", "paint-brush")
     assert j.prompt == PAINT_BRUSH_TRIGGER.format(prompt="a red hat")
-    assert [p.name for p, _ in j.loras] == ["chronoedit_distill_lora.safetensors", "paintbrush_lora.safetensors"]
+    names = [lora.path.name for lora in j.loras]
+    assert names == ["chronoedit_distill_lora.safetensors", "paintbrush_lora.safetensors"]
     assert j.num_inference_steps == 8
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 gguf = pytest.importorskip("gguf")
 
 from chronoedit import ChronoEditTransformer3DModel  # noqa: E402
+from chronoedit.errors import UserError  # noqa: E402
 from chronoedit.keymap import ours_to_original  # noqa: E402
 from chronoedit.loading import load_transformer  # noqa: E402
 from chronoedit.lora import LoraModule, fuse_lora, load_lora, save_lora, unload_lora  # noqa: E402
@@ -375,7 +376,7 @@ def test_full_weight_delta_on_a_quantized_linear_fails_loudly(q8_file):
     """A ``.diff`` (full weight delta) cannot be added to quantized weights: an error, never silently ignored."""
     model = load_transformer(q8_file)
     weight = model.blocks[0].attn1.to_q.weight
-    with pytest.raises(ValueError, match="read-only"):
+    with pytest.raises(ValueError, match="read-only"):  # chronoedit.lora's error
         load_lora(model, {"diffusion_model.blocks.0.self_attn.q.diff": torch.zeros(weight.shape)})
 
 
@@ -396,21 +397,40 @@ def test_quantized_linear_is_a_linear_with_a_read_only_weight():
     assert torch.equal(layer(x), torch.nn.functional.linear(x, qweight.dequantize(), layer.bias))
     assert rel(layer.weight, dense) < 0.01
     for change in (lambda w: w.add_(1), lambda w: w.copy_(w), lambda w: w.data.add_(1), lambda w: w.zero_()):
-        with pytest.raises(ValueError, match="cannot fuse a LoRA into quantized weights"):
+        with pytest.raises(UserError, match="cannot fuse a LoRA into quantized weights"):
             change(layer.weight)
 
     def set_data(w: torch.Tensor) -> None:
         w.data = torch.zeros(8, 64)
 
-    with pytest.raises(ValueError, match="read-only"):
+    with pytest.raises(UserError, match="read-only"):
         set_data(layer.weight)
     assert set(layer.state_dict()) == {"weight", "bias"}
     assert torch.equal(layer.state_dict()["weight"], qweight.dequantize())
     assert "qtype=Q8_0" in repr(layer)
 
 
+def test_quantize_model_linears_keeps_the_islands_the_caller_names():
+    """The quant package knows no model: which layers compute in float32 is the caller's ``keep_fp32``."""
+    from chronoedit.model.transformer import keeps_fp32
+
+    with torch.device("meta"):
+        model = torch.nn.ModuleDict({"time_embedder": torch.nn.Linear(32, 8), "to_q": torch.nn.Linear(32, 8)})
+    packed = gguf.quants.quantize(torch.randn(8, 32).numpy(), T.Q8_0)
+
+    def weights() -> dict[str, QTensor]:
+        return {name: QTensor("Q8_0", torch.from_numpy(packed.copy()).reshape(-1, 34), (8, 32)) for name in model}
+
+    quantize_model_linears(model, weights(), torch.bfloat16, keep_fp32=keeps_fp32)
+    assert (model["time_embedder"].compute_dtype, model["to_q"].compute_dtype) == (torch.float32, torch.bfloat16)
+    with torch.device("meta"):
+        model = torch.nn.ModuleDict({"time_embedder": torch.nn.Linear(32, 8), "to_q": torch.nn.Linear(32, 8)})
+    quantize_model_linears(model, weights(), torch.bfloat16)  # no rule given: every layer in the given dtype
+    assert model["time_embedder"].compute_dtype == torch.bfloat16
+
+
 def test_quantized_mode_is_checked(q8_file):
-    with pytest.raises(ValueError, match="quantized must be one of"):
+    with pytest.raises(UserError, match="quantized must be one of"):
         load_transformer(q8_file, quantized="fp8")
 
 
@@ -465,6 +485,6 @@ def test_bad_gguf_files_give_one_line_errors_naming_the_file(q8_file, tmp_path, 
         path.write_bytes(b"")
     else:
         path.write_bytes(b"PK\x03\x04 this is a zip, not a model" * 20)
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(UserError, match=message) as info:
         load_transformer(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)

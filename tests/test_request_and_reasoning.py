@@ -15,6 +15,7 @@ import torch
 
 from chronoedit import reasoning
 from chronoedit.demo import TinySpec
+from chronoedit.errors import UserError
 from chronoedit.pipeline import ChronoEditPipeline
 from chronoedit.reasoning import ReasoningPlan
 
@@ -73,7 +74,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 # ------------------------------------------------------------------------------ argument checks, before any model
 @pytest.fixture
 def no_models(pipe, monkeypatch):
-    """Every model raises AssertionError if called: a ValueError must come before any of them runs."""
+    """Every model raises AssertionError if called: a UserError must come before any of them runs."""
 
     def ran(*args, **kwargs):
         raise AssertionError("a model ran before the arguments were checked")
@@ -180,13 +181,65 @@ BAD_CALLS |= {
 }
 
 
-@pytest.mark.parametrize("name", list(BAD_CALLS))
-def test_bad_call_is_value_error_before_any_model(no_models, image, name):
-    changes, message = BAD_CALLS[name]
+# Values that are no numbers at all are user errors too, never a TypeError from deep inside.
+BAD_CALLS |= {
+    "guidance_str": ({"guidance_scale": "5"}, r"guidance_scale must be a finite number >= 0, got 5"),
+    "videos_per_prompt_fraction": (
+        {"num_videos_per_prompt": 1.5},
+        r"num_videos_per_prompt must be a positive integer, got 1\.5",
+    ),
+    "max_sequence_length_str": ({"max_sequence_length": "512"}, r"max_sequence_length must be between 1 and 512"),
+    "prompt_embeds_list": (
+        {"prompt": None, "prompt_embeds": [[0.0]]},
+        r"prompt_embeds must be \[1, 512, 32\], got list",
+    ),
+}
+
+
+def _call(pipe, image, changes):
     kwargs = {"image": image, "prompt": "a cat", **SIZE, "num_inference_steps": 2, "guidance_scale": 1.0}
-    kwargs.update(changes)
-    with pytest.raises(ValueError, match=message):
-        no_models(**kwargs)
+    return pipe(**{**kwargs, **changes})
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_call_is_a_user_error_before_any_model(no_models, image, name):
+    changes, message = BAD_CALLS[name]
+    with pytest.raises(UserError, match=message):
+        _call(no_models, image, changes)
+
+
+# The argument each error is about, and how a front end words it (the CLI's --flag).
+FIELDS = {
+    "nan_guidance": ("guidance_scale", ()),
+    "height_not_multiple": ("height", ()),
+    "width_too_small": ("width", ()),
+    "only_height": ("width", ("height",)),
+    "frames_29_without_reasoning": ("num_frames", ("enable_temporal_reasoning",)),
+    "reasoning_steps_above_steps": ("num_temporal_reasoning_steps", ()),
+    "negative_prompt_count": ("negative_prompt", ("prompt",)),
+    "prompt_embeds_width": ("prompt_embeds", ()),
+    "latents_shape": ("latents", ()),
+    "image_str": ("image", ()),
+    "generator_count": ("generator", ()),
+    "callback_tensor_inputs": ("callback_on_step_end_tensor_inputs", ()),
+}
+
+
+@pytest.mark.parametrize("name", list(FIELDS))
+def test_bad_call_names_its_field(no_models, image, name):
+    field, also = FIELDS[name]
+    with pytest.raises(UserError) as caught:
+        _call(no_models, image, BAD_CALLS[name][0])
+    assert caught.value.field == field
+    assert caught.value.fields == (field, *also)
+
+
+def test_a_front_end_words_the_fields_its_own_way(no_models, image):
+    with pytest.raises(UserError) as caught:
+        _call(no_models, image, {"num_frames": 29})
+    flag = caught.value.render(lambda name: "--" + name.replace("_", "-"))
+    assert flag == "--num-frames=29 needs --enable-temporal-reasoning=True (a plain edit is 5 frames)"
+    assert str(caught.value) == "num_frames=29 needs enable_temporal_reasoning=True (a plain edit is 5 frames)"
 
 
 # ----------------------------------------------------------------------------------------------- the plan itself

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -12,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +25,8 @@ import httpx
 from fastapi.testclient import TestClient
 from serve_helpers import (
     TINY_FLAGS,
+    FakePipe,
+    fake_load,
     free_port,
     make_state,
     png_bytes,
@@ -104,7 +106,8 @@ def test_same_seed_same_result_and_trajectory(client):
 def test_preset_changes_settings(client):
     # distill needs its LoRA file: the demo model has none, so the request is refused before queueing.
     response = submit(client, {"prompt": "a hat", "preset": "distill"})
-    assert response.status_code == 422 and "distill" in response.json()["detail"]
+    assert response.status_code == 422
+    assert response.json()["detail"] == "preset distill needs a *distill* LoRA: pass it with the server's --lora-path"
 
 
 @pytest.mark.parametrize(
@@ -206,10 +209,15 @@ def test_fifty_concurrent_submissions_all_complete(tmp_path, demo_home):
 
 def test_queue_limit_cancel_and_restart(tmp_path, demo_home):
     """With the worker held back: 429 when full, cancel, and a restart keeps the queue (and re-queues running)."""
-    state = make_state(tmp_path, "--max-queue", "3")
+    from chronoedit.editing import load_pipeline
+
     gate = threading.Event()
-    load = state.worker.runner.load
-    state.worker.runner.load = lambda: (gate.wait(), load())[1]
+
+    def held_back(spec, report):  # type: ignore[no-untyped-def]
+        gate.wait()
+        return load_pipeline(spec, report)
+
+    state = make_state(tmp_path, "--max-queue", "3", load=held_back)
     with TestClient(create_app(state)) as client:
         ids = [submit(client, {"prompt": f"job {i}", "seed": i}).json()["id"] for i in range(3)]
         full = submit(client, {"prompt": "one too many"})
@@ -374,6 +382,31 @@ def test_worker_survives_a_queue_error_and_a_dead_worker_refuses_jobs(tmp_path, 
         assert refused.status_code == 503 and "cannot run edits" in refused.json()["detail"]
 
 
+def test_a_bug_in_a_job_fails_it_as_an_internal_error_and_the_worker_goes_on(tmp_path, demo_home, caplog):
+    """A job whose run raises anything but a user error: failed with "internal error" (nothing of the bug shown to
+    the client), its traceback in the server's log, and the worker runs the next job."""
+    pipe = FakePipe(fail=("boom",))
+    state = make_state(tmp_path, load=fake_load(pipe))
+    with caplog.at_level(logging.INFO, logger="chronoedit.serve"), TestClient(create_app(state)) as client:
+        assert wait_ready(client)["worker"]["state"] == "ready"
+        bug, fine = (submit(client, {"prompt": prompt, "seed": 1}).json()["id"] for prompt in ("boom", "fine"))
+        failed, done = wait_finished(client, bug), wait_finished(client, fine)
+        health = client.get("/v1/health").json()
+        result = client.get(f"/v1/edits/{fine}/result")
+    assert (failed["status"], failed["error"]) == ("failed", "internal error: see the server's log")
+    assert "links" in failed and "result" not in failed["links"]
+    assert done["status"] == "done" and done["error"] is None and pipe.prompts == ["boom", "fine"]
+    assert result.status_code == 200 and Image.open(io.BytesIO(result.content)).size == (32, 32)
+    assert health["status"] == "ok" and health["worker"]["state"] == "ready" and health["worker"]["error"] is None
+    assert state.worker.jobs_run == 2
+    (record,) = [r for r in caplog.records if bug in r.getMessage()]
+    assert record.name == "chronoedit.serve" and record.levelno == logging.ERROR
+    assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+    assert "Traceback (most recent call last)" in caplog.text
+    assert "RuntimeError: a bug while editing 'boom'" in caplog.text
+    assert not [r for r in caplog.records if fine in r.getMessage() and r.levelno >= logging.WARNING]
+
+
 def test_clean_shutdown_interrupts_the_running_job_and_requeues_it(tmp_path, demo_home):
     state = make_state(tmp_path, "--max-steps", "500")
     with TestClient(create_app(state)) as client:
@@ -441,15 +474,29 @@ def test_one_queue_one_server(tmp_path):
 
 
 def test_errors_shown_to_clients_carry_no_server_paths(tmp_path):
+    """Real user errors (a missing input, a preset whose LoRA the model folder lacks), in the API's words, with the
+    server's folders replaced by placeholders."""
+    from chronoedit.errors import UserError
+    from chronoedit.media import load_image
+    from chronoedit.presets import find_preset_loras, get_preset
     from chronoedit.serve.editing import api_message, redact
 
-    results = tmp_path / "state" / "results"
-    text = f"input image not found: {results}/abc/input.png; --preset distill needs a *distill* LoRA: pass it " \
-           f"with --lora-path (none in {tmp_path}/models/ckpt/lora)"  # fmt: skip
-    shown = redact(api_message(ValueError(text)), {"<results>": results, "<model>": tmp_path / "models" / "ckpt"})
-    assert str(tmp_path) not in shown
-    assert shown == ("input image not found: <results>/abc/input.png; preset distill needs a *distill* LoRA: the "
-                     "server has none (none in <model>/lora)")  # fmt: skip
+    results, model = tmp_path / "state" / "results", tmp_path / "models" / "ckpt"
+    model.mkdir(parents=True)
+    with pytest.raises(UserError) as missing:
+        load_image(results / "abc" / "input.png")
+    with pytest.raises(UserError) as no_lora:
+        find_preset_loras(get_preset("distill"), [], model)
+    assert str(tmp_path) in str(missing.value) and str(model) in str(no_lora.value)  # the server's own words
+    folders = {"<results>": results, "<model>": model}
+    shown = [redact(api_message(error.value), folders) for error in (missing, no_lora)]
+    assert shown == ["input image not found: <results>/abc/input.png",
+                     "preset distill needs a *distill* LoRA: pass it with the server's --lora-path (none in "
+                     "<model>/lora)"]  # fmt: skip
+    assert all(str(tmp_path) not in text for text in shown)
+
+    state = make_state(tmp_path / "state", "--model-path", str(model))  # the worker shows clients the same
+    assert [state.worker.public_error(error.value) for error in (missing, no_lora)] == shown
 
 
 def test_a_relative_state_dir_is_hidden_without_touching_words(tmp_path, demo_home, monkeypatch):
@@ -510,19 +557,16 @@ def test_a_local_enhancer_is_refused_at_start(tmp_path, demo_home):
         make_state(tmp_path, "--prompt-enhancer-model", "Qwen/Qwen3-VL-8B-Instruct")
 
 
-def test_the_model_loads_once_when_threads_ask_at_once(tmp_path, monkeypatch):
+def test_the_model_loads_once_when_threads_ask_at_once(tmp_path):
     """Two loads at once would build modules on the meta device concurrently; callers wait for the one load."""
-    from chronoedit.commands import edit as edit_cmd
-
-    runner = make_state(tmp_path).worker.runner  # the worker is not started
     loads = []
 
-    def slow_load(base):  # type: ignore[no-untyped-def]
-        loads.append(base)
+    def slow_load(spec, report):  # type: ignore[no-untyped-def]
+        loads.append(spec)
         time.sleep(0.2)
-        return types.SimpleNamespace(set_flow_shift=lambda shift: None)
+        return FakePipe()
 
-    monkeypatch.setattr(edit_cmd, "load_pipeline", slow_load)
+    runner = make_state(tmp_path, load=slow_load).worker.runner  # the worker is not started
     with ThreadPoolExecutor(max_workers=4) as pool:
         pipes = list(pool.map(lambda _: runner.load(), range(4)))
     assert len(loads) == 1 and all(pipe is pipes[0] for pipe in pipes)
@@ -689,9 +733,8 @@ def test_a_busy_port_is_one_error_line_before_anything_loads(tmp_path, capsys):
 
 
 def test_stopping_while_the_model_loads_does_not_wait_for_it(tmp_path, demo_home):
-    state = make_state(tmp_path)
     gate = threading.Event()
-    state.worker.runner.load = lambda: gate.wait(30)
+    state = make_state(tmp_path, load=fake_load(FakePipe(), gate))
     state.worker.start()
     started = time.monotonic()
     state.worker.stop()

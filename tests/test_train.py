@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from chronoedit import ChronoEditPipeline, ChronoEditTransformer3DModel, cli
-from chronoedit.io import save_video
+from chronoedit.errors import UserError
+from chronoedit.media import save_video
 from chronoedit.train import TrainConfig, train
 from chronoedit.train import loop as train_loop
 from chronoedit.train.loop import read_log
@@ -553,9 +554,9 @@ def test_torn_last_log_line_is_dropped_when_resuming(two_step_run, tiny_ckpt, pa
     assert [r["step"] for r in read_log(log)] == [1, 2, 3]
     lines = log.read_text().splitlines(keepends=True)
     log.write_text(lines[0] + '{"step": 2, "lo\n' + lines[2])
-    with pytest.raises(ValueError, match=rf"{log} line 2 is not a JSON record"):
+    with pytest.raises(UserError, match=rf"{log} line 2 is not a JSON record"):
         read_log(log)
-    with pytest.raises(ValueError, match=rf"{log} line 2 is not a JSON record"):
+    with pytest.raises(UserError, match=rf"{log} line 2 is not a JSON record"):
         train_loop.truncate_log(log, 3)
 
 
@@ -658,7 +659,7 @@ def test_each_cache_stage_is_redone_only_when_its_own_inputs_change(tiny_ckpt, p
 
 def test_a_second_run_in_the_same_output_folder_is_refused(tiny_ckpt, pairs, cache_dir, tmp_path, capsys):
     """Two runs in one folder would resume, log and checkpoint over each other: the second is one error line."""
-    from chronoedit.io import locked
+    from chronoedit.files import locked
 
     out = tmp_path / "run"
     out.mkdir()

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from chronoedit import cli
-from chronoedit.io import save_video
+from chronoedit.errors import UserError
+from chronoedit.media import save_video
 from chronoedit.train.config import build_config, read_config_file
 from chronoedit.train.data import check_dataset, clip_frames, fit, load_frames, prepared_frames, read_dataset
 
@@ -78,22 +79,22 @@ def test_samples_are_cropped_to_the_training_size_keeping_the_aspect(pair):
 # -------------------------------------------------------------------------------------------------- bad data
 def test_empty_csv_is_an_error(tmp_path):
     write_csv(tmp_path, ["source,target,prompt"])
-    with pytest.raises(ValueError, match="no rows"):
+    with pytest.raises(UserError, match="no rows"):
         read_dataset(tmp_path)
     (tmp_path / "metadata.csv").write_text("")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         read_dataset(tmp_path)
 
 
 def test_duplicate_key_names_both_rows(pair):
     write_csv(pair, ["key,prompt,source,target", "a,move,s.png,t.png", "b,move,s.png,t.png", "a,move,s.png,t.png"])
-    with pytest.raises(ValueError, match=r"row 4 \(key 'a'\): key 'a' appears more than once \(also row 2\)"):
+    with pytest.raises(UserError, match=r"row 4 \(key 'a'\): key 'a' appears more than once \(also row 2\)"):
         read_dataset(pair)
 
 
 def test_missing_image_names_row_and_file(pair):
     write_csv(pair, ["key,prompt,source_image,target_image", "ok,move,s.png,t.png", "bad,move,s.png,gone.png"])
-    with pytest.raises(ValueError, match=r"row 3 \(key 'bad'\): target file not found: .*gone\.png"):
+    with pytest.raises(UserError, match=r"row 3 \(key 'bad'\): target file not found: .*gone\.png"):
         read_dataset(pair)
 
 
@@ -101,9 +102,9 @@ def test_unreadable_image_names_row_and_file(pair):
     (pair / "broken.png").write_bytes(b"not a png at all")
     write_csv(pair, ["key,prompt,source,target", "k1,move,broken.png,t.png"])
     (spec,) = read_dataset(pair)
-    with pytest.raises(ValueError, match=r"row 2 \(key 'k1'\): cannot read source image .*broken\.png"):
+    with pytest.raises(UserError, match=r"row 2 \(key 'k1'\): cannot read source image .*broken\.png"):
         check_dataset([spec])
-    with pytest.raises(ValueError, match=r"row 2 \(key 'k1'\).*broken\.png"):
+    with pytest.raises(UserError, match=r"row 2 \(key 'k1'\).*broken\.png"):
         load_frames(spec)
 
 
@@ -111,9 +112,9 @@ def test_mismatched_sizes_name_the_row_and_both_sizes(pair):
     block((1, 2, 3), 1, size=(48, 32)).save(pair / "t48.png")
     write_csv(pair, ["key,prompt,source,target", "m,move,s.png,t48.png"])
     (spec,) = read_dataset(pair)
-    with pytest.raises(ValueError, match=r"row 2 \(key 'm'\): source 32x32 and target 48x32 differ in size"):
+    with pytest.raises(UserError, match=r"row 2 \(key 'm'\): source 32x32 and target 48x32 differ in size"):
         check_dataset([spec])
-    with pytest.raises(ValueError, match=r"row 2 \(key 'm'\): source 32x32 and target 48x32 differ"):
+    with pytest.raises(UserError, match=r"row 2 \(key 'm'\): source 32x32 and target 48x32 differ"):
         load_frames(spec)
 
 
@@ -128,7 +129,7 @@ def test_exif_rotated_camera_jpeg_pairs_with_an_upright_target(tmp_path):
     ok, bad = read_dataset(tmp_path)
     check_dataset([ok])
     assert [f.size for f in load_frames(ok)] == [(32, 48), (32, 48)]
-    with pytest.raises(ValueError, match=r"row 3 \(key 'bad'\): source 32x48 and target 48x32 differ in size"):
+    with pytest.raises(UserError, match=r"row 3 \(key 'bad'\): source 32x48 and target 48x32 differ in size"):
         check_dataset([bad])
 
 
@@ -136,7 +137,7 @@ def test_unreadable_video_names_row_and_file(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 64)
     write_csv(tmp_path, ["key,video,prompt", "v,bad.mp4,move"])
     (spec,) = read_dataset(tmp_path)
-    with pytest.raises(ValueError, match=r"row 2 \(key 'v'\): cannot read video .*bad\.mp4"):
+    with pytest.raises(UserError, match=r"row 2 \(key 'v'\): cannot read video .*bad\.mp4"):
         load_frames(spec)
 
 
@@ -144,7 +145,7 @@ def test_video_with_a_bad_frame_count_names_the_row(tmp_path):
     save_video([block((9, 9, 9), 0)] * 5, tmp_path / "five.mp4")
     write_csv(tmp_path, ["key,video,prompt", "v5,five.mp4,move"])
     (spec,) = read_dataset(tmp_path)
-    with pytest.raises(ValueError, match=r"row 2 \(key 'v5'\): video .*five\.mp4 has 5 frames"):
+    with pytest.raises(UserError, match=r"row 2 \(key 'v5'\): video .*five\.mp4 has 5 frames"):
         load_frames(spec)
 
 
@@ -182,8 +183,36 @@ def test_toml_and_json_configs_with_flags_overriding(tmp_path):
     ],
 )
 def test_bad_settings_name_the_setting(values, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message) as err:
         build_config({"model_path": "m", "dataset": "d"}, values)
+    assert err.value.field == next(iter(values))  # a user error about that setting, not a bug
+
+
+def test_missing_config_and_dataset_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match=r"config file not found: .*nope\.toml"):
+        read_config_file(tmp_path / "nope.toml")
+    with pytest.raises(UserError, match=r"dataset not found: .*nowhere") as err:
+        read_dataset(tmp_path / "nowhere")
+    assert err.value.field == "dataset"
+
+
+def test_a_dataset_csv_that_is_not_text_is_one_line(capsys, tmp_path):
+    (tmp_path / "metadata.csv").write_bytes(b"key,prompt,source,target\n\xff\xfe,move,s.png,t.png\n")
+    with pytest.raises(UserError, match=r"cannot read dataset .*metadata\.csv: not UTF-8 text"):
+        read_dataset(tmp_path)
+    code = cli.main(["train", "--model-path", str(tmp_path / "no-model"), "--dataset", str(tmp_path),
+                     "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not UTF-8 text" in err[0], err
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(capsys, pair, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = cli.main(["train", "--model-path", str(tmp_path / "no-model"), "--dataset", str(pair),
+                     "--output-dir", str(blocker / "out")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"chronoedit: error: cannot write {blocker / 'out'}: Not a directory"], err
 
 
 @pytest.mark.parametrize(
@@ -203,7 +232,7 @@ def test_bad_settings_name_the_setting(values, message):
     ],
 )
 def test_config_file_values_of_the_wrong_type_name_the_setting(values, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         build_config({"model_path": "m", "dataset": "d", **values}, {})
 
 
@@ -224,7 +253,7 @@ def test_cli_config_file_with_a_quoted_number_is_one_line(capsys, tmp_path):
 def test_unknown_setting_in_a_config_file(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('model_path = "m"\nlora_rnak = 4\n')
-    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['lora_rnak'\]"):
+    with pytest.raises(UserError, match=r"unknown setting\(s\) \['lora_rnak'\]"):
         read_config_file(path)
 
 

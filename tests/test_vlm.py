@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from vlm_fakes import FakeOpenAIServer, closed_port, tiny_qwen_vl_dir, user_images, user_text
 
+from chronoedit.errors import UserError
 from chronoedit.vlm import VLMConfig, VLMError, fit_image, load_vlm, strip_thinking
 
 pytest.importorskip("openai")
@@ -51,10 +52,12 @@ def test_fit_image_keeps_aspect_and_small_images():
 
 
 def test_config_checks_values():
-    with pytest.raises(ValueError, match="timeout"):
+    with pytest.raises(UserError, match="timeout") as err:
         VLMConfig(model="m", timeout=0)
-    with pytest.raises(ValueError, match="model name is empty"):
-        VLMConfig(model=" ")
+    assert err.value.field == "vlm_timeout"
+    with pytest.raises(UserError, match="model name is empty") as err:
+        VLMConfig(model=" ", field_prefix="prompt_enhancer")
+    assert err.value.field == "prompt_enhancer_model"
 
 
 # ------------------------------------------------------------------------------------------------ OpenAI-compatible
@@ -126,6 +129,14 @@ def test_openai_unreachable_server():
     with load_vlm(config(url)) as vlm, pytest.raises(VLMError) as err:
         vlm.chat("s", "hello")
     assert str(err.value).startswith(f"cannot reach {url}")
+    assert isinstance(err.value, UserError)  # the user's endpoint, not a bug: one line on the command line
+
+
+def test_openai_timeout_hint_names_the_front_ends_flag(server):
+    server.delay = 1.5
+    with load_vlm(config(server.url, timeout=0.3, field_prefix="prompt_enhancer")) as vlm, \
+            pytest.raises(UserError, match=r"raise --prompt-enhancer-timeout or check the server"):  # fmt: skip
+        vlm.chat("s", "hello")
 
 
 def test_openai_wrong_path_suggests_v1(server):
@@ -220,10 +231,18 @@ def test_local_vlm_missing_folder(tmp_path):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize(("device", "message"), [("cuda", "CUDA is not available"), ("auto", "CUDA is not available"),
-                                                 ("banana", "unknown VLM device 'banana'")])  # fmt: skip
+                                                 ("banana", "unknown vlm_device 'banana'")])  # fmt: skip
 def test_local_vlm_device_checked_before_loading(tiny_vlm_dir, device, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message) as err:
         load_vlm(VLMConfig(model=str(tiny_vlm_dir), device=device))
+    assert err.value.field == "vlm_device"
+    assert "--vlm-device" in err.value.render(lambda name: "--" + name.replace("_", "-"))
+
+
+def test_local_vlm_dtype_checked_before_loading(tiny_vlm_dir):
+    with pytest.raises(UserError, match="unknown prompt_enhancer_dtype 'fp8': use one of bf16, fp16, fp32") as err:
+        load_vlm(VLMConfig(model=str(tiny_vlm_dir), device="cpu", dtype="fp8", field_prefix="prompt_enhancer"))
+    assert err.value.field == "prompt_enhancer_dtype"
 
 
 def test_local_vlm_folder_without_a_model(tmp_path):

@@ -24,8 +24,8 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 from fastapi.testclient import TestClient
 from serve_helpers import make_state, running_server
 
-from chronoedit.commands import edit as edit_cmd
 from chronoedit.commands import serve as serve_cmd
+from chronoedit.editing import MODEL_PATH_ENV
 from chronoedit.serve.app import STATIC_DIR, ServerState, create_app
 from chronoedit.serve.options import Limits
 
@@ -104,7 +104,7 @@ def server_url(tmp_path_factory):
     UI must ask for it and send it with every request, images and video included."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CHRONOEDIT_HOME", str(tmp_path_factory.mktemp("chronoedit_home")))
-        mp.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
+        mp.delenv(MODEL_PATH_ENV, raising=False)
         mp.setenv(serve_cmd.TOKEN_ENV, TOKEN)
         state = make_state(tmp_path_factory.mktemp("serve_state"))
         with running_server(create_app(state)) as url:
@@ -332,7 +332,7 @@ def test_api_docs_render_offline_in_the_browser(driver, server_url):
 
 def test_the_servers_seed_is_shown_as_the_default(driver, tmp_path, monkeypatch):
     monkeypatch.setenv("CHRONOEDIT_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv(edit_cmd.MODEL_PATH_ENV, raising=False)
+    monkeypatch.delenv(MODEL_PATH_ENV, raising=False)
     monkeypatch.delenv(serve_cmd.TOKEN_ENV, raising=False)
     with running_server(create_app(make_state(tmp_path / "state", "--seed", "42"))) as url:
         driver.get(url + "/")

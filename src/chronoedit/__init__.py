@@ -8,11 +8,12 @@ __version__ = "0.1.0"
 __all__ = ["ChronoEditPipeline", "ChronoEditPipelineOutput", "ChronoEditTransformer3DModel", "TransformerConfig"]
 
 if TYPE_CHECKING:
-    from .model import ChronoEditTransformer3DModel, TransformerConfig
+    from .loading import ChronoEditTransformer3DModel
+    from .model import TransformerConfig
     from .pipeline import ChronoEditPipeline, ChronoEditPipelineOutput
 
 _LAZY = {
-    "ChronoEditTransformer3DModel": "chronoedit.model",
+    "ChronoEditTransformer3DModel": "chronoedit.loading",  # the model with from_pretrained (chronoedit.model: no IO)
     "TransformerConfig": "chronoedit.model",
     "ChronoEditPipeline": "chronoedit.pipeline",
     "ChronoEditPipelineOutput": "chronoedit.pipeline",

@@ -3,17 +3,16 @@
 Each manifest row is one edit. Row ``ID`` is written as ``DIR/ID.<fmt>`` (atomically), then its sidecar ``DIR/ID.json``
 (atomically, after the image). A row is done when both exist and the sidecar parses and names that image; a rerun skips
 done rows and redoes the rest (a row killed between its image and its sidecar is redone). A row that fails (bad image,
-bad values) gets ``DIR/ID.error.json`` and the batch goes on. Every row goes through ``chronoedit edit``'s validation
-(:func:`chronoedit.commands.edit.build_edit_job`) and the model is loaded once.
+bad values: a user error) gets ``DIR/ID.error.json`` and the batch goes on; anything else is a bug and stops the batch.
+Every row's settings are the batch's with the row's values on top (:meth:`chronoedit.editing.EditSettings.overlay`),
+resolved by the application layer like any edit, and the model is loaded once (:class:`chronoedit.editing.EditRunner`).
 
 Exit codes: 0 when no row failed, 1 when some row failed, 2 for a bad manifest or bad flags (before the model loads).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
 import csv
 import io
 import json
@@ -28,13 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from . import io as cio
-from .commands import edit as edit_cmd
-from .presets import PRESETS
-from .runner import EditRunner
+from . import __version__, files
+from .editing import Edit, EditRunner, EditSettings, ModelSpec, OutputPlan, resolve_edit, write_outputs
+from .errors import UserError, one_line
+from .media import OUTPUT_FORMATS
 
-OUTPUT_FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
 INT_FIELDS = ("seed", "num_inference_steps", "num_temporal_reasoning_steps", "height", "width", "max_area",
               "num_frames")  # fmt: skip
 FLOAT_FIELDS = ("guidance_scale",)
@@ -43,12 +40,11 @@ TEXT_FIELDS = ("negative_prompt", "output_format", "preset")
 KNOWN_FIELDS = {"id", "input", "image", "prompt", *INT_FIELDS, *FLOAT_FIELDS, *BOOL_FIELDS, *TEXT_FIELDS}
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 LOCK_NAME = ".chronoedit-batch.lock"
-CHECK_NAME = "batch-check.png"  # only probed for writability, never written
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest that cannot be run at all (reported as one line, exit code 2, before the model loads)."""
 
 
@@ -174,16 +170,14 @@ def _make_row(line: int, record: dict[str, Any], path: Path) -> Row:
 
 # -------------------------------------------------------------------------------------------------------- row values
 def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             return int(value.strip())
-    raise ValueError(f"{name} must be an integer, got {value!r}")
+    raise UserError(f"{{{name}}} must be an integer, got {value!r}", name)
 
 
 def _float(name: str, value: Any) -> float:
@@ -192,7 +186,7 @@ def _float(name: str, value: Any) -> float:
             number = float(value.strip() if isinstance(value, str) else value)
             if math.isfinite(number):
                 return number
-    raise ValueError(f"{name} must be a finite number, got {value!r}")
+    raise UserError(f"{{{name}}} must be a finite number, got {value!r}", name)
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -203,53 +197,32 @@ def _bool(name: str, value: Any) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+    raise UserError(f"{{{name}}} must be true or false, got {value!r}", name)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{{{name}}} must be a string, got {value!r}", name)
+    return value
+
+
+_CONVERT = {**dict.fromkeys(INT_FIELDS, _int), **dict.fromkeys(FLOAT_FIELDS, _float),
+            **dict.fromkeys(BOOL_FIELDS, _bool), "negative_prompt": _text, "preset": _text}  # fmt: skip
 
 
 def output_format(row: Row, default: str) -> str:
-    """The row's output suffix (png, jpg or webp); ValueError for anything else."""
+    """The row's output suffix (png, jpg or webp); UserError for anything else."""
     value = row.fields.get("output_format", default)
     fmt = OUTPUT_FORMATS.get(str(value).strip().lower().lstrip("."))
     if fmt is None:
-        raise ValueError(f"output_format must be png, jpg or webp, got {value!r}")
+        raise UserError(f"{{output_format}} must be png, jpg or webp, got {value!r}", "output_format")
     return fmt
 
 
-def row_args(base: argparse.Namespace, row: Row, output: Path) -> argparse.Namespace:
-    """``chronoedit edit`` arguments for one row: the batch's flags with the row's values on top."""
-    args = copy.copy(base)
-    args.input, args.prompt, args.output = str(row.input), row.prompt, output
-    args.output_image = args.trajectory = args.trajectory_sheet = None
-    values = row.fields
-    for name in INT_FIELDS:
-        if name in values:
-            setattr(args, name, _int(name, values[name]))
-    for name in FLOAT_FIELDS:
-        if name in values:
-            setattr(args, name, _float(name, values[name]))
-    if "negative_prompt" in values:
-        if not isinstance(values["negative_prompt"], str):
-            raise ValueError(f"negative_prompt must be a string, got {values['negative_prompt']!r}")
-        args.negative_prompt = values["negative_prompt"]
-    if "preset" in values:  # the row's preset sets what the row itself does not
-        if values["preset"] not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(sorted(PRESETS))}, got {values['preset']!r}")
-        args.preset = values["preset"]
-        for name in ("num_inference_steps", "guidance_scale", "flow_shift", "max_area"):
-            if name not in values:
-                setattr(args, name, None)
-    if "enable_temporal_reasoning" in values:
-        args.enable_temporal_reasoning = _bool("enable_temporal_reasoning", values["enable_temporal_reasoning"])
-        if not args.enable_temporal_reasoning:  # the batch's reasoning defaults do not apply to this row
-            for name in ("num_temporal_reasoning_steps", "num_frames"):
-                if name not in values:
-                    setattr(args, name, None)
-    if ("height" in values) != ("width" in values):  # a row's size replaces the batch's as a pair
-        raise ValueError("height and width must be given together in a row")
-    if "max_area" in values and "height" not in values:  # the row sizes itself by area, not at the batch's size
-        args.height = args.width = None
-    args.quiet = True  # no per-row notes; the batch reports
-    return args
+def row_settings(defaults: EditSettings, row: Row) -> EditSettings:
+    """The row's edit settings: the batch's with the row's own values on top."""
+    changes = {name: convert(name, row.fields[name]) for name, convert in _CONVERT.items() if name in row.fields}
+    return defaults.overlay({"prompt": row.prompt, **changes})
 
 
 # --------------------------------------------------------------------------------------------------------- the batch
@@ -273,18 +246,12 @@ def is_done(out_dir: Path, row_id: str, fmt: str) -> bool:
     return isinstance(data, dict) and data.get("output") == image.name
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file next to it, then ``os.replace``)."""
-    with cio.atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def check_inputs_kept(rows: list[Row], out_dir: Path, default_fmt: str) -> None:
     """ManifestError when a row's output (image, sidecar or error record) would be written over an input image."""
     inputs = {key: row for row in rows if (key := _file_key(row.input)) is not None}
     for row in rows:
         names = [sidecar_path(out_dir, row.id).name, error_path(out_dir, row.id).name]
-        with contextlib.suppress(ValueError):  # a bad output_format fails that row later
+        with contextlib.suppress(UserError):  # a bad output_format fails that row later
             names.append(f"{row.id}.{output_format(row, default_fmt)}")
         for name in names:
             owner = inputs.get(_file_key(out_dir / name))
@@ -306,12 +273,12 @@ def _file_key(path: Path) -> str | None:
 
 def batch_lock(out_dir: Path) -> contextlib.AbstractContextManager[None]:
     """One batch per output folder at a time (an flock, released by the OS even on SIGKILL)."""
-    return cio.locked(out_dir / LOCK_NAME, f"another chronoedit batch is writing to {out_dir}")
+    return files.locked(out_dir / LOCK_NAME, f"another chronoedit batch is writing to {out_dir}")
 
 
 def remove_stale_temp_files(out_dir: Path) -> list[Path]:
     """Temp files of atomic writes (and writability probes) left by a killed batch; call while holding the lock."""
-    stale = [p for p in out_dir.iterdir() if p.is_file() and cio.is_temp_name(p.name)]
+    stale = [p for p in out_dir.iterdir() if p.is_file() and files.is_temp_name(p.name)]
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -322,127 +289,120 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+@dataclass(frozen=True)
+class Batch:
+    """One batch run: the manifest, the output folder, the model, every row's default settings, the default output
+    format and this run's id (recorded in sidecars)."""
+
+    manifest: Path
+    out_dir: Path
+    model: ModelSpec
+    defaults: EditSettings
+    output_format: str = "png"
+    run_id: str = field(default_factory=lambda: f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}")
 
 
-def _sidecar(job: edit_cmd.EditJob, row: Row, args: argparse.Namespace, manifest: Path, fmt: str,
-             run_id: str, timings: dict[str, float], started: str) -> dict[str, Any]:  # fmt: skip
+def _sidecar(batch: Batch, edit: Edit, row: Row, fmt: str, timings: dict[str, float],
+             started: str) -> dict[str, Any]:  # fmt: skip
     """The exact settings used for one row, with provenance and timings."""
+    spec = batch.model
     return {
-        "id": row.id,
-        "manifest": str(manifest.resolve()),
-        "manifest_line": row.line,
-        "input": str(row.input.resolve()),
-        "output": f"{row.id}.{fmt}",
-        "output_format": fmt,
-        "prompt": row.prompt,
-        "prompt_used": job.prompt,
-        "negative_prompt": job.negative_prompt,
-        "seed": job.seed,
-        "num_inference_steps": job.num_inference_steps,
-        "guidance_scale": job.guidance_scale,
-        "flow_shift": job.flow_shift,
-        "enable_temporal_reasoning": job.enable_temporal_reasoning,
-        "num_temporal_reasoning_steps": job.num_temporal_reasoning_steps,
-        "num_frames": job.num_frames,
-        "height": job.height,
-        "width": job.width,
-        "model_path": job.model_path,
-        "transformer": str(job.transformer_path) if job.transformer_path else None,
-        "device": job.device,
-        "dtype": job.dtype,
-        "preset": args.preset,
-        "loras": [[str(path), scale] for path, scale in job.loras],
-        "chronoedit_version": __version__,
-        "run_id": run_id,
-        "started_at": started,
-        "finished_at": _now(),
+        "id": row.id, "manifest": str(batch.manifest.resolve()), "manifest_line": row.line,
+        "input": str(row.input.resolve()), "output": f"{row.id}.{fmt}", "output_format": fmt, "prompt": row.prompt,
+        "prompt_used": edit.prompt, "negative_prompt": edit.negative_prompt, "seed": edit.seed,
+        "num_inference_steps": edit.num_inference_steps, "guidance_scale": edit.guidance_scale,
+        "flow_shift": edit.flow_shift, "enable_temporal_reasoning": edit.enable_temporal_reasoning,
+        "num_temporal_reasoning_steps": edit.num_temporal_reasoning_steps, "num_frames": edit.num_frames,
+        "height": edit.height, "width": edit.width, "model_path": spec.model_path,
+        "transformer": str(spec.transformer) if spec.transformer else None, "device": spec.device,
+        "dtype": spec.dtype, "preset": edit.preset, "loras": [[str(lora.path), lora.scale] for lora in edit.loras],
+        "chronoedit_version": __version__, "run_id": batch.run_id, "started_at": started, "finished_at": _now(),
         "timings": {key: round(value, 4) for key, value in timings.items()},
-    }
+    }  # fmt: skip
 
 
-def run_batch(manifest: str | Path, out_dir: str | Path, args: argparse.Namespace) -> Summary:
-    """Run every row of ``manifest`` not yet done in ``out_dir``; ``args`` are ``chronoedit batch``'s flags.
+def run_batch(batch: Batch, quiet: bool = False, runner: EditRunner | None = None) -> Summary:
+    """Run every row of the manifest not yet done in the output folder, on ``runner`` (default: one for the batch's
+    model, loaded before the first row that runs).
 
-    Manifest and flag errors raise (ValueError / ManifestError) before the model is loaded; row errors are recorded.
+    A bad manifest raises (ManifestError) before the model is loaded; a row's user error is recorded in its error
+    file and the batch goes on; any other exception is a bug and ends the batch.
     """
-    manifest, out_dir = Path(manifest), Path(out_dir)
-    rows = read_manifest(manifest)
-    default_fmt = OUTPUT_FORMATS.get(args.output_format.lower().lstrip("."))
-    if default_fmt is None:
-        raise ValueError(f"--output-format must be png, jpg or webp, got {args.output_format!r}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} is not a directory")
-    check_inputs_kept(rows, out_dir, default_fmt)
-    # The batch's own flags, checked once through edit's validation (the shipped example image stands in for rows).
-    check = copy.copy(args)
-    check.input, check.prompt, check.output = None, "batch check", out_dir / CHECK_NAME
-    check.output_image = check.trajectory = check.trajectory_sheet = None
-    model_job = edit_cmd.build_edit_job(check)  # creates out_dir
-    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
+    rows = read_manifest(batch.manifest)
+    if batch.out_dir.exists() and not batch.out_dir.is_dir():
+        raise UserError(f"{{out}} {batch.out_dir} is not a directory", "out")
+    check_inputs_kept(rows, batch.out_dir, batch.output_format)
+    batch.out_dir.mkdir(parents=True, exist_ok=True)
     summary = Summary()
-    with batch_lock(out_dir):
-        remove_stale_temp_files(out_dir)
-        pending = []
-        for row in rows:
-            try:
-                fmt = output_format(row, default_fmt)
-            except ValueError:
-                fmt = None  # the row fails below, with its error recorded
-            if fmt is not None and is_done(out_dir, row.id, fmt):
-                summary.skipped += 1
-            else:
-                pending.append(row)
-        runner: EditRunner | None = None
+    with batch_lock(batch.out_dir):
+        remove_stale_temp_files(batch.out_dir)
+        pending = [row for row in rows if not _done(batch, row)]
+        summary.skipped = len(rows) - len(pending)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(rows), initial=summary.skipped, desc="batch", unit="row", disable=args.quiet,
+        bar = tqdm(total=len(rows), initial=summary.skipped, desc="batch", unit="row", disable=quiet,
                    file=sys.stderr, dynamic_ncols=True)  # fmt: skip
         try:
             for row in pending:
                 bar.set_postfix_str(row.id)
-                if runner is None:  # loaded once, before the first row that runs; its errors end the batch (exit 2)
+                if runner is None or runner.pipe is None:  # loaded before the first row that runs; its errors end it
                     t_load = time.perf_counter()
-                    runner = EditRunner(model_job)
-                    with contextlib.suppress(AttributeError):
-                        runner.load().set_progress_bar_config(disable=True)
+                    runner = runner or EditRunner(batch.model)
+                    runner.load()
                     summary.model_load_s = time.perf_counter() - t_load
-                try:
-                    _run_row(runner, row, args, manifest, out_dir, default_fmt, run_id)
-                except Exception as exc:  # a failed row is recorded and the batch goes on
-                    summary.failed += 1
-                    message = _one_line(exc)
-                    summary.failures.append(f"{row.id}: {message}")
-                    write_json(error_path(out_dir, row.id), {
-                        "id": row.id, "manifest_line": row.line, "input": str(row.input.absolute()), "error": message,
-                        "error_type": type(exc).__name__, "run_id": run_id, "time": _now(),
-                        "chronoedit_version": __version__,
-                    })  # fmt: skip
-                    bar.write(f"chronoedit: row {row.id} (line {row.line}) failed: {message}", file=sys.stderr)
-                else:
+                message = _run_row_recorded(runner, batch, row)
+                if message is None:
                     summary.done += 1
-                    with contextlib.suppress(FileNotFoundError):
-                        error_path(out_dir, row.id).unlink()
+                else:
+                    summary.failed += 1
+                    summary.failures.append(f"{row.id}: {message}")
+                    bar.write(f"chronoedit: row {row.id} (line {row.line}) failed: {message}", file=sys.stderr)
                 bar.update(1)
         finally:
             bar.close()
     return summary
 
 
-def _run_row(runner: EditRunner, row: Row, args: argparse.Namespace, manifest: Path, out_dir: Path, default_fmt: str,
-             run_id: str) -> None:  # fmt: skip
-    """Validate, edit and write one row: the image atomically, then its sidecar atomically."""
+def _done(batch: Batch, row: Row) -> bool:
+    try:
+        return is_done(batch.out_dir, row.id, output_format(row, batch.output_format))
+    except UserError:
+        return False  # a bad output_format: the row fails when it runs, with its error recorded
+
+
+def _run_row_recorded(runner: EditRunner, batch: Batch, row: Row) -> str | None:
+    """Run one row; None when it succeeded, else its user error as one line (recorded in its error file)."""
+    try:
+        _run_row(runner, batch, row)
+    except UserError as exc:
+        message, kind = exc.render(), type(exc).__name__  # fields by their manifest column names
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # anything but a row too large for the device is a bug
+            raise
+        message, kind = one_line(exc), type(exc).__name__
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            error_path(batch.out_dir, row.id).unlink()
+        return None
+    files.write_json(error_path(batch.out_dir, row.id), {
+        "id": row.id, "manifest_line": row.line, "input": str(row.input.absolute()), "error": message,
+        "error_type": kind, "run_id": batch.run_id, "time": _now(), "chronoedit_version": __version__,
+    })  # fmt: skip
+    return message
+
+
+def _run_row(runner: EditRunner, batch: Batch, row: Row) -> None:
+    """Resolve, edit and write one row: the image atomically, then its sidecar atomically."""
     started, t0 = _now(), time.perf_counter()
-    fmt = output_format(row, default_fmt)
-    job_args = row_args(args, row, out_dir / f"{row.id}.{fmt}")
-    job = edit_cmd.build_edit_job(job_args)
+    fmt = output_format(row, batch.output_format)
+    edit = resolve_edit(row_settings(batch.defaults, row), batch.model, row.input)
+    plan = OutputPlan(output=batch.out_dir / f"{row.id}.{fmt}")
     timings = {"prepare_s": time.perf_counter() - t0}
     t1 = time.perf_counter()
-    out = runner.run(job)
+    out = runner.run(edit)
     timings["generate_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    edit_cmd.write_outputs(job, out, echo=False)  # the batch has its own summary
+    write_outputs(edit, plan, out)
     timings["write_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
-    write_json(sidecar_path(out_dir, row.id), _sidecar(job, row, job_args, manifest, fmt, run_id, timings, started))
+    files.write_json(sidecar_path(batch.out_dir, row.id), _sidecar(batch, edit, row, fmt, timings, started))

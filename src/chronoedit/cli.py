@@ -1,16 +1,19 @@
 """The ``chronoedit`` command line: a thin dispatcher over the subcommands in :mod:`chronoedit.commands`.
 
-Each subcommand module registers its parser and a ``handler``; :func:`main` parses, calls the handler and applies one
-error policy: user errors (bad input, paths, values, anything raised by chronoedit) become one line and exit code 2.
+Each subcommand module registers its parser and a ``handler``; :func:`main` parses, calls the handler and applies the
+one error policy: a user error is one line and exit code 2, anything else is a bug (traceback, exit code 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from . import __version__
 from .commands import batch, convert, edit, enhance, label, serve, train
+from .commands.flags import flag_word
+from .errors import UserError, one_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,21 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def _is_user_error(exc: BaseException) -> bool:
-    """Errors reported as one line: bad input/paths/values, and anything raised by chronoedit itself."""
-    return isinstance(exc, (ValueError, OSError)) or type(exc).__module__.split(".")[0] == "chronoedit"
-
-
-def _error_message(exc: BaseException) -> str:
-    """The exception as one line, with a hint for out-of-memory errors."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    if type(exc).__name__ == "OutOfMemoryError":
-        message += " (out of memory: try --offload_model, a smaller --max-area or --dtype bf16)"
-    return message
+OOM_HINT = "out of memory: try --offload_model, a smaller --max-area or --dtype bf16"
+BUG_NOTE = "chronoedit: this is a bug in chronoedit, not in your input: please report it with the traceback above"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``chronoedit`` console script; returns the exit code."""
+    """Entry point of the ``chronoedit`` console script; returns the exit code.
+
+    A :class:`~chronoedit.errors.UserError` is one line (fields named as flags) and exit code 2, as is running out of
+    memory; anything else is a bug: its traceback, a line saying so, and exit code 1.
+    """
     try:
         args = parse_args(argv)
         return args.handler(args)
@@ -63,11 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("chronoedit: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        if not (_is_user_error(exc) or type(exc).__name__ == "OutOfMemoryError"):
-            raise
-        print(f"chronoedit: error: {_error_message(exc)}", file=sys.stderr)
+    except UserError as exc:
+        print(f"chronoedit: error: {exc.render(flag_word)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
+            print(f"chronoedit: error: {one_line(exc)} ({OOM_HINT})", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(BUG_NOTE, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

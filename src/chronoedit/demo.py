@@ -387,7 +387,7 @@ def build_tiny_checkpoint(root: str | Path, spec: TinySpec = DEMO_SPEC) -> Path:
 
 def default_demo_dir() -> Path:
     """Where the demo checkpoint lives: ``$CHRONOEDIT_HOME/demo-v1`` or ``~/.cache/chronoedit/demo-v1``."""
-    from .io import chronoedit_home
+    from .files import chronoedit_home
 
     return chronoedit_home() / "demo-v1"
 

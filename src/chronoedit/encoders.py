@@ -8,6 +8,8 @@ import PIL.Image
 import regex as re
 import torch
 
+from .errors import UserError
+
 TEXT_TOKENS = 512
 
 
@@ -30,7 +32,10 @@ def encode_text(
     The encoder runs on the device it sits on; the result stays there.
     """
     if not 1 <= max_sequence_length <= TEXT_TOKENS:
-        raise ValueError(f"max_sequence_length must be between 1 and {TEXT_TOKENS}, got {max_sequence_length}")
+        raise UserError(
+            f"{{max_sequence_length}} must be between 1 and {TEXT_TOKENS}, got {max_sequence_length}",
+            field="max_sequence_length",
+        )
     tokens = tokenizer(
         [clean_prompt(p) for p in prompts],
         padding="max_length",

@@ -11,6 +11,7 @@ import re
 
 from PIL import Image
 
+from .errors import UserError
 from .vlm import VLM, strip_thinking
 
 PREFIX = "The user wants to"
@@ -29,15 +30,15 @@ SYSTEM_PROMPT = (
 )
 
 
-class PromptError(ValueError):
-    """A VLM answer that cannot be turned into a usable prompt."""
+class PromptError(UserError):
+    """A VLM answer that cannot be turned into a usable prompt (the user's VLM answered badly, not a bug)."""
 
 
 def user_message(instruction: str) -> str:
     """The user turn that goes with the image: the instruction and a reminder of the expected form."""
     instruction = " ".join(instruction.split())
     if not instruction:
-        raise ValueError("the edit instruction to enhance is empty")
+        raise UserError("the edit instruction to enhance is empty", "prompt")
     return (
         f"Edit request: {instruction}\n\n"
         f'Rewrite this request for the image above as one paragraph of 80 to 100 words that starts with "{PREFIX}".'

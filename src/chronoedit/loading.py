@@ -3,6 +3,10 @@
 The transformer is built on the meta device and filled tensor by tensor from safetensors (single file or shards with
 an index) or a GGUF file, each tensor cast to its target dtype as it is read: no second full copy of the weights is
 ever held. Quantized Linear weights (fp8, GGUF blocks) stay quantized by default (``chronoedit.quant``).
+
+Every problem with the checkpoint (missing, mismatched or corrupt weights, missing components, a bad config) is a
+:class:`~chronoedit.errors.UserError`. The public :class:`ChronoEditTransformer3DModel` (diffusers' name, with
+``from_pretrained``) is defined here: the model package holds no IO.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
 from .keymap import is_original_layout, original_to_ours, strip_prefix
-from .model import ChronoEditTransformer3DModel, TransformerConfig
+from .model import ChronoEditTransformer3DModel as PureTransformer
+from .model import TransformerConfig
 from .model.transformer import keeps_fp32
 from .quant import QTensor, from_fp8, replace_linear
 
@@ -45,17 +51,17 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike[str]) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"checkpoint path is not a folder: {path}")
+        raise UserError(f"checkpoint path is not a folder: {path}")
     text = str(path_or_repo_id)
     if not looks_like_repo_id(text):
-        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+        raise UserError(f"checkpoint folder not found: {path}")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(text))
     except Exception as err:  # offline, unknown repo, withdrawn weights ...
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise FileNotFoundError(
+        raise UserError(
             f"checkpoint folder not found: {path} "
             f"(no such local folder; as a hub repo it could not be fetched: {reason})"
         ) from err
@@ -70,17 +76,17 @@ def component_dir(root: Path, name: str) -> Path:
     """The subfolder of one pipeline component, or a clear error naming it."""
     folder = root / name
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint {root} has no '{name}/' folder (component {name} is missing)")
+        raise UserError(f"checkpoint {root} has no '{name}/' folder (component {name} is missing)")
     return folder
 
 
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"missing file: {path}")
+        raise UserError(f"missing file: {path}")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot parse {path}: {err}") from err
+        raise UserError(f"cannot parse {path}: {err}") from err
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -89,10 +95,10 @@ def weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         if not shards:
-            raise ValueError(f"{index} lists no weight files")
+            raise UserError(f"{index} lists no weight files")
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
-            raise FileNotFoundError(f"weight shard missing: {folder / missing[0]} (listed in {index.name})")
+            raise UserError(f"weight shard missing: {folder / missing[0]} (listed in {index.name})")
         return [folder / s for s in shards]
     single = folder / WEIGHTS_NAME
     if single.is_file():
@@ -100,11 +106,11 @@ def weight_files(folder: Path) -> list[Path]:
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:
         return found
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {folder}")
+    raise UserError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {folder}")
 
 
 def iter_safetensors(path: Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one at a time; a truncated or corrupt file raises ValueError naming it."""
+    """Yield (key, tensor) one at a time; a truncated or corrupt file raises a UserError naming it."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -112,7 +118,7 @@ def iter_safetensors(path: Path, device: str | torch.device = "cpu") -> Iterator
             for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                 yield key, handle.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"cannot read weights {path}: truncated or corrupt safetensors file ({err})") from err
+        raise UserError(f"cannot read weights {path}: truncated or corrupt safetensors file ({err})") from err
 
 
 def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
@@ -146,7 +152,7 @@ def transformer_source(
     given = Path(path).expanduser()
     if given.is_file():
         if given.suffix.lower() not in (".safetensors", GGUF_SUFFIX):
-            raise ValueError(f"transformer path is not a folder or a .safetensors file (nor a .gguf file): {given}")
+            raise UserError(f"transformer path is not a folder or a .safetensors file (nor a .gguf file): {given}")
         files, config_path = [given], None
     else:
         folder = resolve_checkpoint(path)
@@ -161,6 +167,24 @@ def transformer_source(
     if config is None:
         config = TransformerConfig.from_shapes({k: v for k, v in ours.items() if k is not None})
     return WeightSource(files, config, original, read_fp8_scales(files, rename))
+
+
+class ChronoEditTransformer3DModel(PureTransformer):
+    """The ChronoEdit DiT of :mod:`chronoedit.model` with diffusers' ``from_pretrained``: what
+    ``chronoedit.ChronoEditTransformer3DModel`` is, and the class every loaded transformer has. The model package
+    holds no IO, so loading is added here."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> ChronoEditTransformer3DModel:
+        """Load a diffusers-layout transformer folder (single or sharded safetensors) or one safetensors / GGUF file;
+        ``kwargs`` as :func:`load_transformer` takes them (device, config, quantized)."""
+        return load_transformer(path, subfolder=subfolder, torch_dtype=torch_dtype, **kwargs)
 
 
 def load_transformer(
@@ -180,7 +204,7 @@ def load_transformer(
     runs; every other tensor (norms, modulation tables, the patch embedding, biases, F16/BF16/F32 tensors) is
     dequantized to its target dtype at load. ``"dequantize"``: everything dequantized at load (dense model)."""
     if quantized not in QUANTIZED_MODES:
-        raise ValueError(f"quantized must be one of {QUANTIZED_MODES}, got {quantized!r}")
+        raise UserError(f"quantized must be one of {QUANTIZED_MODES}, got {quantized!r}")
     source = transformer_source(path, subfolder, config)
     dtype = torch_dtype or torch.float32
     with torch.device("meta"):
@@ -191,7 +215,7 @@ def load_transformer(
         for key, tensor in iter_weights(file, device):
             name = source.our_name(key)
             if name is None and not key.endswith(FP8_SCALE_SUFFIXES) and key not in FP8_MARKERS:
-                raise ValueError(f"unexpected key {key!r} in {file}: no ChronoEdit weight has this original name")
+                raise UserError(f"unexpected key {key!r} in {file}: no ChronoEdit weight has this original name")
             if name is None or any(part in IGNORED_KEYS for part in name.split(".")):
                 continue
             check_tensor(name, tensor, expected, file)
@@ -199,7 +223,7 @@ def load_transformer(
             seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
-        raise ValueError(
+        raise UserError(
             f"transformer weights in {path} lack {len(missing)} key(s) the config needs, e.g. {missing[0]!r}"
         )
     return model.eval().requires_grad_(False)
@@ -253,7 +277,7 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"cannot read weights {path}: truncated or corrupt safetensors file ({err})") from err
+        raise UserError(f"cannot read weights {path}: truncated or corrupt safetensors file ({err})") from err
 
 
 def read_fp8_scales(files: list[Path], rename: Any) -> dict[str, torch.Tensor]:
@@ -275,11 +299,11 @@ def read_fp8_scales(files: list[Path], rename: Any) -> dict[str, torch.Tensor]:
 
 
 def check_tensor(key: str, tensor: torch.Tensor, expected: dict[str, tuple[int, ...]], file: Path) -> None:
-    """Raise ValueError for a key the model does not have or a tensor of the wrong shape."""
+    """Raise a UserError for a key the model does not have or a tensor of the wrong shape."""
     if key not in expected:
-        raise ValueError(f"unexpected key {key!r} in {file}: the model built from config.json has no such weight")
+        raise UserError(f"unexpected key {key!r} in {file}: the model built from config.json has no such weight")
     if tuple(tensor.shape) != expected[key]:
-        raise ValueError(
+        raise UserError(
             f"weight {key!r} in {file} has shape {tuple(tensor.shape)} but config.json implies {expected[key]}"
         )
 
@@ -319,7 +343,7 @@ def load_pipeline_components(
         logger.info("from_pretrained: ignoring diffusers option %s=%r", option, given.pop(option))
     unknown = set(given) - set(loaders)
     if unknown:
-        raise ValueError(f"unknown pipeline component(s): {sorted(unknown)}")
+        raise UserError(f"unknown pipeline component(s): {sorted(unknown)}")
     return {name: given[name] if given.get(name) is not None else load() for name, load in loaders.items()}
 
 
@@ -351,7 +375,7 @@ def _load_with(name: str, root: Path, load: Any) -> Any:
         return load(folder)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot load {name} from {folder}: {first}") from err
+        raise UserError(f"cannot load {name} from {folder}: {first}") from err
 
 
 def _tokenizer(folder: Path) -> Any:
@@ -392,5 +416,5 @@ def _scheduler(folder: Path) -> Any:
     config = read_json(folder / "scheduler_config.json")
     cls = getattr(diffusers, str(config.get("_class_name", "UniPCMultistepScheduler")), None)
     if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ValueError(f"unknown scheduler class {config.get('_class_name')!r}")
+        raise UserError(f"unknown scheduler class {config.get('_class_name')!r}")
     return cls.from_pretrained(folder)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import reasoning
 from .encoders import TEXT_TOKENS, encode_image, encode_text
+from .errors import UserError
 from .latents import decode_latents, encode_condition, first_frame_mask, image_to_tensor, latent_frames, postprocess
 from .memory import CPU, make_room, module_bytes, resident
 from .model import ChronoEditTransformer3DModel
@@ -107,10 +108,10 @@ class ChronoEditPipeline:
         """Rebuild the scheduler with another flow shift (5.0 by default; 2.0 for the 8-step distilled LoRA).
         UniPC / DPM-Solver call it ``flow_shift``, FlowMatchEuler ``shift``."""
         if not math.isfinite(flow_shift) or flow_shift <= 0:
-            raise ValueError(f"flow_shift must be a positive finite number, got {flow_shift}")
+            raise UserError(f"{{flow_shift}} must be a positive finite number, got {flow_shift}", field="flow_shift")
         name = next((k for k in ("flow_shift", "shift") if k in self.scheduler.config), None)
         if name is None:
-            raise ValueError(f"{type(self.scheduler).__name__} has no flow shift setting")
+            raise UserError(f"{type(self.scheduler).__name__} has no flow shift setting", field="flow_shift")
         self.scheduler = type(self.scheduler).from_config(self.scheduler.config, **{name: flow_shift})
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
@@ -205,7 +206,16 @@ class ChronoEditPipeline:
     ) -> ChronoEditPipelineOutput | tuple[Any, ...]:
         """Edit ``image`` as ``prompt`` says. Sizes default to the 720x1280 area at the image's aspect ratio;
         ``num_frames`` to 5 (29 with temporal reasoning); ``num_temporal_reasoning_steps`` to all steps."""
-        req = check_inputs(self, locals())  # 1. one clear error per bad argument, before any model runs
+        req = check_inputs(  # 1. one clear error per bad argument, before any model runs
+            self, image=image, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            num_videos_per_prompt=num_videos_per_prompt, generator=generator, latents=latents,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, output_type=output_type,
+            attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length, enable_temporal_reasoning=enable_temporal_reasoning,
+            num_temporal_reasoning_steps=num_temporal_reasoning_steps, return_trajectory=return_trajectory,
+        )  # fmt: skip
         cond = self.encode_conditioning(req)  # 2. UMT5 text (and negative) embeddings, CLIP image tokens
         latents, condition = self.prepare_latents(req)  # 3. noise; first-frame mask + input image latents
         result = self.denoise(req, cond, latents, condition)  # 4. sampling; reasoning frames dropped at their step
@@ -347,11 +357,10 @@ class ChronoEditPipeline:
 
 
 def check_finite(latents: torch.Tensor, step: int) -> None:
-    """Stop at the first step that produced NaN/Inf rather than after all of them."""
+    """Stop at the first step that produced NaN/Inf rather than after all of them (a UserError: the remedy is the
+    user's, another dtype)."""
     if not torch.isfinite(latents).all():
-        raise ValueError(
-            f"the latents contain NaN or Inf after step {step + 1} (an fp16 overflow? run in bf16 or fp32)"
-        )
+        raise UserError(f"the latents contain NaN or Inf after step {step + 1} (an fp16 overflow? run in bf16 or fp32)")
 
 
 def expand(embeds: torch.Tensor, copies: int) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 UPSCALE_TRIGGER = (
     "The user want to enhance image clarity and resolution while keeping the content identical. "
     "super-resolution, high detail, 4K clarity, same composition, natural texture."
@@ -57,9 +59,16 @@ PRESETS = {
 }  # fmt: skip
 
 
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; UserError naming the known ones otherwise."""
+    if name not in PRESETS:
+        raise UserError(f"{{preset}} must be one of {', '.join(sorted(PRESETS))}, got {name!r}", "preset")
+    return PRESETS[name]
+
+
 def find_preset_loras(preset: Preset, given: list[Path], checkpoint: Path | None) -> list[Path]:
     """The LoRA files a preset needs that the user did not already name: each looked up by its filename fragment in
-    the checkpoint's ``lora/`` folder. Raises ValueError naming the missing one."""
+    the checkpoint's ``lora/`` folder. Raises UserError naming the missing one."""
     found: list[Path] = []
     for fragment in preset.loras:
         if any(fragment in p.name.lower() for p in given):
@@ -68,6 +77,7 @@ def find_preset_loras(preset: Preset, given: list[Path], checkpoint: Path | None
         matches = sorted(folder.glob(f"*{fragment}*.safetensors")) if folder is not None and folder.is_dir() else []
         if not matches:
             where = f" (none in {folder})" if folder is not None else ""
-            raise ValueError(f"--preset {preset.name} needs a *{fragment}* LoRA: pass it with --lora-path{where}")
+            raise UserError(f"{{preset}} {preset.name} needs a *{fragment}* LoRA: pass it with {{lora_path}}{where}",
+                            "preset", ("lora_path",))  # fmt: skip
         found.append(matches[0])
     return found

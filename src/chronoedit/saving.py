@@ -5,7 +5,6 @@ The folder is built beside the target and renamed into place, so a failed write 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError, one_line
+from .files import os_reason, write_json
 from .loading import INDEX_NAME, WEIGHTS_NAME
 from .model import ChronoEditTransformer3DModel
 
@@ -39,20 +40,31 @@ def save_transformer(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save ``model`` to ``folder`` (which must not exist) in the layout ``from_pretrained`` reads. ``state_dict``:
-    the weights to write instead of the model's own (e.g. gathered from a sharded training run)."""
+    the weights to write instead of the model's own (e.g. gathered from a sharded training run). UserError when the
+    folder exists or cannot be written (no permission, a full disk)."""
+    from safetensors import SafetensorError
+
     folder = Path(folder)
     if folder.exists():
-        raise ValueError(f"output folder already exists: {folder}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"output folder already exists: {folder}")
     state = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     shards = plan_shards([(k, v.numel() * v.element_size()) for k, v in state.items()], max_shard_bytes)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp: Path | None = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
         write_shards(state, shards, tmp)
-        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        write_json(tmp / "config.json", model.config.to_dict())
         os.replace(tmp, folder)
+    except OSError as err:
+        raise UserError(f"cannot write {folder}: {os_reason(err)}") from err
+    except SafetensorError as err:  # safetensors reports a failed write as its own error, not an OSError
+        if "I/O error" not in str(err):
+            raise
+        raise UserError(f"cannot write {folder}: {one_line(err)}") from err
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -68,12 +80,4 @@ def write_shards(state: dict[str, torch.Tensor], shards: list[list[str]], folder
     if len(shards) > 1:
         total = sum(state[k].numel() * state[k].element_size() for k in weight_map)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def dtype_by_name(name: str) -> torch.dtype:
-    """``bf16`` / ``fp16`` / ``fp32`` -> torch dtype."""
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}: use bf16, fp16 or fp32")
-    return table[name]
+        write_json(folder / INDEX_NAME, index)

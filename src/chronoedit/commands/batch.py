@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import edit as edit_cmd
+from ..editing import resolve_sampling
+from ..media import OUTPUT_FORMATS
+from .edit import console_report
+from .flags import add_lora_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
 
 EPILOG = """\
 manifest: JSONL (one JSON object a line) or CSV (.csv, with a header row). Fields: input (or image), prompt, and
@@ -37,26 +40,35 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("manifest", type=Path, help="JSONL or CSV manifest, one edit a row")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created if needed)")
-    parser.add_argument(
-        "--output-format", default="png", metavar="FMT", help="png, jpg or webp for rows that do not say (png)"
-    )
+    parser.add_argument("--output-format", default="png", choices=sorted(OUTPUT_FORMATS), metavar="FMT",
+                        help="png, jpg or webp for rows that do not say (png)")
     parser.add_argument("--negative-prompt", metavar="TEXT", default=None, help="negative prompt (default: empty)")
-    edit_cmd._add_sampling_args(parser)
+    add_sampling_args(parser)
     group = parser.add_argument_group("temporal reasoning (defaults for every row)")
     group.add_argument("--enable-temporal-reasoning", action="store_true", help="reason in time for every row")
     group.add_argument("--num-temporal-reasoning-steps", type=int, metavar="N", default=None,
                        help="steps that keep the reasoning frames (default: all steps)")  # fmt: skip
     group.add_argument("--num-frames", type=int, metavar="N", default=None, help="frames with reasoning, 4k+1 (29)")
-    edit_cmd._add_runtime_args(parser)
-    edit_cmd._add_lora_args(parser)
+    add_runtime_args(parser)
+    add_lora_args(parser)
     parser.set_defaults(handler=handle)
     return parser
 
 
 def handle(args: argparse.Namespace) -> int:
-    """Run the batch and print its summary line; 0 when no row failed, else 1."""
-    from ..batch import run_batch
+    """Check the flags (before anything loads), run the batch and print its summary line; 0 when no row failed,
+    else 1."""
+    from ..batch import Batch, run_batch
+    from ..editing import EditRunner
 
-    summary = run_batch(args.manifest, args.out, args)
+    spec = model_spec(args)
+    defaults = edit_settings(args)
+    resolve_sampling(defaults, spec)  # every row's defaults, checked once
+    if args.offload_model and spec.device == "cpu":
+        console_report(args.quiet).note("--offload_model has no effect on the CPU")
+    batch = Batch(manifest=args.manifest, out_dir=args.out, model=spec, defaults=defaults,
+                  output_format=OUTPUT_FORMATS[args.output_format])  # fmt: skip
+    report = console_report(quiet=True)  # notes only: the batch's progress bar says the rest
+    summary = run_batch(batch, quiet=args.quiet, runner=EditRunner(spec, report=report))
     print(summary.line(args.out), flush=True)
     return summary.exit_code

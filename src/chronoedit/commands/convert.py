@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import UserError
+
 SIZE_UNITS = {"KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
 
@@ -36,26 +38,32 @@ def parse_size(text: str) -> int:
         scale = 1
     try:
         size = int(float(value) * scale)
-    except ValueError as err:
-        raise ValueError(f"--max-shard-size: cannot read {text!r} (use e.g. 5GB or 500MB)") from err
+    except (ValueError, OverflowError) as err:  # OverflowError: inf
+        raise UserError(f"--max-shard-size: cannot read {text!r} (use e.g. 5GB or 500MB)", "max_shard_size") from err
     if size <= 0:
-        raise ValueError(f"--max-shard-size must be positive, got {text!r}")
+        raise UserError(f"--max-shard-size must be positive, got {text!r}", "max_shard_size")
     return size
 
 
 def handle(args: argparse.Namespace) -> int:
+    from ..devices import torch_dtype
     from ..loading import load_transformer, read_json
     from ..model import TransformerConfig
-    from ..saving import dtype_by_name, save_transformer
+    from ..saving import save_transformer
 
     if args.output.exists():
-        raise ValueError(f"output folder already exists: {args.output}")
+        raise UserError(f"output folder already exists: {args.output}")
     max_bytes = parse_size(args.max_shard_size)
     source = Path(args.source)
     subfolder = "transformer" if (source / "model_index.json").is_file() else None
-    config = TransformerConfig.from_dict(read_json(args.config)) if args.config else None
+    config = None
+    if args.config:
+        raw = read_json(args.config)
+        if not isinstance(raw, dict):
+            raise UserError(f"--config {args.config}: expected a JSON object (a transformer's config.json)", "config")
+        config = TransformerConfig.from_dict(raw)
     model = load_transformer(
-        source, subfolder=subfolder, torch_dtype=dtype_by_name(args.dtype), config=config, quantized="dequantize"
+        source, subfolder=subfolder, torch_dtype=torch_dtype(args.dtype), config=config, quantized="dequantize"
     )
     folder = save_transformer(model, args.output, max_shard_bytes=max_bytes)
     files = sorted(p.name for p in folder.iterdir())

@@ -8,14 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .. import io as cio
+from .. import files, media
+from ..errors import UserError
 from ..vlm.base import VLMConfig
 from ..vlm.cli import add_vlm_args, vlm_config_from_args
-
-if TYPE_CHECKING:
-    from .edit import EditJob
 
 EPILOG = """\
 examples:
@@ -52,16 +49,16 @@ def handle(args: argparse.Namespace) -> int:
 
     user_message(args.prompt)  # an empty instruction fails before the VLM loads
     config = vlm_config_from_args(args)
-    image = cio.load_image(args.input)
+    image = media.load_image(args.input)
     if args.output is not None:
-        cio.check_writable(args.output)
+        files.check_writable(args.output)
     if not args.quiet:
         print(f"chronoedit: enhancing the prompt with {_where(config)}", file=sys.stderr, flush=True)
     with load_vlm(config) as vlm:
         prompt = enhance_prompt(vlm, image, args.prompt)
     print(prompt, flush=True)
     if args.output is not None:
-        cio.save_text(prompt + "\n", args.output)
+        files.save_text(prompt + "\n", args.output)
     return 0
 
 
@@ -85,34 +82,12 @@ def add_enhancer_args(parser: argparse.ArgumentParser) -> None:
     add_vlm_args(parser, prefix=ENHANCER_PREFIX, group=group)
 
 
-def check_enhancer_args(args: argparse.Namespace) -> VLMConfig | None:
+def enhancer_config(args: argparse.Namespace) -> VLMConfig | None:
     """The enhancer's VLM config when ``--use-prompt-enhancer`` is given; an error for its flags without it."""
     if not args.use_prompt_enhancer:
         given = [f"--{ENHANCER_PREFIX}-{name}" for name in ("model", "base_url")
                  if getattr(args, f"prompt_enhancer_{name}") is not None]  # fmt: skip
         if given:
-            raise ValueError(f"{given[0].replace('_', '-')} needs --use-prompt-enhancer")
+            raise UserError(f"{given[0].replace('_', '-')} needs --use-prompt-enhancer")
         return None
     return vlm_config_from_args(args, prefix=ENHANCER_PREFIX)
-
-
-def enhance_for_edit(job: EditJob, config: VLMConfig, instruction: str, preset: str | None) -> str:
-    """Enhance ``instruction`` for the job's image, release the VLM, set ``job.prompt`` (inside the preset's trigger
-    text, if any), print it and write it atomically to ``<output stem>.prompt.txt``; returns the enhanced prompt."""
-    from ..enhance import enhance_prompt
-    from ..presets import PRESETS
-    from ..vlm import load_vlm
-
-    if config.device is None and config.base_url is None:
-        config.device = job.device
-    if not job.quiet:
-        print(f"chronoedit: enhancing the prompt with {_where(config)}", file=sys.stderr, flush=True)
-    with load_vlm(config) as vlm:
-        enhanced = enhance_prompt(vlm, job.image, instruction)
-    job.prompt = PRESETS[preset].prompt(enhanced) if preset else enhanced
-    print(f"enhanced prompt: {enhanced}", flush=True)
-    target = job.output if job.output is not None else job.output_image
-    if target is not None:
-        path = cio.save_text(enhanced + "\n", target.with_name(f"{target.stem}.prompt.txt"))
-        print(f"wrote enhanced prompt: {path}", flush=True)
-    return enhanced

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import UserError
 from ..vlm.cli import add_vlm_args, vlm_config_from_args
 
 EPILOG = """\
@@ -72,7 +73,8 @@ def handle(args: argparse.Namespace) -> int:
 
     config = vlm_config_from_args(args)
     if args.workers != 1 and not config.base_url:
-        raise ValueError("--workers needs --vlm-base-url: a local VLM answers one request at a time")
+        raise UserError("--workers needs --vlm-base-url: a local VLM answers one request at a time", "workers",
+                        ("vlm_base_url",))  # fmt: skip
     pairs = read_pairs(args.pairs)
     if not args.quiet:
         where = f"at {config.base_url}" if config.base_url else "(local)"

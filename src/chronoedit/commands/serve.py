@@ -7,14 +7,15 @@ options within the limits.
 from __future__ import annotations
 
 import argparse
-import copy
 import ipaddress
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from . import edit as edit_cmd
+from ..editing import resolve_sampling
+from ..errors import UserError
+from .flags import add_lora_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
 
 TOKEN_ENV = "CHRONOEDIT_API_TOKEN"
 ENHANCER_PREFIX = "prompt-enhancer"
@@ -63,14 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="delete finished jobs (record, input, outputs) H hours after they finish "
                              "(default: keep them)")  # fmt: skip
     parser.add_argument("--negative-prompt", metavar="TEXT", default=None, help="default negative prompt")
-    edit_cmd._add_sampling_args(parser)
-    edit_cmd._add_runtime_args(parser)
-    edit_cmd._add_lora_args(parser)
+    add_sampling_args(parser)
+    add_runtime_args(parser)
+    add_lora_args(parser)
     from ..vlm.cli import add_vlm_args
 
     add_vlm_args(parser, prefix=ENHANCER_PREFIX, title="prompt enhancer (for requests with enhance_prompt)",
                  endpoint_only=True)  # a local VLM would share the GPU with the edit model on every job
-    parser.set_defaults(handler=handle, num_frames=None, seed=None)
+    parser.set_defaults(handler=handle)
     for action in parser._actions:  # a server's jobs are seeded at random unless --seed fixes them
         if action.dest == "seed":
             action.help = "seed of jobs that give none (default: a random seed per job, shown in its settings)"
@@ -82,7 +83,7 @@ def handle(args: argparse.Namespace) -> int:
     try:
         import uvicorn
     except ImportError as exc:
-        raise ValueError("chronoedit serve needs the serve extra: pip install 'chronoedit[serve]'") from exc
+        raise UserError("chronoedit serve needs the serve extra: pip install 'chronoedit[serve]'") from exc
     _check_port(args.host, args.port)  # before anything loads or is printed
     state = build_state(args)
     from ..serve.app import create_app
@@ -100,46 +101,50 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def build_state(args: argparse.Namespace) -> Any:
-    """Validate the flags, open the queue and make the (not yet started) worker."""
-    from ..runner import EditRunner
+    """Check the flags, open the queue and make the (not yet started) worker."""
+    from ..editing import EditRunner
     from ..serve.app import ServerState
     from ..serve.store import JobStore
     from ..serve.worker import Worker
 
     limits = _limits(args)
-    base = copy.copy(args)  # per-job arguments start from the flags as given
-    results = args.state_dir / "results"
-    check = copy.copy(args)
-    check.input, check.prompt, check.output = None, "serve check", results / "check.png"
-    check.output_image = check.trajectory = check.trajectory_sheet = None
-    check.enable_temporal_reasoning, check.num_temporal_reasoning_steps = False, None
-    check.seed = 0 if args.seed is None else args.seed
-    model_job = edit_cmd.build_edit_job(check)  # every server-wide flag checked before the model loads
-    if model_job.num_inference_steps > limits.max_steps:
-        raise ValueError(f"the server's {model_job.num_inference_steps} denoising steps per job (--num-inference-steps "
-                         f"or the preset's) are over --max-steps {limits.max_steps}")  # fmt: skip
+    spec = model_spec(args)
+    defaults = edit_settings(args)  # every job's settings before its options
+    sampling = resolve_sampling(defaults, spec)  # every server-wide flag checked before the model loads
+    if sampling.num_inference_steps > limits.max_steps:
+        raise UserError(f"the server's {sampling.num_inference_steps} denoising steps per job (--num-inference-steps "
+                        f"or the preset's) are over --max-steps {limits.max_steps}")  # fmt: skip
+    enhancer = _enhancer(args)
     store = JobStore(args.db or args.state_dir / "jobs.sqlite3")
     if store.requeued:
         print(f"chronoedit serve: re-queued {store.requeued} job(s) interrupted by the last shutdown", file=sys.stderr)
-    private = {"<state>": args.state_dir}  # server folders never shown to clients
-    if model_job.model_path != edit_cmd.DEMO:
-        private["<model>"] = Path(model_job.model_path)
+    results = args.state_dir / "results"
+    worker = Worker(store, EditRunner(spec), defaults, results, limits, enhancer=enhancer,
+                    redact=_private_folders(args.state_dir, spec))  # fmt: skip
+    token = os.environ.get(args.token_env) or None
+    client_defaults = {"num_inference_steps": sampling.num_inference_steps, "guidance_scale": sampling.guidance_scale,
+                       "flow_shift": sampling.flow_shift, "width": defaults.width, "height": defaults.height,
+                       "max_area": sampling.max_area, "seed": defaults.seed}  # fmt: skip
+    return ServerState(store=store, worker=worker, results_dir=results, limits=limits, token=token,
+                       model_name=Path(spec.model_path).name, defaults=client_defaults)  # fmt: skip
+
+
+def _private_folders(state_dir: Path, spec: Any) -> dict[str, Path]:
+    """Server folders never shown to clients, by placeholder: the state folder, the model, the transformer and the
+    LoRAs' folders (as given and resolved; never /)."""
+    private = {"<state>": state_dir}
+    if not spec.is_demo:
+        private["<model>"] = Path(spec.model_path)
         if not private["<model>"].is_dir():  # a hub id: its files live in the hub cache
             from huggingface_hub.constants import HF_HUB_CACHE
 
             private["<hub-cache>"] = Path(HF_HUB_CACHE)
-    if model_job.transformer_path is not None:
-        private["<transformer>"] = model_job.transformer_path
-    folders = [folder for path, _ in model_job.loras for folder in (path.absolute().parent, path.resolve().parent)]
-    for i, folder in enumerate(f for f in dict.fromkeys(folders) if f.parent != f):  # as given and resolved; not /
+    if spec.transformer is not None:
+        private["<transformer>"] = spec.transformer
+    folders = [folder for lora in spec.loras for folder in (lora.path.absolute().parent, lora.path.resolve().parent)]
+    for i, folder in enumerate(f for f in dict.fromkeys(folders) if f.parent != f):
         private["<loras>" if i == 0 else f"<loras-{i + 1}>"] = folder
-    worker = Worker(store, EditRunner(model_job), base, results, limits, enhancer=_enhancer(args), redact=private)
-    token = os.environ.get(args.token_env) or None
-    defaults = {"num_inference_steps": model_job.num_inference_steps, "guidance_scale": model_job.guidance_scale,
-                "flow_shift": model_job.flow_shift, "width": model_job.width, "height": model_job.height,
-                "seed": args.seed}  # fmt: skip
-    return ServerState(store=store, worker=worker, results_dir=results, limits=limits, token=token,
-                       model_name=Path(model_job.model_path).name, defaults=defaults)  # fmt: skip
+    return private
 
 
 def _enhancer(args: argparse.Namespace) -> Any:
@@ -148,7 +153,7 @@ def _enhancer(args: argparse.Namespace) -> Any:
 
     if args.prompt_enhancer_base_url is None:
         if args.prompt_enhancer_model is not None:
-            raise ValueError(
+            raise UserError(
                 "chronoedit serve runs the prompt enhancer through an endpoint: give --prompt-enhancer-base-url "
                 "(a local VLM would have to share the GPU with the editing model for every job)"
             )
@@ -163,7 +168,7 @@ def _limits(args: argparse.Namespace) -> Any:
                  "keep_results_hours"):  # fmt: skip
         value = getattr(args, flag)
         if value is not None and not value > 0:  # NaN too
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
+            raise UserError(f"--{flag.replace('_', '-')} must be positive")
     return Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_input_pixels=args.max_input_pixels,
                   max_queue=args.max_queue, max_steps=args.max_steps,
                   max_reasoning_steps=args.max_reasoning_steps,
@@ -171,14 +176,14 @@ def _limits(args: argparse.Namespace) -> Any:
 
 
 def _check_port(host: str, port: int) -> None:
-    """ValueError when ``host:port`` cannot be listened on (in use, no such address, not allowed)."""
+    """UserError when ``host:port`` cannot be listened on (in use, no such address, not allowed)."""
     import socket
 
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         socket.create_server((host, port), family=family).close()
     except OSError as err:
-        raise ValueError(f"cannot listen on {_url_host(host)}:{port}: {err.strerror or err}") from None
+        raise UserError(f"cannot listen on {_url_host(host)}:{port}: {err.strerror or err}") from None
 
 
 def _is_loopback(host: str) -> bool:

@@ -12,8 +12,6 @@ import types
 from dataclasses import fields
 from typing import Any
 
-from . import edit as edit_cmd
-
 EPILOG = """\
 dataset: a folder with metadata.csv (or a CSV file), paths relative to it, one of
   key,video,prompt,source_image,target_image   (chronoedit label; the images are used when given)
@@ -91,7 +89,7 @@ def handle(args: argparse.Namespace) -> int:
         values.pop(key, None)
     file_values = read_config_file(config_file) if config_file else {}
     config = build_config(file_values, values)
-    edit_cmd._quiet_libraries(config.quiet)  # no weight-loading bars from transformers / diffusers
+    _quiet_libraries(config.quiet)
     result = train(config, log=_log(config.quiet))
     if not result.main_process:
         return 0
@@ -100,6 +98,17 @@ def handle(args: argparse.Namespace) -> int:
     kind = "LoRA" if config.mode == "lora" else "transformer"
     print(f"trained {result.step} steps; wrote {kind}: {result.output}")
     return 0
+
+
+def _quiet_libraries(quiet: bool) -> None:
+    """No weight-loading bars from transformers / diffusers (a log line says what loads); with --quiet no warnings."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging_module in (diffusers_logging, transformers_logging):
+        logging_module.disable_progress_bar()
+        if quiet:
+            logging_module.set_verbosity_error()
 
 
 def _log(quiet: bool) -> types.FunctionType:

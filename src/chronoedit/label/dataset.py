@@ -31,7 +31,8 @@ from typing import IO
 
 from PIL import Image
 
-from .. import io as cio
+from .. import files, media
+from ..errors import UserError
 from .pairs import Pair
 
 METADATA_COLUMNS = ("key", "video", "prompt", "source_image", "target_image")
@@ -60,39 +61,48 @@ class LabelDataset:
         """Write the pair's images and 2-frame video (atomically), then append and fsync its metadata row."""
         names = {role: f"images/{pair.key}_{role}.png" for role in ("source", "target")}
         video = f"videos/{pair.key}.mp4"
-        cio.save_image(source, self.root / names["source"])
-        cio.save_image(target, self.root / names["target"])
-        cio.save_video([source, target], self.root / video, fps=VIDEO_FPS)
-        _append(self._metadata, (pair.key, video, prompt, names["source"], names["target"]))
+        with files.writing(self.root / names["source"]):
+            media.save_image(source, self.root / names["source"])
+        with files.writing(self.root / names["target"]):
+            media.save_image(target, self.root / names["target"])
+        with files.writing(self.root / video):
+            media.save_video([source, target], self.root / video, fps=VIDEO_FPS)
+        with files.writing(self.root / "metadata.csv"):
+            _append(self._metadata, (pair.key, video, prompt, names["source"], names["target"]))
         self.done.add(pair.key)
 
     def skip(self, pair: Pair, reason: str) -> None:
         """Record a pair that gets no metadata row (no change, bad data, unusable answer), fsynced."""
         reason = " ".join(reason.split())
-        _append(self._skipped, (pair.key, str(pair.source), str(pair.target), reason))
+        with files.writing(self.root / "skipped.csv"):
+            _append(self._skipped, (pair.key, str(pair.source), str(pair.target), reason))
         self.skips[pair.key] = reason
 
 
 @contextlib.contextmanager
 def open_dataset(root: str | Path, retry_skipped: bool = False) -> Iterator[LabelDataset]:
-    """Create or reopen the dataset folder (locked while open); ``retry_skipped`` forgets skipped.csv's rows."""
+    """Create or reopen the dataset folder (locked while open); ``retry_skipped`` forgets skipped.csv's rows.
+
+    UserError when the folder is no label dataset, is in use, or cannot be written (no permission, a full disk)."""
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise ValueError(f"--out {root} is not a directory")
-    for folder in (root, root / "images", root / "videos"):
-        folder.mkdir(parents=True, exist_ok=True)
-    with _lock(root):
-        for folder in (root, root / "images", root / "videos"):
-            _remove_temp_files(folder)
-        done = {row["key"] for row in _repair_csv(root / "metadata.csv", METADATA_COLUMNS, _metadata_row_ok(root))}
-        skipped_path = root / "skipped.csv"
-        if retry_skipped and skipped_path.exists():
-            with cio.atomic_path(skipped_path) as tmp:
-                tmp.write_text(_line(SKIPPED_COLUMNS), encoding="utf-8")
-        skips = {row["key"]: row["reason"] for row in _repair_csv(skipped_path, SKIPPED_COLUMNS, _skipped_row_ok)}
-        with open(root / "metadata.csv", "a", encoding="utf-8", newline="") as metadata, \
-                open(skipped_path, "a", encoding="utf-8", newline="") as skipped:  # fmt: skip
-            yield LabelDataset(root, metadata, skipped, done, skips)
+        raise UserError(f"--out {root} is not a directory", "out")
+    with contextlib.ExitStack() as stack:
+        with files.writing(root):
+            for folder in (root, root / "images", root / "videos"):
+                folder.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_lock(root))
+            for folder in (root, root / "images", root / "videos"):
+                _remove_temp_files(folder)
+            done = {row["key"] for row in _repair_csv(root / "metadata.csv", METADATA_COLUMNS, _metadata_row_ok(root))}
+            skipped_path = root / "skipped.csv"
+            if retry_skipped and skipped_path.exists():
+                with files.atomic_path(skipped_path) as tmp:
+                    tmp.write_text(_line(SKIPPED_COLUMNS), encoding="utf-8")
+            skips = {row["key"]: row["reason"] for row in _repair_csv(skipped_path, SKIPPED_COLUMNS, _skipped_row_ok)}
+            metadata = stack.enter_context(open(root / "metadata.csv", "a", encoding="utf-8", newline=""))
+            skipped = stack.enter_context(open(skipped_path, "a", encoding="utf-8", newline=""))
+        yield LabelDataset(root, metadata, skipped, done, skips)
 
 
 def read_metadata(root: str | Path) -> list[dict[str, str]]:
@@ -117,16 +127,19 @@ def _append(handle: IO[str], values: tuple[str, ...]) -> None:
 
 def _repair_csv(path: Path, columns: tuple[str, ...], row_ok: RowCheck) -> list[dict[str, str]]:
     """Create ``path`` with its header, or drop a torn last record into ``PATH.torn`` (or end a whole one with its
-    newline); return its rows. ValueError for foreign columns."""
+    newline); return its rows. UserError for foreign columns or a file that is not UTF-8 text."""
     data = path.read_bytes() if path.exists() else b""
-    complete = _whole_lines(data, columns, row_ok)
+    try:
+        complete = _whole_lines(data, columns, row_ok)
+    except UnicodeDecodeError as exc:  # left as it is: a foreign or hand-edited file
+        raise UserError(f"{path} is not UTF-8 text ({exc}): is --out a chronoedit label dataset?") from exc
     if not complete:
-        with cio.atomic_path(path) as tmp:
+        with files.atomic_path(path) as tmp:
             tmp.write_text(_line(columns), encoding="utf-8")
         return []
     reader = csv.DictReader(io.StringIO(complete.decode("utf-8"), newline=""))
     if tuple(reader.fieldnames or ()) != columns:  # checked first: a foreign file is left as it is
-        raise ValueError(
+        raise UserError(
             f"{path} has the columns {','.join(reader.fieldnames or ())}, expected {','.join(columns)}: "
             "is --out a chronoedit label dataset?"
         )
@@ -217,11 +230,13 @@ def _skipped_row_ok(row: dict[str, str], text: str) -> bool:
 def _remove_temp_files(folder: Path) -> None:
     """Temp files of atomic writes cut short by a crash (exactly :func:`chronoedit.io.atomic_path`'s names)."""
     for path in folder.iterdir():
-        if path.is_file() and cio.is_temp_name(path.name):
+        if path.is_file() and files.is_temp_name(path.name):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
 
 def _lock(root: Path) -> contextlib.AbstractContextManager[None]:
     """One labeler per dataset folder (an flock the OS releases even on SIGKILL)."""
-    return cio.locked(root / LOCK_NAME, f"another chronoedit label is writing to {root}")
+    return files.locked(root / LOCK_NAME, f"another chronoedit label is writing to {root}")
+
+

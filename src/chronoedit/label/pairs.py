@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import IMAGE_SUFFIXES, image_size
+from ..errors import UserError
+from ..media import IMAGE_SUFFIXES, image_size
 
 SUFFIX_PAIRS = (("_source", "_target"), ("_src", "_tgt"), ("_before", "_after"))
 COLUMN_ALIASES = {
@@ -31,7 +32,7 @@ COLUMN_ALIASES = {
 KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
-class PairsError(ValueError):
+class PairsError(UserError):
     """Input pairs that cannot be labelled; the message names the CSV line or the file."""
 
 
@@ -74,7 +75,10 @@ def make_key(text: str, origin: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- folders
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        raise PairsError(f"cannot read the pairs folder {folder}: {exc.strerror or exc}") from exc
 
 
 def _read_folder(folder: Path) -> list[Pair]:

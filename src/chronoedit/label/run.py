@@ -10,8 +10,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .. import io as cio
+from .. import media
 from ..enhance import PromptError
+from ..errors import UserError, one_line
 from ..vlm import VLM
 from .dataset import LabelDataset, open_dataset
 from .pairs import Pair, PairsError, check_pair
@@ -52,7 +53,7 @@ def label_pairs(pairs: list[Pair], out_dir: str | Path, load_vlm: Callable[[], V
     one at a time by this thread, and a crash loses at most the ``workers`` pairs in flight.
     """
     if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise UserError(f"--workers must be at least 1, got {workers}", "workers")
     out_dir = Path(out_dir)
     summary = Summary()
     with open_dataset(out_dir, retry_skipped=retry_skipped) as dataset:
@@ -123,11 +124,11 @@ def _outcomes(vlm: VLM, pending: list[Pair], skip_bad: bool, workers: int) -> It
 def _label_one(vlm: VLM, pair: Pair, skip_bad: bool) -> Outcome:
     """Decode the pair and run both stages; no writing. PairsError for bad data unless ``skip_bad``."""
     try:
-        source, target = cio.load_image(pair.source), cio.load_image(pair.target)
+        source, target = media.load_image(pair.source), media.load_image(pair.target)
         if source.size != target.size:  # the header check passed, so only a lying header gets here
             raise ValueError(f"source and target sizes differ ({source.size} vs {target.size})")
     except (OSError, ValueError) as exc:
-        problem = f"{pair.origin}: {' '.join(str(exc).split())}"
+        problem = f"{pair.origin}: {one_line(exc)}"
         if not skip_bad:
             raise PairsError(problem) from exc
         return Outcome(pair, "bad", reason=problem)

@@ -1,9 +1,10 @@
 """LoRA files of every layout in the wild (diffusers, Wan/ComfyUI, DiffSynth, musubi), read into one form and
 attached to our transformer with peft, several at once with their own scales.
 
-:mod:`.formats` holds the form, the layouts (listed there), reading and :func:`save_lora`; :mod:`.adapters` matches a
-file to the model and manages the adapters (peft layers for the low-rank pairs; ``diff``/``diff_b`` written into the
-parameters as exact, reversible deltas). Everything public is re-exported here.
+:mod:`.formats` holds the form, the layouts (listed there), reading and writing (:func:`write_lora`); :mod:`.adapters`
+matches a file to the model and manages the adapters (peft layers for the low-rank pairs; ``diff``/``diff_b`` added
+at forward time by :mod:`.deltas`, so the base parameters stay untouched until a fuse); :mod:`.saving` writes an
+adapter of a model (:func:`save_lora`). Everything public is re-exported here.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from .formats import (
     our_module_name,
     read_lora,
     read_metadata,
-    save_lora,
     split_key,
+    write_lora,
 )
+from .saving import save_lora
 
 __all__ = [
     "LAYOUTS",
@@ -68,4 +70,5 @@ __all__ = [
     "split_key",
     "unfuse_lora",
     "unload_lora",
+    "write_lora",
 ]

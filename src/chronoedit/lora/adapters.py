@@ -3,9 +3,12 @@ model, injecting peft layers, and the adapter state (several adapters, each with
 unfuse, unload).
 
 A module's delta at scale ``s`` is ``s·(alpha/r)·up@down`` (no alpha: alpha = r) plus ``s·diff_b`` and ``s·diff``.
-Low-rank pairs become peft LoRA layers (one peft adapter per file, per-adapter scales); ``diff``/``diff_b`` cannot be
-peft layers, so they are written into the parameters: the original values are kept and every change of the active
-set or scales recomputes ``original + Σ scale·delta`` (exact restore on disable/unload). Any such change unfuses first.
+Low-rank pairs become peft LoRA layers (one peft adapter per file, per-adapter scales). ``diff``/``diff_b`` (exact
+deltas of a bias, a weight or a bare parameter such as ``scale_shift_table``) belong to the adapter in the same way:
+:mod:`.deltas` adds ``Σ scale·delta`` of the active adapters at forward time, so the base parameters keep their
+original values until :func:`fuse_lora` (as diffusers does for ``diff_b``, which it loads as peft ``lora_B`` biases
+with the adapter's scale). Fusing writes both into the weights; unfusing restores the touched parameters exactly.
+Any change of the active set, scales, on/off or of the loaded adapters unfuses first.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from ..errors import UserError
+from . import deltas as _deltas
 from .formats import LoraFile, LoraModule, as_lora_file, lora_config
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -30,8 +36,8 @@ _STATE_ATTR = "_chronoedit_lora"
 def match_model(
     transformer: nn.Module, lora: LoraFile, strict: bool = True
 ) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
-    """Check ``lora`` against the model: shapes (ValueError naming key and both shapes) and names (unknown ones:
-    ValueError, or a warning with ``strict=False``). Returns the low-rank modules and the diff/diff_b deltas keyed
+    """Check ``lora`` against the model: shapes (UserError naming key and both shapes) and names (unknown ones:
+    UserError, or a warning with ``strict=False``). Returns the low-rank modules and the diff/diff_b deltas keyed
     by our parameter name."""
     unknown = list(lora.unknown)
     low_rank: dict[str, LoraModule] = {}
@@ -44,16 +50,17 @@ def match_model(
         for part, (param_name, param) in targets.items():
             _check_shape(lora.label, name, part, module, param)
             if part != "lora":
+                _check_delta_target(transformer, lora.label, param_name, part, module)
                 deltas[param_name] = getattr(module, part)
         if module.has_lora:
             low_rank[name] = module
     if unknown:
         text = f"LoRA {lora.label}: {len(unknown)} key(s) match no layer of the model, e.g. {unknown[:4]}"
         if strict:
-            raise ValueError(text + " (strict=False, or --lora-allow-unmatched on the command line, skips them)")
+            raise UserError(text + " (strict=False, or --lora-allow-unmatched on the command line, skips them)")
         warnings.warn(text + "; skipped", stacklevel=3)
     if not low_rank and not deltas:
-        raise ValueError(f"LoRA {lora.label}: none of its keys match the model")
+        raise UserError(f"LoRA {lora.label}: none of its keys match the model")
     return low_rank, deltas
 
 
@@ -94,29 +101,43 @@ def _find(transformer: nn.Module, name: str) -> nn.Module | torch.Tensor | None:
 
 
 def _check_shape(label: str, name: str, part: str, module: LoraModule, param: torch.Tensor) -> None:
-    """ValueError naming the file key, the module and both shapes when a tensor does not fit the model."""
+    """UserError naming the file key, the module and both shapes when a tensor does not fit the model."""
     shape = list(param.shape)
     if part != "lora":
         tensor, what = getattr(module, part), "bias" if part == "diff_b" else "weight"
         if list(tensor.shape) != shape:
             key = module.keys.get(part) or module.keys.get("up_bias") or f"{name}.{part}"
-            raise ValueError(
+            raise UserError(
                 f"LoRA {label}: {name} {part} is {list(tensor.shape)} but the model's {what} is {shape} (key {key!r})"
             )
         return
     down, up, rank = module.down, module.up, module.rank
     if up.shape[1] != rank:
-        raise ValueError(
+        raise UserError(
             f"LoRA {label}: {name} lora_A is {list(down.shape)} but lora_B is {list(up.shape)} "
             f"(ranks {rank} and {up.shape[1]} differ; key {module.keys.get('up', name)!r})"
         )
     expected = {"down": [rank, *shape[1:]], "up": [shape[0], rank, *[1] * (len(shape) - 2)]}
     for part_name, tensor, label_ab in (("down", down, "lora_A"), ("up", up, "lora_B")):
         if list(tensor.shape) != expected[part_name]:
-            raise ValueError(
+            raise UserError(
                 f"LoRA {label}: {name} {label_ab} is {list(tensor.shape)} but the model's weight is "
                 f"{shape} (key {module.keys.get(part_name, name)!r})"
             )
+
+
+def _check_delta_target(
+    transformer: nn.Module, label: str, param_name: str, part: str, module: LoraModule
+) -> None:
+    """UserError when the parameter a diff/diff_b adds to is not a plain parameter (a quantized layer's weight
+    is dequantized from read-only bytes at every call: a full weight delta cannot apply there)."""
+    holder, leaf = _holder(transformer, param_name)
+    if not isinstance(holder._parameters.get(leaf), nn.Parameter):
+        key = module.keys.get(part) or module.keys.get("up_bias") or param_name
+        raise UserError(
+            f"LoRA {label}: {param_name} is read-only (a quantized layer's weight), {part} key {key!r} cannot "
+            "apply there; load the LoRA on a model that is not quantized"
+        )
 
 
 # ------------------------------------------------------------------------------------------ adapters on the model
@@ -128,14 +149,16 @@ class _Adapter:
 
 @dataclass
 class _LoraState:
-    """Kept on the transformer: the adapters, which are active, and the original values of parameters that
-    diff/diff_b deltas touch."""
+    """Kept on the transformer: the adapters, which are active, the hooks that add diff/diff_b deltas at forward
+    time (by the owning module's name) and, while fused, the original values of the parameters deltas were
+    fused into."""
 
     adapters: dict[str, _Adapter] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     enabled: bool = True
     fused: list[str] = field(default_factory=list)
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    hooks: dict[str, tuple[RemovableHandle, RemovableHandle]] = field(default_factory=dict)
+    fused_originals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def load_lora(
@@ -156,7 +179,7 @@ def load_lora(
     if low_rank:
         _inject(transformer, name, low_rank)
     for param_name in deltas:
-        state.originals.setdefault(param_name, _param(transformer, param_name).detach().clone())
+        _hook_owner(transformer, state, param_name)
     state.adapters[name] = _Adapter(scale=float(scale), deltas=deltas)
     state.active.append(name)
     _sync(transformer, state)
@@ -173,7 +196,7 @@ def set_adapters(transformer: nn.Module, names: str | list[str], scales: float |
     elif isinstance(scales, int | float):
         scales = [float(scales)] * len(names)
     if len(scales) != len(names):
-        raise ValueError(f"set_adapters: {len(names)} adapter name(s) but {len(scales)} scale(s)")
+        raise UserError(f"set_adapters: {len(names)} adapter name(s) but {len(scales)} scale(s)")
     _unfuse(transformer, state)
     for name, value in zip(names, scales, strict=True):
         state.adapters[name].scale = float(value)
@@ -190,8 +213,10 @@ def disable_lora(transformer: nn.Module) -> None:
 
 
 def enable_lora(transformer: nn.Module) -> None:
-    """Undo :func:`disable_lora`."""
+    """Undo :func:`disable_lora` (nothing to do when enabled: a fused state stays fused)."""
     state = _require_state(transformer)
+    if state.enabled:
+        return
     state.enabled = True
     _sync(transformer, state)
 
@@ -202,9 +227,10 @@ def fuse_lora(transformer: nn.Module, adapter_names: str | list[str] | None = No
     state = _require_state(transformer)
     quantized = [n for n, m in transformer.named_modules() if _is_lora_layer(m) and _is_quantized(_base_layer(m))]
     if quantized:  # refuse before merging anything, so no layer is left half-fused
-        raise ValueError(f"cannot fuse a LoRA into quantized weights ({quantized[0]}, ...); use it unfused")
+        raise UserError(f"cannot fuse a LoRA into quantized weights ({quantized[0]}, ...); use it unfused")
     state.enabled = True
     set_adapters(transformer, state.active if adapter_names is None else adapter_names)
+    _fuse_deltas(transformer, state)  # before peft's merge: unfusing undoes peft's first, then restores exactly
     for layer in _lora_layers(transformer):
         layer.merge(adapter_names=[n for n in state.active if n in layer.lora_A])
     state.fused = list(state.active)
@@ -215,17 +241,21 @@ def unfuse_lora(transformer: nn.Module) -> None:
     state = _state(transformer)
     if state is not None:
         _unfuse(transformer, state)
+        _sync(transformer, state)
 
 
 def unload_lora(transformer: nn.Module) -> None:
-    """Remove every adapter: LoRA layers replaced by the plain layers, touched parameters restored exactly."""
+    """Remove every adapter: LoRA layers replaced by the plain layers, delta buffers and hooks removed (the base
+    parameters were never changed, or were restored exactly by the unfuse)."""
     state = _state(transformer)
     if state is None:
         return
     _unfuse(transformer, state)
-    with torch.no_grad():
-        for name, original in state.originals.items():
-            _param(transformer, name).copy_(original)
+    for param_name in _delta_params(state):
+        _deltas.set_delta(*_holder(transformer, param_name), None)
+    for handles in state.hooks.values():
+        for handle in handles:
+            handle.remove()
     for name, layer in [(n, m) for n, m in transformer.named_modules() if _is_lora_layer(m)]:
         parent, _, child = name.rpartition(".")
         setattr(transformer.get_submodule(parent) if parent else transformer, child, layer.get_base_layer())
@@ -256,23 +286,23 @@ def _state(transformer: nn.Module) -> _LoraState | None:
 def _require_state(transformer: nn.Module) -> _LoraState:
     state = _state(transformer)
     if state is None or not state.adapters:
-        raise ValueError("no LoRA is loaded (load one with load_lora / load_lora_weights first)")
+        raise UserError("no LoRA is loaded (load one with load_lora / load_lora_weights first)")
     return state
 
 
 def _check_names(state: _LoraState, names: list[str]) -> None:
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; loaded: {list(state.adapters)}")
+        raise UserError(f"unknown adapter(s) {unknown}; loaded: {list(state.adapters)}")
 
 
 def _new_adapter_name(state: _LoraState, given: str | None, lora: LoraFile) -> str:
     """``given`` (which must be new and a valid peft name) or the file stem made safe and unique."""
     if given is not None:
         if not _ADAPTER_NAME.match(given):
-            raise ValueError(f"adapter name {given!r}: use letters, digits, '_' and '-' only")
+            raise UserError(f"adapter name {given!r}: use letters, digits, '_' and '-' only")
         if given in state.adapters:
-            raise ValueError(f"adapter name {given!r} is already loaded; pick another or unload first")
+            raise UserError(f"adapter name {given!r} is already loaded; pick another or unload first")
         return given
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", lora.source.stem) if lora.source is not None else "default"
     stem = stem or "lora"
@@ -299,7 +329,8 @@ def _inject(transformer: nn.Module, adapter_name: str, modules: dict[str, LoraMo
 
 
 def _sync(transformer: nn.Module, state: _LoraState) -> None:
-    """Bring peft layers (active set, scales, on/off) and the diff/diff_b parameters in line with ``state``."""
+    """Bring peft layers (active set, scales, on/off) and the summed diff/diff_b deltas in line with ``state``
+    (unfused: call after :func:`_unfuse`)."""
     for layer in _lora_layers(transformer):
         layer.enable_adapters(state.enabled)
         layer.set_adapter(list(state.active))
@@ -307,20 +338,57 @@ def _sync(transformer: nn.Module, state: _LoraState) -> None:
             layer.set_scale(name, state.adapters[name].scale)
     live = [state.adapters[n] for n in state.active] if state.enabled else []
     with torch.no_grad():
-        for param_name, original in state.originals.items():
-            param = _param(transformer, param_name)
-            terms = [
-                a.scale * a.deltas[param_name].to(param.device, torch.float32) for a in live if param_name in a.deltas
-            ]
-            param.copy_(original.to(param.device, torch.float32) + sum(terms) if terms else original)
+        for param_name in _delta_params(state):
+            holder, leaf = _holder(transformer, param_name)
+            device = holder._parameters[leaf].device
+            total: torch.Tensor | None = None  # Σ scale·delta, float32, shaped like the parameter
+            for adapter in live:
+                if param_name in adapter.deltas:
+                    term = adapter.scale * adapter.deltas[param_name].to(device, torch.float32)
+                    total = term if total is None else total + term
+            _deltas.set_delta(holder, leaf, total)
+
+
+def _fuse_deltas(transformer: nn.Module, state: _LoraState) -> None:
+    """Write each summed delta into its parameter (originals kept for the unfuse) and drop the delta buffers."""
+    with torch.no_grad():
+        for param_name in _delta_params(state):
+            holder, leaf = _holder(transformer, param_name)
+            delta = _deltas.get_delta(holder, leaf)
+            if delta is None:
+                continue
+            param = holder._parameters[leaf]
+            state.fused_originals[param_name] = param.detach().clone()
+            param.copy_(_deltas.with_delta(param, delta))
+            _deltas.set_delta(holder, leaf, None)
 
 
 def _unfuse(transformer: nn.Module, state: _LoraState) -> None:
-    if state.fused:
-        for layer in _lora_layers(transformer):
-            if layer.merged:
-                layer.unmerge()
-        state.fused = []
+    """peft layers unmerged, then the parameters deltas were fused into set back to their exact originals (the
+    delta buffers come back with the next :func:`_sync`)."""
+    if not state.fused:
+        return
+    for layer in _lora_layers(transformer):
+        if layer.merged:
+            layer.unmerge()
+    with torch.no_grad():
+        for param_name, original in state.fused_originals.items():
+            holder, leaf = _holder(transformer, param_name)
+            holder._parameters[leaf].copy_(original)
+    state.fused_originals.clear()
+    state.fused = []
+
+
+def _delta_params(state: _LoraState) -> list[str]:
+    """Every parameter a loaded adapter has a diff/diff_b for, in load order."""
+    return list(dict.fromkeys(p for adapter in state.adapters.values() for p in adapter.deltas))
+
+
+def _hook_owner(transformer: nn.Module, state: _LoraState, param_name: str) -> None:
+    """The forward hooks of :mod:`.deltas` on the module that holds ``param_name`` (once per module)."""
+    owner = param_name.rpartition(".")[0]
+    if owner not in state.hooks:
+        state.hooks[owner] = _deltas.attach(_holder(transformer, param_name)[0])
 
 
 def _lora_layers(transformer: nn.Module) -> list[Any]:
@@ -343,10 +411,11 @@ def _base_layer(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if _is_lora_layer(module) else module
 
 
-def _param(transformer: nn.Module, name: str) -> torch.Tensor:
-    """Our parameter ``name`` (through a peft wrapper's ``weight``/``bias``)."""
+def _holder(transformer: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module whose ``_parameters`` hold our parameter ``name`` (the base layer inside a peft wrapper), and
+    the parameter's leaf name."""
     owner, _, leaf = name.rpartition(".")
-    return getattr(transformer.get_submodule(owner) if owner else transformer, leaf)
+    return _base_layer(transformer.get_submodule(owner) if owner else transformer), leaf
 
 
 # ------------------------------------------------------------------------------------ an adapter back in the file form
@@ -355,7 +424,7 @@ def adapter_modules(transformer: nn.Module, adapter_name: str | None = None) -> 
     state = _require_state(transformer)
     if adapter_name is None:
         if len(state.adapters) != 1:
-            raise ValueError(f"name the adapter to save, one of {list(state.adapters)}")
+            raise UserError(f"name the adapter to save, one of {list(state.adapters)}")
         adapter_name = next(iter(state.adapters))
     _check_names(state, [adapter_name])
     modules: dict[str, LoraModule] = {}

@@ -9,8 +9,8 @@ Layouts (``detect_layout``), all converted to one form keyed by our module names
 - ``diffsynth``: DiffSynth training output, ``blocks.0.self_attn.q.lora_A.default.weight``;
 - ``musubi``: musubi-tuner, ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` (+ ``.alpha``).
 
-Writing (:func:`save_lora`) covers the ``diffusers`` and ``wan`` layouts. Attaching a LoRA to the model is
-:mod:`chronoedit.lora.adapters`.
+Writing (:func:`write_lora`) covers the ``diffusers`` and ``wan`` layouts. Attaching a LoRA to the model is
+:mod:`chronoedit.lora.adapters`; saving an adapter of a model, :func:`chronoedit.lora.saving.save_lora`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from ..errors import UserError
 from ..keymap import IN_BLOCK, TOP_LEVEL, is_original_layout, original_to_ours, ours_to_original, strip_prefix
 from ..loading import iter_safetensors
 
@@ -101,11 +101,11 @@ class LoraFile:
 
 # --------------------------------------------------------------------------------------------------------- reading
 def detect_layout(keys: Iterable[str]) -> str:
-    """``diffusers``, ``wan``, ``diffsynth`` or ``musubi`` from the key names; ValueError without any LoRA key."""
+    """``diffusers``, ``wan``, ``diffsynth`` or ``musubi`` from the key names; UserError without any LoRA key."""
     keys = list(keys)
     split = [s for s in map(split_key, keys) if s is not None]
     if not split:
-        raise ValueError(
+        raise UserError(
             f"no LoRA keys (lora_A/lora_B, lora_down/lora_up, alpha, diff, diff_b) among {len(keys)} key(s), "
             f"e.g. {keys[:3]}"
         )
@@ -136,7 +136,7 @@ def read_lora(path: str | os.PathLike[str]) -> LoraFile:
 
 
 def lora_file_path(path: str | os.PathLike[str]) -> Path:
-    """The file itself, or the single ``*.safetensors`` in a folder; FileNotFoundError / ValueError otherwise."""
+    """The file itself, or the single ``*.safetensors`` in a folder; FileNotFoundError / UserError otherwise."""
     given = Path(path).expanduser()
     if given.is_dir():
         found = sorted(given.glob("*.safetensors"))
@@ -144,12 +144,12 @@ def lora_file_path(path: str | os.PathLike[str]) -> Path:
             raise FileNotFoundError(f"no *.safetensors LoRA file in folder {given}")
         if len(found) > 1:
             names = ", ".join(f.name for f in found[:4])
-            raise ValueError(f"folder {given} holds {len(found)} .safetensors files ({names}): name the LoRA file")
+            raise UserError(f"folder {given} holds {len(found)} .safetensors files ({names}): name the LoRA file")
         given = found[0]
     if not given.is_file():
         raise FileNotFoundError(f"LoRA file not found: {given}")
     if given.stat().st_size == 0:
-        raise ValueError(f"LoRA file {given} is empty (0 bytes)")
+        raise UserError(f"LoRA file {given} is empty (0 bytes)")
     return given
 
 
@@ -165,7 +165,7 @@ def read_metadata(file: Path) -> dict[str, Any]:
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(f"LoRA {file}: unreadable {METADATA_KEY} in the header ({err})") from err
+        raise UserError(f"LoRA {file}: unreadable {METADATA_KEY} in the header ({err})") from err
     return {k.removeprefix("transformer."): v for k, v in config.items()}
 
 
@@ -177,7 +177,7 @@ def convert_state_dict(
     try:
         layout = detect_layout(state)
     except ValueError as err:
-        raise ValueError(f"LoRA {label}: {err}") from None
+        raise UserError(f"LoRA {label}: {err}") from None
     parts: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[str, dict[str, str]] = {}
     unknown = []
@@ -189,7 +189,7 @@ def convert_state_dict(
             continue
         part = LEAVES[split[1]]
         if part in parts.setdefault(name, {}):
-            raise ValueError(f"LoRA {label}: keys {keys[name][part]!r} and {key!r} are the same tensor of {name}")
+            raise UserError(f"LoRA {label}: keys {keys[name][part]!r} and {key!r} are the same tensor of {name}")
         parts[name][part], keys.setdefault(name, {})[part] = tensor, key
     modules = {name: _build_module(name, parts[name], keys[name], metadata or {}, label) for name in parts}
     return LoraFile(layout=layout, modules=modules, source=source, unknown=unknown)
@@ -226,7 +226,7 @@ def _build_module(
     down, up = parts.get("down"), parts.get("up")
     if (down is None) != (up is None) or (down is None and ("alpha" in parts or "up_bias" in parts)):
         lone = keys.get("down") or keys.get("up") or keys.get("alpha") or keys["up_bias"]
-        raise ValueError(f"LoRA {label}: {lone!r} has no matching lora_A/lora_B pair")
+        raise UserError(f"LoRA {label}: {lone!r} has no matching lora_A/lora_B pair")
     module = LoraModule(down=down, up=up, diff_b=parts.get("diff_b"), diff=parts.get("diff"), keys=keys)
     if "alpha" in parts:
         module.alpha = float(parts["alpha"].float().reshape(-1)[0])
@@ -234,7 +234,7 @@ def _build_module(
         module.alpha = _metadata_alpha(metadata, name, module.rank)
     if "up_bias" in parts:
         if module.diff_b is not None:
-            raise ValueError(f"LoRA {label}: {name} has both {keys['diff_b']!r} and {keys['up_bias']!r}")
+            raise UserError(f"LoRA {label}: {name} has both {keys['diff_b']!r} and {keys['up_bias']!r}")
         module.diff_b = parts["up_bias"] * (module.alpha_value / module.rank)
     return module
 
@@ -261,29 +261,23 @@ def as_lora_file(path_or_state: str | os.PathLike[str] | LoraFile | Mapping[str,
 
 
 # ------------------------------------------------------------------------------------------------------------- writing
-def save_lora(
-    source: nn.Module | LoraFile | Mapping[str, LoraModule],
-    path: str | os.PathLike[str],
-    layout: str = "diffusers",
-    adapter_name: str | None = None,
+def write_lora(
+    source: LoraFile | Mapping[str, LoraModule], path: str | os.PathLike[str], layout: str = "diffusers"
 ) -> Path:
-    """Write a LoRA (an adapter of ``transformer``, a :class:`LoraFile` or modules by our names) as safetensors in
-    the ``diffusers`` layout (alpha in diffusers' header metadata) or the ``wan`` (ComfyUI) layout."""
+    """Write a LoRA (a :class:`LoraFile` or modules by our names) as safetensors in the ``diffusers`` layout (alpha
+    in diffusers' header metadata) or the ``wan`` (ComfyUI) layout. An adapter of a model:
+    :func:`chronoedit.lora.save_lora`."""
     from safetensors.torch import save_file
 
-    from ..io import atomic_path
-    from .adapters import adapter_modules  # imported here: adapters imports this module
+    from ..files import atomic_path
 
-    if isinstance(source, nn.Module):
-        modules = adapter_modules(source, adapter_name)
-    else:
-        modules = dict(source.modules if isinstance(source, LoraFile) else source)
+    modules = dict(source.modules if isinstance(source, LoraFile) else source)
     if layout == "diffusers":
         tensors, metadata = _to_diffusers(modules)
     elif layout == "wan":
         tensors, metadata = _to_wan(modules), None
     else:
-        raise ValueError(f"save_lora: layout {layout!r} is not one of {WRITABLE_LAYOUTS}")
+        raise UserError(f"LoRA layout {layout!r} cannot be written: not one of {WRITABLE_LAYOUTS}")
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -311,7 +305,7 @@ def _to_diffusers(modules: Mapping[str, LoraModule]) -> tuple[dict[str, torch.Te
     """``transformer.<ours>.lora_A/B.weight`` and the LoraConfig (rank, alpha, patterns) as diffusers writes it."""
     extra = [n for n, m in modules.items() if m.diff is not None or m.diff_b is not None or not m.has_lora]
     if extra:
-        raise ValueError(
+        raise UserError(
             f"the diffusers layout holds lora_A/lora_B only; {extra[:3]} have diff/diff_b deltas: "
             "save with layout='wan'"
         )

@@ -1,4 +1,5 @@
-"""Pure model code: no IO, devices or CLI."""
+"""Pure model code: no IO, devices or CLI. Loading a checkpoint (``from_pretrained``) is ``chronoedit.loading``'s:
+``chronoedit.ChronoEditTransformer3DModel`` is this package's model with it."""
 
 from .config import TransformerConfig
 from .transformer import ChronoEditTransformer3DModel

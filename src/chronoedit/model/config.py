@@ -1,4 +1,8 @@
-"""Transformer configuration, read exactly as the real checkpoint's ``transformer/config.json`` has it."""
+"""Transformer configuration, read exactly as the real checkpoint's ``transformer/config.json`` has it.
+
+A config that ChronoEdit cannot run (a checkpoint's config.json, or shapes a config is inferred from) is a
+:class:`~chronoedit.errors.UserError`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +49,15 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         if len(self.patch_size) != 3:
-            raise ValueError(f"transformer config: patch_size must have 3 entries, got {list(self.patch_size)}")
+            raise UserError(f"transformer config: patch_size must have 3 entries, got {list(self.patch_size)}")
         if self.qk_norm != "rms_norm_across_heads":
-            raise ValueError(
+            raise UserError(
                 f"transformer config: unsupported qk_norm {self.qk_norm!r} (ChronoEdit uses rms_norm_across_heads)"
             )
         if self.pos_embed_seq_len is not None:
-            raise ValueError(
-                "transformer config: pos_embed_seq_len is a Wan FLF2V feature that ChronoEdit does not use"
-            )
+            raise UserError("transformer config: pos_embed_seq_len is a Wan FLF2V feature that ChronoEdit does not use")
         if self.rope_temporal_skip_len < 2:
-            raise ValueError(
+            raise UserError(
                 f"transformer config: rope_temporal_skip_len must be >= 2, got {self.rope_temporal_skip_len}"
             )
 
@@ -97,7 +101,7 @@ class TransformerConfig:
                 added_kv_proj_dim=None if added_kv is None else added_kv[1],
             )
         except (KeyError, ValueError, IndexError) as err:
-            raise ValueError(f"cannot infer the transformer config from the weights: no or bad {err}") from err
+            raise UserError(f"cannot infer the transformer config from the weights: no or bad {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
         """The diffusers-style config dict, naming our class and keeping the temporal skip explicit."""

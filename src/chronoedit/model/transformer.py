@@ -21,7 +21,8 @@ from .rope import RotaryEmbedding, apply_rotary
 
 TEXT_TOKENS = 512  # the UMT5 context length; image tokens are the ones before the last 512
 
-# Parameters kept in float32 when the model runs in bf16/fp16 (names as in diffusers' _keep_in_fp32_modules).
+# Parameters kept in float32 when the model runs in bf16/fp16 (names as in diffusers' _keep_in_fp32_modules). The one
+# statement of the fp32-island rule: loading casts by it, and hands it to chronoedit.quant (which imports no model).
 FP32_MODULES = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
 
@@ -213,7 +214,10 @@ class TransformerOutput:
 
 
 class ChronoEditTransformer3DModel(nn.Module):
-    """The ChronoEdit DiT. ``forward`` takes the same arguments as diffusers' model of the same name."""
+    """The ChronoEdit DiT. ``forward`` takes the same arguments as diffusers' model of the same name.
+
+    Pure model code: no ``from_pretrained`` here. ``chronoedit.ChronoEditTransformer3DModel`` (defined in
+    :mod:`chronoedit.loading`) is this class with diffusers' ``from_pretrained``; checkpoints load as that class."""
 
     def __init__(self, config: TransformerConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
@@ -228,15 +232,6 @@ class ChronoEditTransformer3DModel(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.gradient_checkpointing = False
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str, subfolder: str | None = None, torch_dtype: torch.dtype | None = None, **kwargs: Any
-    ) -> ChronoEditTransformer3DModel:
-        """Load a diffusers-layout transformer folder (single or sharded safetensors). See ``chronoedit.loading``."""
-        from ..loading import load_transformer
-
-        return load_transformer(path, subfolder=subfolder, torch_dtype=torch_dtype, **kwargs)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -8,7 +8,9 @@
   :func:`quantize_model_linears`.
 
 ``chronoedit.loading.load_transformer(path, quantized="keep")`` uses all of this for ``.gguf`` files and fp8
-safetensors; the model code (``chronoedit.model``) knows nothing about quantization.
+safetensors. The model code (``chronoedit.model``) knows nothing about quantization, and this package imports no model
+code: which layers compute in float32 is the caller's to say (``keep_fp32=`` of :func:`quantize_model_linears`, the
+per-weight dtype of :func:`replace_linear`). A bad file raises :class:`chronoedit.errors.UserError` naming it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from .qtensor import GGML_SIZES, QTensor
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
@@ -70,33 +71,33 @@ def _reader_failure(err: BaseException) -> str:
 
 
 def read_gguf_index(path: str | os.PathLike[str]) -> list[GGUFEntry]:
-    """Every tensor of ``path`` with its logical shape; a one-line ValueError naming the file when it is not a
+    """Every tensor of ``path`` with its logical shape; a one-line UserError naming the file when it is not a
     readable GGUF, and naming the tensor and type when a type cannot be dequantized."""
     gguf = _import_gguf()
     path = Path(path)
     if path.stat().st_size == 0:
-        raise ValueError(f"cannot read GGUF {path}: empty file")
+        raise UserError(f"cannot read GGUF {path}: empty file")
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, TypeError, OSError, OverflowError) as err:
-        raise ValueError(f"cannot read GGUF {path}: {_reader_failure(err)} ({_first_line(err)})") from err
+        raise UserError(f"cannot read GGUF {path}: {_reader_failure(err)} ({_first_line(err)})") from err
     if reader.byte_order == "S":
-        raise ValueError(f"cannot read GGUF {path}: big-endian GGUF files are not supported")
+        raise UserError(f"cannot read GGUF {path}: big-endian GGUF files are not supported")
     size = path.stat().st_size
     entries = []
     for tensor in reader.tensors:
         qtype = tensor.tensor_type.name
         if qtype not in GGML_SIZES:
-            raise ValueError(
+            raise UserError(
                 f"GGUF {path}: tensor {tensor.name!r} has quantization type {qtype}, which chronoedit cannot "
                 f"dequantize (supported: {', '.join(GGML_SIZES)})"
             )
         shape = _orig_shape(reader, tensor.name) or tuple(int(d) for d in reversed(tensor.shape.tolist()))
         if math.prod(shape) != int(tensor.n_elements):
-            raise ValueError(f"GGUF {path}: tensor {tensor.name!r} has {tensor.n_elements} values, not {list(shape)}")
+            raise UserError(f"GGUF {path}: tensor {tensor.name!r} has {tensor.n_elements} values, not {list(shape)}")
         entry = GGUFEntry(tensor.name, qtype, shape, int(tensor.data_offset), int(tensor.n_bytes))
         if entry.offset + entry.nbytes > size:
-            raise ValueError(f"cannot read GGUF {path}: truncated (tensor {tensor.name!r} runs past the end)")
+            raise UserError(f"cannot read GGUF {path}: truncated (tensor {tensor.name!r} runs past the end)")
         entries.append(entry)
     return entries
 
@@ -129,7 +130,5 @@ def _read_bytes(handle: object, entry: GGUFEntry, path: str | os.PathLike[str]) 
     handle.seek(entry.offset)  # type: ignore[attr-defined]
     got = handle.readinto(memoryview(buffer.numpy()))  # type: ignore[attr-defined]
     if got != entry.nbytes:
-        raise ValueError(
-            f"cannot read GGUF {path}: truncated (tensor {entry.name!r} has {got} of {entry.nbytes} bytes)"
-        )
+        raise UserError(f"cannot read GGUF {path}: truncated (tensor {entry.name!r} has {got} of {entry.nbytes} bytes)")
     return buffer.reshape(-1, block_bytes)

@@ -2,7 +2,7 @@
 
 :class:`QuantizedLinear` subclasses ``nn.Linear``, so peft wraps it as a Linear base layer (unmerged LoRA works).
 Its ``weight`` is a property: reading it dequantizes to the compute dtype (shape/dtype/device introspection works)
-and gives a read-only view: in-place changes (a LoRA fuse, ``weight.data += ...``, ``copy_``) raise ValueError
+and gives a read-only view: in-place changes (a LoRA fuse, ``weight.data += ...``, ``copy_``) raise a UserError
 instead of silently changing a temporary. ``state_dict()`` presents the dequantized ``weight`` (and ``bias``), so
 saving a quantized model writes ordinary weights.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.transformer import keeps_fp32
+from ..errors import UserError
 from .qtensor import QTensor
 
 FUSE_ERROR = "cannot fuse a LoRA into quantized weights; use it unfused (or load with quantized='dequantize')"
@@ -38,7 +38,8 @@ def _is_inplace(func: Any) -> bool:
 
 
 class ReadOnlyWeight(torch.Tensor):
-    """The dequantized weight of a :class:`QuantizedLinear`; any in-place change raises ValueError.
+    """The dequantized weight of a :class:`QuantizedLinear`; any in-place change raises a UserError (a LoRA fused
+    or added as a full delta into quantized weights).
 
     Results of other operations are plain tensors; ``.data`` stays read-only (peft merges through it)."""
 
@@ -54,7 +55,7 @@ class ReadOnlyWeight(torch.Tensor):
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if _is_inplace(func):
             owner = next((a.layer_name for a in args if isinstance(a, ReadOnlyWeight)), "") or "a quantized layer"
-            raise ValueError(f"{owner}: its weight is quantized and read-only: {FUSE_ERROR}")
+            raise UserError(f"{owner}: its weight is quantized and read-only: {FUSE_ERROR}")
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **(kwargs or {}))
         if getattr(func, "__self__", None) is torch._C.TensorBase.data:  # ``weight.data`` -> still read-only
@@ -176,15 +177,19 @@ def replace_linear(
 
 
 def quantize_model_linears(
-    model: nn.Module, quantized: dict[str, QTensor], dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    quantized: dict[str, QTensor],
+    dtype: torch.dtype = torch.float32,
+    keep_fp32: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Swap the model's ``nn.Linear`` modules (typically built on the meta device) named by the keys of ``quantized``
     (weight names ``blocks.0.attn1.to_q.weight`` or module names) for :class:`QuantizedLinear`; the compute dtype is
-    ``dtype`` except float32 for the model's fp32 islands (time embedder). Returns the module names replaced."""
+    ``dtype`` except float32 for the weights ``keep_fp32(weight_name)`` marks as the model's fp32 islands (for
+    ChronoEdit: ``chronoedit.model.transformer.keeps_fp32``, the time embedder). Returns the module names replaced."""
     replaced = []
     for name, qweight in quantized.items():
         weight_name = name if name.endswith(".weight") else f"{name}.weight"
-        compute = torch.float32 if keeps_fp32(weight_name) else dtype
+        compute = torch.float32 if keep_fp32 is not None and keep_fp32(weight_name) else dtype
         replaced.append(replace_linear(model, weight_name, qweight, compute).layer_name)
     return replaced
 

@@ -29,8 +29,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 
-from .. import __version__
-from .. import io as cio
+from .. import __version__, media
+from ..errors import UserError
 from ..presets import PRESETS
 from .editing import INPUT_NAME, BadImage, TooLarge, build_job, decode_upload, resolved_settings, with_seed
 from .options import MEDIA_TYPES, EditOptions, Limits
@@ -264,30 +264,30 @@ def submit_job(state: ServerState, options: EditOptions, data: bytes) -> dict[st
         raise HTTPException(413, str(exc)) from None
     except BadImage as exc:
         raise HTTPException(400, str(exc)) from None
-    options = with_seed(options, state.worker.base_args.seed)
+    options = with_seed(options, state.worker.defaults.seed)
     job_id = new_job_id()
     job_dir = state.results_dir / job_id
     try:
         job_dir.mkdir(parents=True)
-        cio.save_image(image, job_dir / INPUT_NAME)
-        edit_job = build_job(state.worker.base_args, options, job_dir, state.limits)
+        media.save_image(image, job_dir / INPUT_NAME)
+        edit, _plan = build_job(state.worker.runner.spec, state.worker.defaults, options, job_dir, state.limits)
         state.store.submit(
             options.model_dump(exclude_none=True),
             state.limits.max_queue,
             job_id=job_id,
-            total=edit_job.num_inference_steps,
+            total=edit.num_inference_steps,
         )
     except QueueFull as exc:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise HTTPException(429, str(exc), headers={"Retry-After": "10"}) from None
-    except ValueError as exc:
+    except UserError as exc:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise HTTPException(422, state.worker.public_error(exc)) from None
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
     state.worker.wake()
-    return describe_job(state, find_job(state, job_id)) | {"settings": resolved_settings(edit_job)}
+    return describe_job(state, find_job(state, job_id)) | {"settings": resolved_settings(edit)}
 
 
 def find_job(state: ServerState, job_id: str) -> Job:

@@ -1,14 +1,13 @@
-"""From a client's options and uploaded image to a validated :class:`~chronoedit.commands.edit.EditJob`.
+"""From a client's options and uploaded image to a resolved :class:`~chronoedit.editing.Edit` and its outputs.
 
-The server's own flags (model, device, LoRAs, ...) are the base; a job's options go on top, then everything runs
-through ``chronoedit edit``'s validation, so the server accepts exactly what the CLI accepts. Each job owns one
-folder, ``RESULTS/<id>/``: ``input.png`` (the decoded upload, re-encoded), then the outputs the worker writes.
+The server's settings (its flags) are every job's defaults; a job's options go on top
+(:meth:`~chronoedit.editing.EditSettings.overlay`) and the application layer resolves the result like any edit, so the
+server accepts exactly what the CLI accepts. Its errors name fields in the API's words. Each job owns one folder,
+``RESULTS/<id>/``: ``input.png`` (the decoded upload, re-encoded), then the outputs the worker writes.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import io
 import re
 import secrets
@@ -18,9 +17,11 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from .. import io as cio
-from ..commands import edit as edit_cmd
-from .options import OUTPUT_FORMATS, EditOptions, Limits
+from .. import media
+from ..editing import Edit, EditSettings, ModelSpec, OutputPlan, resolve_edit, resolve_outputs
+from ..errors import UserError, one_line
+from ..media import OUTPUT_FORMATS
+from .options import EditOptions, Limits
 
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # what uploads may be (no EPS/PDF/ICO renderers)
 INPUT_NAME = "input.png"
@@ -29,11 +30,11 @@ SHEET_NAME = "trajectory.png"
 PROMPT_NAME = "prompt.txt"  # the enhanced prompt, when the job asked for it
 
 
-class BadImage(ValueError):
+class BadImage(UserError):
     """The uploaded bytes are not an image we can edit."""
 
 
-class TooLarge(ValueError):
+class TooLarge(UserError):
     """The upload is over a size limit."""
 
 
@@ -57,8 +58,8 @@ def decode_upload(data: bytes, limits: Limits) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise BadImage(f"the image cannot be read: not {', '.join(INPUT_FORMATS)}") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise BadImage(f"the image cannot be read: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
-    return cio.to_rgb(image)
+        raise BadImage(f"the image cannot be read: {one_line(exc)}") from exc
+    return media.to_rgb(image)
 
 
 def _check_pixels(image: Image.Image, limits: Limits) -> None:
@@ -97,61 +98,52 @@ def with_seed(options: EditOptions, default: int | None = None) -> EditOptions:
     return options.model_copy(update={"seed": secrets.randbits(31) if default is None else default})
 
 
-def job_args(base: argparse.Namespace, options: EditOptions, job_dir: Path) -> argparse.Namespace:
-    """``chronoedit edit`` arguments for one job: the server's flags with the job's options on top."""
-    args = copy.copy(base)
-    names = output_names(options)
-    args.input, args.prompt = str(job_dir / INPUT_NAME), options.prompt
-    args.output, args.output_image = job_dir / names["result"], None
-    args.trajectory = job_dir / names["trajectory"] if "trajectory" in names else None
-    args.trajectory_sheet = job_dir / names["trajectory_sheet"] if "trajectory_sheet" in names else None
-    for name in ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "preset"):
-        value = getattr(options, name)
-        if value is not None:
-            setattr(args, name, value)
-    if options.preset:  # the request's preset is more specific than the server's defaults
-        for name in ("num_inference_steps", "guidance_scale", "flow_shift", "max_area"):
-            if getattr(options, name, None) is None:
-                setattr(args, name, None)
-    args.enable_temporal_reasoning = options.enable_temporal_reasoning
-    args.num_temporal_reasoning_steps = options.num_temporal_reasoning_steps
-    if not options.enable_temporal_reasoning:
-        args.num_frames = None
-    args.quiet = True
-    return args
+# The API's words for the fields a client cannot set by these names.
+_API_WORDS = {
+    "trajectory": "return_trajectory", "trajectory_sheet": "return_trajectory", "image": "image",
+    "lora_path": "the server's --lora-path", "model_path": "the server's --model-path",
+    "flow_shift": "the server's --flow-shift", "height": "the server's --height", "width": "the server's --width",
+    "max_area": "the server's --max-area", "num_frames": "the server's --num-frames",
+}  # fmt: skip
 
 
-def api_message(exc: BaseException) -> str:
-    """An error of ``chronoedit edit``'s validation as one line in the API's words (``--seed`` -> ``seed``)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    for name in EditOptions.model_fields:
-        text = re.sub(rf"--{name.replace('_', '-')}(?![\w-])", name, text)
-    text = text.replace("--trajectory-sheet", "return_trajectory").replace("--trajectory", "return_trajectory")
-    return text.replace("pass it with --lora-path", "the server has none")
+def api_word(field: str) -> str:
+    """The HTTP API's name for a settings field (its option name, or the server flag that sets it)."""
+    return _API_WORDS.get(field, field)
 
 
-def build_job(base: argparse.Namespace, options: EditOptions, job_dir: Path, limits: Limits) -> edit_cmd.EditJob:
-    """The validated edit job (ValueError naming the problem in the API's words); ``job_dir/input.png`` must exist."""
-    if options.return_trajectory and not options.enable_temporal_reasoning:
-        raise ValueError("return_trajectory needs enable_temporal_reasoning")
-    try:
-        job = edit_cmd.build_edit_job(job_args(base, options, job_dir))
-    except ValueError as exc:
-        raise ValueError(api_message(exc)) from exc
-    limits.check_steps(job.num_inference_steps, job.num_temporal_reasoning_steps if job.enable_temporal_reasoning
+def api_message(exc: UserError) -> str:
+    """A user error as one line in the API's words (``num_inference_steps``, ``return_trajectory``)."""
+    return exc.render(api_word)
+
+
+def job_settings(defaults: EditSettings, options: EditOptions) -> EditSettings:
+    """One job's settings: the server's with the options the client set on top."""
+    names = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "preset",
+             "enable_temporal_reasoning", "num_temporal_reasoning_steps", "enhance_prompt")
+    changes = {name: value for name in names if (value := getattr(options, name)) is not None}
+    return defaults.overlay(changes)  # fmt: skip
+
+
+def build_job(model: ModelSpec, defaults: EditSettings, options: EditOptions, job_dir: Path,
+              limits: Limits) -> tuple[Edit, OutputPlan]:  # fmt: skip
+    """The resolved edit and its outputs (UserError naming the problem); ``job_dir/input.png`` must exist."""
+    edit = resolve_edit(job_settings(defaults, options), model, job_dir / INPUT_NAME)
+    limits.check_steps(edit.num_inference_steps, edit.num_temporal_reasoning_steps if edit.enable_temporal_reasoning
                        else None)  # fmt: skip
-    if options.return_trajectory and job.num_temporal_reasoning_steps < 1:
-        raise ValueError("return_trajectory needs at least 1 temporal reasoning step")
-    return job
+    names = output_names(options)
+    plan = OutputPlan(
+        output=job_dir / names["result"],
+        trajectory=job_dir / names["trajectory"] if "trajectory" in names else None,
+        trajectory_sheet=job_dir / names["trajectory_sheet"] if "trajectory_sheet" in names else None,
+        prompt_text=job_dir / PROMPT_NAME if options.enhance_prompt else None,
+    )
+    return edit, resolve_outputs(plan, edit)
 
 
-def resolved_settings(job: edit_cmd.EditJob) -> dict[str, Any]:
+def resolved_settings(edit: Edit) -> dict[str, Any]:
     """The exact values a job runs with (shown to the client)."""
-    return {
-        "prompt_used": job.prompt, "seed": job.seed, "num_inference_steps": job.num_inference_steps,
-        "guidance_scale": job.guidance_scale, "flow_shift": job.flow_shift, "width": job.width,
-        "height": job.height, "num_frames": job.num_frames,
-        "enable_temporal_reasoning": job.enable_temporal_reasoning,
-        "num_temporal_reasoning_steps": job.num_temporal_reasoning_steps,
-        "loras": [[path.name, scale] for path, scale in job.loras],
-    }  # fmt: skip
+    settings = edit.settings()
+    settings["prompt_used"] = settings.pop("prompt")
+    del settings["negative_prompt"], settings["preset"]
+    return settings | {"loras": [[lora.path.name, lora.scale] for lora in edit.loras]}

@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..presets import PRESETS
 
-OUTPUT_FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}
 MEDIA_TYPES = {
     "png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4",
     "txt": "text/plain; charset=utf-8",

@@ -6,7 +6,6 @@ the store. A job whose outputs cannot be produced is marked failed with its erro
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 import time
@@ -14,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..commands import edit as edit_cmd
-from ..presets import PRESETS
-from ..runner import EditRunner
-from .editing import PROMPT_NAME, build_job, output_names, redact, resolved_settings
+from ..editing import EditRunner, EditSettings, enhance, wants_trajectory, write_outputs
+from ..errors import UserError, one_line
+from .editing import PROMPT_NAME, api_message, build_job, output_names, redact, resolved_settings
 from .options import EditOptions, Limits
 from .retention import Retention
 from .store import Job, JobStore
@@ -37,10 +35,6 @@ class Progress:
     stage: str = "denoising"
 
 
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 class Interrupted(Exception):
     """The server is shutting down: the running job stops at its next step and goes back to the queue."""
 
@@ -48,13 +42,14 @@ class Interrupted(Exception):
 class Worker:
     """A daemon thread: ``start()`` loads the model, then jobs run until ``stop()``.
 
-    ``redact`` maps server paths to placeholders in the errors clients see.
+    ``redact`` maps server paths to placeholders in the errors clients see. ``defaults`` are every job's settings
+    before its options.
     """
 
-    def __init__(self, store: JobStore, runner: EditRunner, base_args: argparse.Namespace, results_dir: Path,
+    def __init__(self, store: JobStore, runner: EditRunner, defaults: EditSettings, results_dir: Path,
                  limits: Limits, enhancer: Any = None, redact: dict[str, Path] | None = None,
                  poll_s: float = 0.5) -> None:  # fmt: skip
-        self.store, self.runner, self.base_args, self.enhancer = store, runner, base_args, enhancer
+        self.store, self.runner, self.defaults, self.enhancer = store, runner, defaults, enhancer
         self.results_dir, self.limits, self.poll_s = results_dir, limits, poll_s
         self.redact = {"<results>": results_dir, **(redact or {})}
         keep = limits.keep_results_hours
@@ -98,8 +93,11 @@ class Worker:
         return self.alive and self.state in (LOADING, READY)
 
     def public_error(self, exc: BaseException) -> str:
-        """``exc`` as one line without server paths."""
-        return redact(one_line(exc), self.redact)
+        """``exc`` as one line in the API's words, without server paths; a bug shows only as "internal error" (its
+        traceback is in the server's log)."""
+        if not isinstance(exc, UserError):
+            return "internal error: see the server's log"
+        return redact(api_message(exc), self.redact)
 
     def _main(self) -> None:
         try:
@@ -136,8 +134,11 @@ class Worker:
         except Interrupted:
             self.store.requeue(job.id)
             log.info("chronoedit serve: job %s interrupted by shutdown; it runs again after a restart", job.id)
-        except Exception as exc:
+        except UserError as exc:
             log.warning("chronoedit serve: job %s failed: %s", job.id, one_line(exc))
+            self.store.fail(job.id, self.public_error(exc))
+        except Exception as exc:  # a bug: logged with its traceback; the worker goes on with the next job
+            log.exception("chronoedit serve: job %s failed with an internal error", job.id)
             self.store.fail(job.id, self.public_error(exc))
         else:
             self.store.finish(job.id, files, timings, settings)
@@ -148,35 +149,22 @@ class Worker:
     def _edit(self, job: Job) -> tuple[dict[str, str], dict[str, float], dict[str, Any]]:
         """Enhance (if asked), edit and write one job; its files, timings and settings."""
         t0 = time.perf_counter()
-        job_dir = self.results_dir / job.id
         options = EditOptions.model_validate(job.options)
-        edit_job = build_job(self.base_args, options, job_dir, self.limits)
-        self.progress = Progress(job.id, 0, edit_job.num_inference_steps, "enhancing")
+        edit, plan = build_job(self.runner.spec, self.defaults, options, self.results_dir / job.id, self.limits)
+        self.progress = Progress(job.id, 0, edit.num_inference_steps, "enhancing")
         if options.enhance_prompt:
-            self.enhance(edit_job, options, job_dir)
+            if self.enhancer is None:
+                raise UserError("this server has no prompt enhancer (start it with --prompt-enhancer-base-url)")
+            edit = enhance(edit, self.enhancer)
         self.progress.stage = "denoising"
         t1 = time.perf_counter()
-        out = self.runner.run(edit_job, on_step=self._on_step)
+        out = self.runner.run(edit, wants_trajectory(edit, plan), on_step=self._on_step)
         t2 = time.perf_counter()
-        edit_cmd.write_outputs(edit_job, out, echo=False)
+        write_outputs(edit, plan, out)
         t3 = time.perf_counter()
         timings = {"prepare_s": t1 - t0, "generate_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0}
         files = output_names(options) | ({"prompt": PROMPT_NAME} if options.enhance_prompt else {})
-        return files, {k: round(v, 4) for k, v in timings.items()}, resolved_settings(edit_job)
-
-    def enhance(self, edit_job: edit_cmd.EditJob, options: EditOptions, job_dir: Path) -> None:
-        """Rewrite the job's prompt with the server's prompt enhancer (inside its preset's trigger text)."""
-        from ..enhance import enhance_prompt
-        from ..io import save_text
-        from ..vlm import load_vlm
-
-        if self.enhancer is None:
-            raise ValueError("this server has no prompt enhancer (start it with --prompt-enhancer-base-url)")
-        with load_vlm(self.enhancer) as vlm:
-            enhanced = enhance_prompt(vlm, edit_job.image, options.prompt)
-        save_text(enhanced + "\n", job_dir / PROMPT_NAME)
-        preset = options.preset or getattr(self.base_args, "preset", None)  # the job's, else the server's
-        edit_job.prompt = PRESETS[preset].prompt(enhanced) if preset else enhanced
+        return files, {k: round(v, 4) for k, v in timings.items()}, resolved_settings(edit)
 
     def _on_step(self, step: int, total: int) -> None:
         if self._stop.is_set():

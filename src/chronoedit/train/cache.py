@@ -33,6 +33,9 @@ from typing import Any
 import torch
 
 from ..encoders import TEXT_TOKENS, encode_image, encode_text
+from ..errors import UserError
+from ..files import os_reason as reason
+from ..files import writing
 from ..latents import encode_condition, encode_video, image_to_tensor
 from .data import SampleSpec, clip_frames, prepared_frames
 from .digests import file_digest, remembered_digests
@@ -121,7 +124,7 @@ def cache_entries(specs: list[SampleSpec], cache_dir: Path, settings: CacheSetti
     """Each sample's entry: its three files, named by the inputs of each stage (``encoders``: their identities)."""
     entries = []
     for spec in specs:
-        files = [file_digest(p) for p in (spec.source, spec.target, spec.video) if p is not None]
+        files = [_digest(spec, p) for p in (spec.source, spec.target, spec.video) if p is not None]
         kind = "video" if spec.video is not None else "pair"
         image = {"file": files[0], "size": settings.size_rule, "encoder": encoders["image"]}  # source or video
         latents = {"files": files, "kind": kind, "size": settings.size_rule, "encoder": encoders["latents"]}
@@ -129,6 +132,14 @@ def cache_entries(specs: list[SampleSpec], cache_dir: Path, settings: CacheSetti
         entries.append(CacheEntry(spec, text, _stage_file(cache_dir, "image", image),
                                   _stage_file(cache_dir, "latents", latents)))  # fmt: skip
     return entries
+
+
+def _digest(spec: SampleSpec, path: Path) -> str:
+    """A dataset file's content hash; UserError naming the row when it cannot be read."""
+    try:
+        return file_digest(path)
+    except OSError as err:
+        raise UserError(f"{spec.where}: cannot read {path}: {reason(err, path)}", "dataset") from err
 
 
 def negative_file(cache_dir: Path, settings: CacheSettings, text_encoder: str | None = None) -> Path:
@@ -234,11 +245,13 @@ def _real_tokens(embeds: torch.Tensor) -> torch.Tensor:
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    from ..io import atomic_path
+    from ..files import atomic_path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+    with writing(path, "write the cache file"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
 
 
 @contextmanager

@@ -16,6 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+from ..files import os_reason as reason
+from ..files import write_json, writing
 from ..lora import save_lora
 from .config import RECORD_ONLY, TrainConfig
 from .data import METADATA_NAME
@@ -56,17 +59,18 @@ def checkpoints(output: Path) -> list[tuple[int, Path]]:
 
 def resume_folder(output: Path, resume: str) -> Path | None:
     """The checkpoint to resume from: ``auto`` = the latest in ``output`` (None when there is none), ``none``,
-    or a folder (FileNotFoundError when missing).
+    or a folder (UserError when it is no checkpoint).
 
-    ``none`` is refused (ValueError) when ``output`` holds checkpoints: the new run's would be pruned before the
+    ``none`` is refused (UserError) when ``output`` holds checkpoints: the new run's would be pruned before the
     earlier run's higher-numbered ones, and a later ``auto`` would continue the earlier run."""
     if resume == "none":
         found = checkpoints(output)
         if found:
             folder = output / CHECKPOINT_DIR
-            raise ValueError(
+            raise UserError(
                 f"--resume none starts a new run, but {folder} holds an earlier run's checkpoints (up to "
-                f"{found[-1][1].name}): use another --output-dir, or delete {folder} to start over there"
+                f"{found[-1][1].name}): use another --output-dir, or delete {folder} to start over there",
+                "resume",
             )
         return None
     if resume == "auto":
@@ -74,18 +78,19 @@ def resume_folder(output: Path, resume: str) -> Path | None:
         return found[-1][1] if found else None
     path = Path(resume).expanduser()
     if not (path / "custom_checkpoint_0.pkl").is_file():
-        raise FileNotFoundError(f"resume: not a training checkpoint folder: {path}")
+        raise UserError(f"resume: not a training checkpoint folder: {path}", "resume")
     return path
 
 
 def check_no_later_checkpoints(output: Path, step: int) -> None:
-    """ValueError when ``output`` holds checkpoints past ``step``, where a run resumed from an explicit folder starts:
+    """UserError when ``output`` holds checkpoints past ``step``, where a run resumed from an explicit folder starts:
     they would outlive this run's when pruning, and ``--resume auto`` would pick them."""
     later = [path.name for found, path in checkpoints(output) if found > step]
     if later:
-        raise ValueError(
+        raise UserError(
             f"resuming at step {step}, but {output / CHECKPOINT_DIR} holds later checkpoints ({', '.join(later)}) "
-            "that would be kept over this run's and resumed by --resume auto: use another --output-dir, or delete them"
+            "that would be kept over this run's and resumed by --resume auto: use another --output-dir, or delete them",
+            "resume",
         )
 
 
@@ -115,15 +120,19 @@ def base_model_shape(config: TrainConfig) -> dict[str, Any]:
 
 
 def check_resume_settings(folder: Path, config: TrainConfig) -> None:
-    """ValueError naming every setting in :data:`MUST_MATCH` that differs from the checkpoint's
+    """UserError naming every setting in :data:`MUST_MATCH` that differs from the checkpoint's
     ``train_config.json`` (old -> new); a checkpoint without one (older versions) is not compared."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         return
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"resume: cannot read {path}: {reason(err, path)}", "resume") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"resume: cannot read {path}: {err}") from None
+        raise UserError(f"resume: cannot read {path}: {err}", "resume") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"resume: cannot read {path}: expected a table of settings", "resume")
     names = {f.name for f in fields(TrainConfig)}
     old = TrainConfig(**{k: v for k, v in saved.items() if k in names})
     changes = []
@@ -141,9 +150,10 @@ def check_resume_settings(folder: Path, config: TrainConfig) -> None:
     if differ:  # a field missing from one config and null in the other is no difference
         changes.append("base model " + ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in differ))
     if changes:
-        raise ValueError(
+        raise UserError(
             f"resume: the checkpoint {folder} was trained with other settings ({'; '.join(changes)}): resume with its "
-            "settings, or start a new run with --resume none and another --output-dir"
+            "settings, or start a new run with --resume none and another --output-dir",
+            "resume",
         )
 
 
@@ -197,20 +207,24 @@ def register_lora_hooks(accelerator: Any) -> None:
 
 
 def save_checkpoint(accelerator: Any, output: Path, step: int, keep: int | None, config: dict[str, Any]) -> Path:
-    """Write ``checkpoints/checkpoint-<step>`` atomically (temp folder, then rename); prune to ``keep``."""
+    """Write ``checkpoints/checkpoint-<step>`` atomically (temp folder, then rename); prune to ``keep``. UserError
+    when it cannot be written (a full disk, no permission)."""
     root = output / CHECKPOINT_DIR
     final, tmp = root / f"checkpoint-{step:06d}", root / f".tmp-checkpoint-{step:06d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with writing(final, "write the checkpoint"):
+            tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(final, "write the checkpoint"):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with writing(final, "write the checkpoint"):
+            write_json(tmp / CONFIG_NAME, config)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
         if keep is not None:
             for _, old in checkpoints(output)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

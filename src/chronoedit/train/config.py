@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+from ..files import os_reason as reason
+
 MODES = ("lora", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
@@ -150,24 +153,29 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """A TOML (``.toml``) or JSON (``.json``) file -> its table; unknown keys and bad syntax are one-line errors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+        raise UserError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"config {path}: cannot read it ({reason(err, path)})") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"config {path}: not UTF-8 text ({err})") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"config {path}: invalid JSON ({err})") from None
+            raise UserError(f"config {path}: invalid JSON ({err})") from None
     elif path.suffix.lower() == ".toml":
         data = _parse_toml(path, text)
     else:
-        raise ValueError(f"config {path}: use a .toml or .json file")
+        raise UserError(f"config {path}: use a .toml or .json file")
     if not isinstance(data, dict):
-        raise ValueError(f"config {path}: expected a table of settings")
+        raise UserError(f"config {path}: expected a table of settings")
     data = data.get("train", data) if isinstance(data.get("train"), dict) else data
     data = {k: v for k, v in data.items() if k != RECORD_ONLY}  # a run's train_config.json works as a config file
     unknown = sorted(set(data) - set(field_types()))
     if unknown:
-        raise ValueError(f"config {path}: unknown setting(s) {unknown}")
+        raise UserError(f"config {path}: unknown setting(s) {unknown}")
     return data
 
 
@@ -178,11 +186,11 @@ def _parse_toml(path: Path, text: str) -> dict[str, Any]:
         try:
             import tomli as tomllib
         except ModuleNotFoundError:
-            raise ValueError(f"config {path}: TOML needs Python 3.11+ or 'pip install tomli'; or use JSON") from None
+            raise UserError(f"config {path}: TOML needs Python 3.11+ or 'pip install tomli'; or use JSON") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"config {path}: invalid TOML ({err})") from None
+        raise UserError(f"config {path}: invalid TOML ({err})") from None
 
 
 def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
@@ -209,49 +217,54 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def check_type(name: str, value: Any, annotation: str) -> None:
-    """ValueError unless ``value`` fits the field's annotation ('float | None', 'list[str]', ...): a config file's
+    """UserError unless ``value`` fits the field's annotation ('float | None', 'list[str]', ...): a config file's
     "1e-4" is not a number, "false" is not a boolean, and true is not an integer."""
     kinds = [_KINDS[part.strip()] for part in annotation.split("|")]
     if not any(test(value) for test, _ in kinds):
-        raise ValueError(f"{name} must be {' or '.join(what for _, what in kinds)}, got {value!r}")
+        raise UserError(f"{name} must be {' or '.join(what for _, what in kinds)}, got {value!r}", name)
 
 
 def check_config(c: TrainConfig) -> None:
-    """ValueError naming the first bad setting."""
+    """UserError naming the first bad setting."""
     if not c.model_path:
-        raise ValueError("model_path is required (--model-path or model_path in the config file)")
+        raise UserError("model_path is required (--model-path or model_path in the config file)", "model_path")
     if not c.dataset:
-        raise ValueError("dataset is required (--dataset or dataset in the config file)")
+        raise UserError("dataset is required (--dataset or dataset in the config file)", "dataset")
     _choice("mode", c.mode, MODES)
     _choice("mixed_precision", c.mixed_precision, MIXED_PRECISION)
     _choice("timestep_sampling", c.timestep_sampling, TIMESTEP_SAMPLING)
     _choice("lr_scheduler", c.lr_scheduler, LR_SCHEDULERS)
     if (c.height is None) != (c.width is None):
-        raise ValueError("give both height and width, or neither (then each sample is sized to max_area)")
+        raise UserError("give both height and width, or neither (then each sample is sized to max_area)", "height",
+                        ("width",))  # fmt: skip
     for name in ("height", "width"):
         value = getattr(c, name)
         if value is not None and (not isinstance(value, int) or value < 16 or value % 16):
-            raise ValueError(f"{name} must be a multiple of 16 and at least 16, got {value}")
+            raise UserError(f"{name} must be a multiple of 16 and at least 16, got {value}", name)
     positive = ("max_area", "lora_rank", "max_steps", "gradient_accumulation_steps", "batch_size", "log_every",
                 "validation_samples", "validation_steps")  # fmt: skip
     for name in positive:
         if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {getattr(c, name)!r}")
+            raise UserError(f"{name} must be a positive integer, got {getattr(c, name)!r}", name)
     for name in ("lr_warmup_steps", "checkpoint_every", "validation_every"):
         if not isinstance(getattr(c, name), int) or getattr(c, name) < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {getattr(c, name)!r}")
+            raise UserError(f"{name} must be an integer >= 0, got {getattr(c, name)!r}", name)
     if c.checkpoints_total_limit is not None and c.checkpoints_total_limit < 1:
-        raise ValueError(f"checkpoints_total_limit must be >= 1, got {c.checkpoints_total_limit}")
+        raise UserError(f"checkpoints_total_limit must be >= 1, got {c.checkpoints_total_limit}",
+                        "checkpoints_total_limit")  # fmt: skip
     for name in ("flow_shift", "lr", "alpha", "logit_std"):
         value = getattr(c, name)
         if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive finite number, got {value}")
+            raise UserError(f"{name} must be a positive finite number, got {value}", _FIELDS.get(name, name))
     if not c.lora_targets:
-        raise ValueError("lora_targets must name at least one module")
+        raise UserError("lora_targets must name at least one module", "lora_targets")
     if c.max_grad_norm < 0:
-        raise ValueError(f"max_grad_norm must be >= 0, got {c.max_grad_norm}")
+        raise UserError(f"max_grad_norm must be >= 0, got {c.max_grad_norm}", "max_grad_norm")
+
+
+_FIELDS = {"lr": "learning_rate", "alpha": "lora_alpha"}  # the setting behind a derived value
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}", name)

@@ -17,12 +17,15 @@ edit must be pixel-aligned with its input, and a silent resize would teach the m
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from .. import io as cio
+from .. import media, sizing
+from ..errors import UserError
+from ..files import os_reason as reason
 
 METADATA_NAME = "metadata.csv"
 PAIR_FRAMES = 5  # [source, target x 4]
@@ -52,41 +55,51 @@ def dataset_csv(path: str | Path) -> Path:
     if path.is_dir():
         path = path / METADATA_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"dataset not found: {path} (a folder with {METADATA_NAME}, or a CSV file)")
+        raise UserError(f"dataset not found: {path} (a folder with {METADATA_NAME}, or a CSV file)", "dataset")
     return path
 
 
 def read_dataset(path: str | Path) -> list[SampleSpec]:
-    """Rows of the dataset CSV as :class:`SampleSpec`; ValueError naming the CSV row of the first bad one."""
+    """Rows of the dataset CSV as :class:`SampleSpec`; UserError naming the CSV row of the first bad one."""
     file = dataset_csv(path)
-    with file.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except OSError as err:
+        raise UserError(f"cannot read dataset {file}: {reason(err, file)}", "dataset") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"cannot read dataset {file}: not UTF-8 text ({err})", "dataset") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    specs = []
+    try:
         columns = {c.strip() for c in reader.fieldnames or [] if c}
         _check_columns(file, columns)
-        specs = []
         for row in reader:
             if any(isinstance(v, str) and v.strip() for v in row.values()):  # blank lines are skipped
                 specs.append(_row_spec(file, reader.line_num, row))
+    except csv.Error as err:
+        raise UserError(f"{file} line {reader.line_num}: cannot parse: {err}", "dataset") from None
     if not specs:
-        raise ValueError(f"dataset {file} has no rows (an empty CSV)")
+        raise UserError(f"dataset {file} has no rows (an empty CSV)", "dataset")
     first: dict[str, SampleSpec] = {}
     for spec in specs:
         earlier = first.setdefault(spec.key, spec)
         if earlier is not spec:
-            raise ValueError(f"{file} {spec.where}: key {spec.key!r} appears more than once (also row {earlier.line})")
+            raise UserError(f"{file} {spec.where}: key {spec.key!r} appears more than once (also row {earlier.line})",
+                            "dataset")  # fmt: skip
     return specs
 
 
 def _check_columns(file: Path, columns: set[str]) -> None:
     if not columns:
-        raise ValueError(f"dataset {file} is empty (no header row)")
+        raise UserError(f"dataset {file} is empty (no header row)", "dataset")
     if "prompt" not in columns:
-        raise ValueError(f"dataset {file} has no 'prompt' column (columns: {sorted(columns)})")
+        raise UserError(f"dataset {file} has no 'prompt' column (columns: {sorted(columns)})", "dataset")
     pair = {"source", "target"} <= columns or {"source_image", "target_image"} <= columns
     if not pair and "video" not in columns:
-        raise ValueError(
+        raise UserError(
             f"dataset {file}: need 'video' or 'source'/'target' (or 'source_image'/'target_image') columns, "
-            f"got {sorted(columns)}"
+            f"got {sorted(columns)}",
+            "dataset",
         )
 
 
@@ -97,7 +110,7 @@ def _row_spec(file: Path, line: int, row: dict[str, str | None]) -> SampleSpec:
     where = f"{file} row {line} (key {key!r})"
     prompt = value.get("prompt", "")
     if not prompt:
-        raise ValueError(f"{where}: empty prompt")
+        raise UserError(f"{where}: empty prompt", "dataset")
     source = value.get("source_image") or value.get("source")
     target = value.get("target_image") or value.get("target")
     video = value.get("video")
@@ -107,30 +120,32 @@ def _row_spec(file: Path, line: int, row: dict[str, str | None]) -> SampleSpec:
     elif video:
         paths = {"video": root / video}
     else:
-        raise ValueError(f"{where}: give both source and target images, or a video")
+        raise UserError(f"{where}: give both source and target images, or a video", "dataset")
     for column, path in paths.items():
         if not path.is_file():
-            raise ValueError(f"{where}: {column} file not found: {path}")
+            raise UserError(f"{where}: {column} file not found: {path}", "dataset")
     return SampleSpec(key=key, line=line, prompt=prompt, **paths)
 
 
 # --------------------------------------------------------------------------------------------------------- frames
 def load_frames(spec: SampleSpec) -> list[Image.Image]:
     """The sample's frames as RGB images: [source, target] for a pair (also a 2-frame video), every frame of a
-    reasoning video. ValueError naming the row for an unreadable file, mismatched sizes or a bad frame count."""
+    reasoning video. UserError naming the row for an unreadable file, mismatched sizes or a bad frame count."""
     try:
-        frames = [cio.load_image(spec.source), cio.load_image(spec.target)] if spec.video is None else _video(spec)
+        frames = [media.load_image(spec.source), media.load_image(spec.target)] if spec.video is None else _video(spec)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{spec.where}: {err}") from None
+        raise UserError(f"{spec.where}: {err}", "dataset") from None
     if len(frames) != 2 and (len(frames) < MIN_VIDEO_FRAMES or (len(frames) - 1) % 4):
-        raise ValueError(
+        raise UserError(
             f"{spec.where}: video {spec.video} has {len(frames)} frames; use 2 (an edit pair) or 4k+1 >= "
-            f"{MIN_VIDEO_FRAMES} (a reasoning video, e.g. 29)"
+            f"{MIN_VIDEO_FRAMES} (a reasoning video, e.g. 29)",
+            "dataset",
         )
     sizes = {f.size for f in frames}
     if len(sizes) > 1:
         what = f"source {frames[0].size[0]}x{frames[0].size[1]} and target {frames[-1].size[0]}x{frames[-1].size[1]}"
-        raise ValueError(f"{spec.where}: {what} differ in size (the pair must be pixel-aligned; resize both alike)")
+        raise UserError(f"{spec.where}: {what} differ in size (the pair must be pixel-aligned; resize both alike)",
+                        "dataset")  # fmt: skip
     return frames
 
 
@@ -141,18 +156,18 @@ def _video(spec: SampleSpec) -> list[Image.Image]:
     try:
         array = iio.imread(spec.video, index=None)  # [F, H, W, 3]
     except Exception as err:  # imageio raises many types for a corrupt or unknown file
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"cannot read video {spec.video}: {reason}") from None
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read video {spec.video}: {why}", "dataset") from None
     if array.ndim == 3:  # a single image
         array = array[None]
-    return [cio.to_rgb(Image.fromarray(frame)) for frame in array]
+    return [media.to_rgb(Image.fromarray(frame)) for frame in array]
 
 
 def training_size(size: tuple[int, int], height: int | None, width: int | None, max_area: int) -> tuple[int, int]:
     """(width, height) to train a sample of ``size`` at: the given size, else its aspect ratio at ``max_area``."""
     if height is not None and width is not None:
         return width, height
-    return cio.auto_size(*size, max_area=max_area)
+    return sizing.auto_size(*size, max_area=max_area)
 
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -188,11 +203,12 @@ def check_dataset(specs: list[SampleSpec]) -> None:
         sizes = []
         for column, path in (("source", spec.source), ("target", spec.target)):
             try:
-                sizes.append(cio.image_size(path))
+                sizes.append(media.image_size(path))
             except (OSError, ValueError) as err:
-                raise ValueError(f"{spec.where}: cannot read {column} image {path}: {err}") from None
+                raise UserError(f"{spec.where}: cannot read {column} image {path}: {err}", "dataset") from None
         if sizes[0] != sizes[1]:
-            raise ValueError(
+            raise UserError(
                 f"{spec.where}: source {sizes[0][0]}x{sizes[0][1]} and target {sizes[1][0]}x{sizes[1][1]} differ in "
-                "size (the pair must be pixel-aligned; resize both alike)"
+                "size (the pair must be pixel-aligned; resize both alike)",
+                "dataset",
             )

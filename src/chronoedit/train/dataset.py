@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .cache import CacheEntry, latent_shape, load_entry
 from .flow import sample_sigmas
 
@@ -58,17 +59,18 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def check_batch_shapes(entries: list[CacheEntry], batch_size: int) -> None:
     """Before training: with ``batch_size`` > 1 every cached sample must have one size and frame count (a batch is
-    stacked), else a ValueError naming two rows that differ."""
+    stacked), else a UserError naming two rows that differ."""
     if batch_size < 2 or not entries:
         return
     first, shape = entries[0], latent_shape(entries[0])
     for entry in entries[1:]:
         other = latent_shape(entry)
         if other != shape:
-            raise ValueError(
+            raise UserError(
                 f"batch_size {batch_size} needs samples of one size and frame count, but {first.spec.where} is "
                 f"{_described(shape)} and {entry.spec.where} {_described(other)}: set --height and --width (one size "
-                "for all), keep pairs and videos apart, or use --batch-size 1 with --gradient-accumulation-steps"
+                "for all), keep pairs and videos apart, or use --batch-size 1 with --gradient-accumulation-steps",
+                "batch_size",
             )
 
 

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..io import atomic_path, chronoedit_home
+from ..files import chronoedit_home, write_json
 
 MEMO_NAME = "file-digests.json"
 BLOCK = 1 << 20
@@ -59,7 +59,6 @@ def remembered_digests(log: Callable[[str], None] = lambda _: None) -> Iterator[
     if added:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(memo, indent=0, sort_keys=True), encoding="utf-8")
+            write_json(path, memo)
         except OSError as err:
             log(f"note: cannot remember weight digests in {path} ({err.strerror or err}): later runs hash again")

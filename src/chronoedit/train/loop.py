@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_path
+from ..devices import torch_dtype
+from ..errors import UserError
+from ..files import atomic_path, writing
+from ..files import write_json as _write_json
 from .cache import CacheSettings, build_cache, negative_file
 from .checkpoints import (
     TrainState,
@@ -40,7 +43,7 @@ LOCK_NAME = ".chronoedit-train.lock"
 LORA_OUTPUT = "lora.safetensors"
 COMFYUI_LORA_OUTPUT = "lora_comfyui.safetensors"  # the same LoRA with the original Wan names (ComfyUI's loaders)
 TRANSFORMER_OUTPUT = "transformer"
-_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # mixed_precision -> the weights' dtype
 
 
 @dataclass
@@ -101,19 +104,21 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
 def _lock_output(config: TrainConfig, accelerator: Any) -> Any:
     """The main process's lock on the output folder: a second run there would resume, log and checkpoint over the
     first one's files."""
-    from ..io import hold_lock
+    from ..files import hold_lock
 
     if not accelerator.is_main_process:
         return None
-    config.output.mkdir(parents=True, exist_ok=True)
-    return hold_lock(config.output / LOCK_NAME, f"another chronoedit train is using {config.output}")
+    with writing(config.output):
+        config.output.mkdir(parents=True, exist_ok=True)
+        return hold_lock(config.output / LOCK_NAME, f"another chronoedit train is using {config.output}")
 
 
 def make_accelerator(config: TrainConfig) -> Any:
     from accelerate import Accelerator
 
     if config.mode == "full" and config.mixed_precision == "fp16":
-        raise ValueError("full fine-tuning in fp16 is not supported: use mixed_precision bf16 (or no)")
+        raise UserError("full fine-tuning in fp16 is not supported: use mixed_precision bf16 (or no)",
+                        "mixed_precision", ("mode",))  # fmt: skip
     return Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -133,7 +138,7 @@ def build_transformer(config: TrainConfig, log: Callable[[str], None]) -> torch.
     weight (fp32 master weights; accelerate's autocast computes in bf16)."""
     from ..loading import load_transformer
 
-    base_dtype = _DTYPES[config.mixed_precision] if config.mode == "lora" else torch.float32
+    base_dtype = torch_dtype(_DTYPE_NAMES[config.mixed_precision]) if config.mode == "lora" else torch.float32
     transformer = load_transformer(config.model_path, subfolder="transformer", torch_dtype=base_dtype)
     if config.mode == "lora":
         modules = add_lora(transformer, config.lora_targets, config.lora_rank, config.alpha)
@@ -258,7 +263,8 @@ def train_micro_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with acc.autocast():
             loss = flow_matching_loss(run.transformer, batch, run.config.loss_on_first_frame)
         if not torch.isfinite(loss):
-            raise ValueError(f"the loss is {loss.item()} at step {run.state.step + 1} (lower the learning rate?)")
+            raise UserError(f"the loss is {loss.item()} at step {run.state.step + 1} (lower the learning rate?)",
+                            "learning_rate")  # fmt: skip
         acc.backward(loss)
         if acc.sync_gradients and run.config.max_grad_norm > 0:
             acc.clip_grad_norm_(run.transformer.parameters(), run.config.max_grad_norm)
@@ -274,7 +280,7 @@ def after_step(run: Run, loss: float, seconds: float) -> None:
     if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.max_steps):
         lr = run.scheduler.get_last_lr()[0]
         record = {"step": step, "loss": loss, "lr": lr, "seconds": round(seconds, 4), "time": round(time.time(), 3)}
-        with (cfg.output / LOG_NAME).open("a", encoding="utf-8") as handle:
+        with writing(cfg.output / LOG_NAME), (cfg.output / LOG_NAME).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
     last = step == cfg.max_steps
     if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
@@ -297,17 +303,20 @@ def save_result(run: Run) -> Path:
         path = output / LORA_OUTPUT
         if acc.is_main_process:
             modules = lora_modules_from_state(state, run.config.alpha)
-            save_lora(modules, path)
-            save_lora(modules, output / COMFYUI_LORA_OUTPUT, layout="wan")
+            with writing(path):
+                save_lora(modules, path)
+            with writing(output / COMFYUI_LORA_OUTPUT):
+                save_lora(modules, output / COMFYUI_LORA_OUTPUT, layout="wan")
     else:
         path = output / TRANSFORMER_OUTPUT
         if acc.is_main_process:
             tmp = output / f".tmp-{TRANSFORMER_OUTPUT}"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_transformer(acc.unwrap_model(run.transformer), tmp, state_dict=state)
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
+            save_transformer(acc.unwrap_model(run.transformer), tmp, state_dict=state)  # UserError when it cannot
+            with writing(path):
+                if path.exists():
+                    shutil.rmtree(path)
+                tmp.rename(path)
     acc.wait_for_everyone()
     return path
 
@@ -318,22 +327,31 @@ def truncate_log(path: Path, step: int) -> None:
     line is dropped and the file ends with a newline, so the next record starts a line of its own."""
     if not path.is_file():
         return
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     records = _log_lines(Path(path), text)
     kept = [line for line, record in records if record["step"] <= step]
     if len(kept) != len(records) or step == 0 or not text.endswith("\n"):
-        with atomic_path(path) as tmp:
+        with writing(path), atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``train_log.jsonl`` (a torn last line, cut by a crash, is left out)."""
-    return [record for _, record in _log_lines(Path(path), Path(path).read_text(encoding="utf-8"))]
+    return [record for _, record in _log_lines(Path(path), _read_text(Path(path)))]
+
+
+def _read_text(path: Path) -> str:
+    """A log's text; UserError naming it when it cannot be read."""
+    with writing(path, "read"):
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path} is not UTF-8 text ({err}): fix or delete it") from None
 
 
 def _log_lines(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
     """(line, record) of each line of the log; the last one is skipped when it does not parse (a write cut short),
-    any other is a ValueError naming it."""
+    any other is a UserError naming it."""
     numbered = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     records = []
     for number, line in numbered:
@@ -342,14 +360,15 @@ def _log_lines(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
         except json.JSONDecodeError:
             if number == numbered[-1][0]:
                 break
-            raise ValueError(f"{path} line {number} is not a JSON record: fix or delete that line") from None
+            raise UserError(f"{path} line {number} is not a JSON record: fix or delete that line") from None
     return records
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    """Write ``data`` as JSON atomically (folders created); UserError when it cannot be written."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, data)
 
 
 def _silent(_: str) -> None:

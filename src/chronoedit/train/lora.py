@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..lora import LoraModule, read_lora
 
 ADAPTER = "default"
@@ -31,14 +32,14 @@ SHORT_TARGETS = {
 
 
 def target_modules(transformer: nn.Module, targets: list[str]) -> list[str]:
-    """Our full module names (``blocks.0.attn1.to_q`` ...) for ``targets``; ValueError for one that matches nothing."""
+    """Our full module names (``blocks.0.attn1.to_q`` ...) for ``targets``; UserError for one that matches nothing."""
     names = [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
     found: list[str] = []
     for target in targets:
         ours = SHORT_TARGETS.get(target, target)
         matched = [n for n in names if n == ours or n.endswith("." + ours)]
         if not matched:
-            raise ValueError(f"lora_targets: {target!r} matches no Linear layer of the transformer")
+            raise UserError(f"lora_targets: {target!r} matches no Linear layer of the transformer", "lora_targets")
         found.extend(m for m in matched if m not in found)
     return sorted(found)
 

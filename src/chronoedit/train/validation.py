@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..files import writing
 from ..pipeline import ChronoEditPipeline, Conditioning
 from .cache import CacheEntry, load_entry, load_negative
 from .data import prepared_frames
@@ -78,7 +79,7 @@ class Validator:
         return written
 
     def _edit(self, pipe: CachedConditioningPipeline, entry: CacheEntry, step: int) -> Path:
-        from ..io import save_image
+        from ..media import save_image
 
         tensors = load_entry(entry)
         frames = prepared_frames(entry.spec, *self.size)
@@ -101,8 +102,10 @@ class Validator:
         sheet = Image.new("RGB", (edit.width * 3, edit.height))
         for i, image in enumerate((frames[0], edit, frames[-1])):
             sheet.paste(image, (i * edit.width, 0))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        return save_image(sheet, self.folder / f"step_{step:06d}_{_safe(entry.spec.key)}.png")
+        path = self.folder / f"step_{step:06d}_{_safe(entry.spec.key)}.png"
+        with writing(path):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return save_image(sheet, path)
 
 
 def _safe(key: str) -> str:

@@ -17,6 +17,8 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
+from ..errors import UserError
+
 DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024
 DEFAULT_MAX_NEW_TOKENS = 1024
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -24,8 +26,9 @@ _THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
 _THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
 
 
-class VLMError(RuntimeError):
-    """A VLM backend failed (unreachable server, bad key, model that cannot be loaded, empty answer, ...).
+class VLMError(UserError):
+    """A VLM backend failed (unreachable server, bad key, model that cannot be loaded, empty answer, ...): the user's
+    endpoint or model, not a bug.
 
     The message is one line that names the backend (URL and model, or the model folder).
     """
@@ -56,7 +59,8 @@ class VLMConfig:
 
     ``model`` is a local folder or hub id (local backend) or the served model's name (endpoint). ``device`` and
     ``dtype`` only apply locally; ``api_key_env``, ``timeout`` and ``max_retries`` only to endpoints.
-    ``temperature`` 0 means greedy decoding.
+    ``temperature`` 0 means greedy decoding. ``field_prefix`` is how errors name the settings (``vlm`` ->
+    ``vlm_device``, ``vlm_timeout``; ``prompt_enhancer`` for ``chronoedit edit``), as the command-line flags do.
     """
 
     model: str
@@ -69,20 +73,28 @@ class VLMConfig:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    field_prefix: str = "vlm"
 
     def __post_init__(self) -> None:
+        field = self.field_of
         if not self.model or not self.model.strip():
-            raise ValueError("the VLM model name is empty")
+            raise UserError("the VLM model name is empty", field("model"))
         if self.timeout <= 0 or not math.isfinite(self.timeout):
-            raise ValueError(f"the VLM timeout must be a positive number of seconds, got {self.timeout}")
+            raise UserError(f"the VLM timeout must be a positive number of seconds, got {self.timeout}",
+                            field("timeout"))  # fmt: skip
         if self.max_retries < 0:
-            raise ValueError(f"the VLM max retries must be >= 0, got {self.max_retries}")
+            raise UserError(f"the VLM max retries must be >= 0, got {self.max_retries}", field("max_retries"))
         if self.max_new_tokens < 1:
-            raise ValueError(f"the VLM max new tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"the VLM max new tokens must be >= 1, got {self.max_new_tokens}", field("max_tokens"))
         if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise ValueError(f"the VLM temperature must be >= 0, got {self.temperature}")
+            raise UserError(f"the VLM temperature must be >= 0, got {self.temperature}", field("temperature"))
         if self.max_image_pixels < 28 * 28:
-            raise ValueError(f"the VLM max image pixels must be at least 784, got {self.max_image_pixels}")
+            raise UserError(f"the VLM max image pixels must be at least 784, got {self.max_image_pixels}",
+                            field("max_image_pixels"))  # fmt: skip
+
+    def field_of(self, name: str) -> str:
+        """The error field of one of this VLM's settings: ``device`` -> ``vlm_device`` (the flag --vlm-device)."""
+        return f"{self.field_prefix}_{name}"
 
 
 class BaseVLM:

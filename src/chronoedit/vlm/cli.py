@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..devices import DTYPE_NAMES
+from ..errors import UserError
 from .base import DEFAULT_MAX_NEW_TOKENS, VLMConfig
 
 DEFAULT_VLM_MODEL = "Qwen/Qwen3-VL-30B-A3B-Instruct"  # NVIDIA's default prompt enhancer
-DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
 def add_vlm_args(parser: argparse.ArgumentParser, prefix: str = "vlm", title: str = "vision-language model",
@@ -37,7 +38,7 @@ def add_vlm_args(parser: argparse.ArgumentParser, prefix: str = "vlm", title: st
     if not endpoint_only:
         group.add_argument(f"{flag}-device", metavar="DEVICE", default=None,
                            help="device of a local model: cuda, cuda:1, cpu or auto (spread over GPUs)")  # fmt: skip
-        group.add_argument(f"{flag}-dtype", choices=DTYPE_CHOICES, default=None,
+        group.add_argument(f"{flag}-dtype", choices=DTYPE_NAMES, default=None,
                            help="dtype of a local model (bf16 on GPU, fp32 on CPU)")  # fmt: skip
     group.add_argument(f"{flag}-timeout", type=float, metavar="SECONDS", default=120.0,
                        help="endpoint request timeout (120)")  # fmt: skip
@@ -68,7 +69,8 @@ def vlm_config_from_args(args: argparse.Namespace, prefix: str = "vlm") -> VLMCo
     base_url = value("base_url")
     model = value("model")
     if base_url and not model:
-        raise ValueError(f"--{prefix}-base-url needs --{prefix}-model: the name of the model the server serves")
+        raise UserError(f"--{prefix}-base-url needs --{prefix}-model: the name of the model the server serves",
+                        f"{dest}_base_url", (f"{dest}_model",))  # fmt: skip
     return VLMConfig(
         model=model or DEFAULT_VLM_MODEL,
         base_url=base_url,
@@ -78,4 +80,5 @@ def vlm_config_from_args(args: argparse.Namespace, prefix: str = "vlm") -> VLMCo
         timeout=value("timeout"),
         max_retries=value("max_retries"),
         max_new_tokens=value("max_tokens"),
+        field_prefix=dest,
     )

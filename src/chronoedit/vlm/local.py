@@ -15,43 +15,34 @@ from typing import Any
 
 from PIL import Image
 
+from ..devices import DTYPE_NAMES, default_dtype, resolve_device, torch_dtype
+from ..errors import UserError, one_line
 from .base import BaseVLM, VLMConfig, VLMError, fit_image, strip_thinking
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+MAX_REASON = 400  # characters of a library's error message shown in a VLMError
 
 
-def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
-    """(device, dtype): cuda if available else cpu (``auto``: spread over GPUs); bf16 on GPU, fp32 on CPU."""
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device != "auto":
-        try:
-            kind = torch.device(device).type
-        except (RuntimeError, ValueError) as err:
-            raise ValueError(f"unknown VLM device {device!r}") from err
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"VLM device {device}: CUDA is not available on this machine (use cpu)")
-    elif not torch.cuda.is_available():
-        raise ValueError("VLM device auto spreads the model over GPUs, but CUDA is not available (use cpu)")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"unknown VLM dtype {dtype!r}: use one of {', '.join(sorted(DTYPES))}")
-    return device, dtype or ("fp32" if device == "cpu" else "bf16")
+def device_and_dtype(config: VLMConfig) -> tuple[str, str]:
+    """(device, dtype): cuda if available else cpu (``auto``: spread over GPUs); bf16 on GPU, fp32 on CPU.
+    UserError naming the setting (``vlm_device``, ``vlm_dtype``) for a device or dtype this machine lacks."""
+    device = resolve_device(config.device, field=config.field_of("device"), allow_auto=True)
+    dtype = config.dtype
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        field = config.field_of("dtype")
+        raise UserError(f"unknown {{{field}}} {dtype!r}: use one of {', '.join(sorted(DTYPE_NAMES))}", field)
+    return device, dtype or default_dtype(device)
 
 
 class LocalVLM(BaseVLM):
     """A transformers image-text-to-text model loaded from ``config.model``."""
 
     def __init__(self, config: VLMConfig) -> None:
-        import torch
-
         self.config = config
-        self.device, self.dtype = resolve_device(config.device, config.dtype)
+        self.device, self.dtype = device_and_dtype(config)
         self.name = f"local VLM {config.model} ({self.dtype}, {self.device})"
         _check_model_location(config.model)
         self.processor: Any = load_processor(config.model)
-        self.model: Any = _load_model(config.model, self.device, getattr(torch, DTYPES[self.dtype]))
+        self.model: Any = _load_model(config.model, self.device, torch_dtype(self.dtype))
 
     def chat(self, system: str, text: str, images: Sequence[Image.Image] = ()) -> str:
         """One chat turn: the images then the text in the user message; greedy unless a temperature is set."""
@@ -109,10 +100,15 @@ def load_processor(model: str) -> Any:
         return AutoProcessor.from_pretrained(model)
     except ImportError as exc:
         if "torchvision" not in str(exc).lower():
-            raise VLMError(f"cannot load the processor of {model}: {_one_line(exc)}") from exc
-        return _image_only_processor(model)
+            raise VLMError(f"cannot load the processor of {model}: {_reason(exc)}") from exc
     except (OSError, ValueError, KeyError) as exc:
-        raise VLMError(f"cannot load the processor of {model}: {_one_line(exc)}") from exc
+        raise VLMError(f"cannot load the processor of {model}: {_reason(exc)}") from exc
+    try:
+        return _image_only_processor(model)
+    except VLMError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise VLMError(f"cannot load the processor of {model}: {_reason(exc)}") from exc
 
 
 def _image_only_processor(model: str) -> Any:
@@ -143,9 +139,10 @@ def _load_model(model: str, device: str, dtype: Any) -> Any:
     try:
         loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, device_map=device)
     except (OSError, ValueError, KeyError) as exc:
-        raise VLMError(f"cannot load the VLM {model}: {_one_line(exc)}") from exc
+        raise VLMError(f"cannot load the VLM {model}: {_reason(exc)}") from exc
     return loaded.eval()
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:400] or type(exc).__name__
+def _reason(exc: BaseException) -> str:
+    """A library's error on one line, cut to :data:`MAX_REASON` characters."""
+    return one_line(exc)[:MAX_REASON]

@@ -13,9 +13,11 @@ from typing import Any
 
 from PIL import Image
 
+from ..errors import one_line
 from .base import BaseVLM, VLMConfig, VLMError, fit_image, image_data_url, strip_thinking
 
 NO_KEY_PLACEHOLDER = "EMPTY"  # local servers (vLLM, SGLang, llama.cpp) accept any key
+MAX_REASON = 300  # characters of a server's or library's error message shown in a VLMError
 
 
 class OpenAIVLM(BaseVLM):
@@ -90,7 +92,7 @@ class OpenAIVLM(BaseVLM):
         answer = strip_thinking(getattr(message, "content", None) or "")
         if not answer:
             reason = getattr(choices[0], "finish_reason", None) if choices else "no choices"
-            hint = " (raise --vlm-max-tokens)" if reason == "length" else ""
+            hint = f" (raise {_flag(self.config, 'max_tokens')})" if reason == "length" else ""
             raise VLMError(f"{self.name} returned an empty answer (finish reason: {reason}){hint}")
         return answer
 
@@ -108,10 +110,11 @@ def describe_error(exc: Exception, vlm: OpenAIVLM) -> str:
     config, name = vlm.config, vlm.name
     retries = f" (after {config.max_retries} retries)" if config.max_retries else ""
     if isinstance(exc, openai.APITimeoutError):
-        return f"{name}: no answer within {config.timeout:g} s{retries}; raise --vlm-timeout or check the server"
+        flag = _flag(config, "timeout")
+        return f"{name}: no answer within {config.timeout:g} s{retries}; raise {flag} or check the server"
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc.__context__
-        detail = f" ({_one_line(cause)})" if cause is not None else ""
+        detail = f" ({_short(cause)})" if cause is not None else ""
         return f"cannot reach {vlm.base_url}{detail}{retries}: is the server running and the base URL right?"
     if isinstance(exc, openai.APIStatusError):
         status, server = exc.status_code, _server_message(exc)
@@ -125,7 +128,7 @@ def describe_error(exc: Exception, vlm: OpenAIVLM) -> str:
         if status == 400 and "image" in server.lower() and "at most" in server.lower():
             return f"{name}: HTTP 400: {server} (for vLLM pass --limit-mm-per-prompt '{{\"image\": 2}}')"
         return f"{name}: HTTP {status}: {server}{retries if status >= 500 else ''}"
-    return f"{name}: {_one_line(exc)}"
+    return f"{name}: {_short(exc)}"
 
 
 def _server_message(exc: Any) -> str:
@@ -135,10 +138,17 @@ def _server_message(exc: Any) -> str:
         inner = body.get("error", body)
         message = inner.get("message") if isinstance(inner, dict) else inner
         if message:
-            return _one_line(message)
-    return _one_line(getattr(exc, "message", None) or exc)
+            return _short(message)
+    return _short(getattr(exc, "message", None) or exc)
 
 
-def _one_line(value: object) -> str:
-    text = " ".join(str(value).split())
-    return text[:300] + ("…" if len(text) > 300 else "") or type(value).__name__
+def _flag(config: VLMConfig, name: str) -> str:
+    """The command-line flag of one of the VLM's settings: ``--vlm-timeout`` (``--prompt-enhancer-timeout`` ...)."""
+    return "--" + config.field_of(name).replace("_", "-")
+
+
+def _short(value: object) -> str:
+    """An exception (:func:`~chronoedit.errors.one_line`) or a server's message on one line, cut to
+    :data:`MAX_REASON` characters."""
+    text = one_line(value) if isinstance(value, BaseException) else " ".join(str(value).split())
+    return text[:MAX_REASON] + ("…" if len(text) > MAX_REASON else "")

@@ -1,26 +1,27 @@
-"""Images and videos in and out: reading inputs, sizing, and atomic writers.
+"""Images and videos in and out: reading input images, frame conversions, and the image, video and contact-sheet
+writers (each atomic, through :func:`chronoedit.files.atomic_path`).
 
 Everything here is plain PIL / numpy / imageio; torch tensors are accepted where noted but torch itself is never
-imported. Every writer goes through :func:`atomic_path`, so a failed write never leaves a partial file behind.
+imported.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import re
-import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .errors import UserError
+from .files import atomic_path
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 VIDEO_SUFFIXES = {".mp4"}
-DEFAULT_MAX_AREA = 720 * 1280
+OUTPUT_FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}  # image format name -> suffix
 CONTACT_SHEET_MAX_WIDTH = 2048
 
 _PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -33,23 +34,23 @@ Frames: TypeAlias = "Sequence[Image.Image] | np.ndarray | Any"  # Any: a torch.T
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file fully and return it as RGB (EXIF rotation applied, alpha composited on white).
 
-    Raises FileNotFoundError when ``path`` does not exist and ValueError when it is a directory, unreadable,
+    Raises UserError when ``path`` does not exist, is a directory, unreadable,
     truncated, corrupt or not an image.
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"input image not found: {path}")
+        raise UserError(f"input image not found: {path}")
     if path.is_dir():
-        raise ValueError(f"cannot read image {path}: it is a directory")
+        raise UserError(f"cannot read image {path}: it is a directory")
     try:
         with Image.open(path) as image:
             image.load()  # force a full decode so truncated files fail here, not later
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except Image.UnidentifiedImageError as exc:
-        raise ValueError(f"cannot read image {path}: not a recognised image format") from exc
+        raise UserError(f"cannot read image {path}: not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot read image {path}: {str(exc) or type(exc).__name__}") from exc
+        raise UserError(f"cannot read image {path}: {str(exc) or type(exc).__name__}") from exc
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -90,96 +91,33 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             width, height = image.size
             orientation = image.getexif().get(0x0112)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError("not a readable image" + (f" ({exc})" if isinstance(exc, Image.DecompressionBombError)
+        raise UserError("not a readable image" + (f" ({exc})" if isinstance(exc, Image.DecompressionBombError)
                                                    else "")) from exc  # fmt: skip
     return (height, width) if orientation in _ROTATED else (width, height)
 
 
-# ------------------------------------------------------------------------------------------------------------ sizing
-def auto_size(width: int, height: int, max_area: int = DEFAULT_MAX_AREA, multiple: int = 16) -> tuple[int, int]:
-    """NVIDIA's sizing recipe: keep the aspect ratio at ``max_area`` pixels, snap down to ``multiple``.
-
-    ``ar = H / W; h = round(sqrt(A * ar)) // m * m; w = round(sqrt(A / ar)) // m * m``; never below ``multiple``, and
-    for extreme aspect ratios the long side is capped so that the area stays within ``max_area``. Returns
-    ``(width, height)``.
-    """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    if max_area <= 0 or multiple <= 0:
-        raise ValueError(f"max_area and multiple must be positive, got {max_area} and {multiple}")
-    aspect = height / width
-    new_height = max(multiple, round(math.sqrt(max_area * aspect)) // multiple * multiple)
-    new_width = max(multiple, round(math.sqrt(max_area / aspect)) // multiple * multiple)
-    # A side raised to the minimum must not leave the other at a size that blows the area (a 10000x1 image).
-    longest = max(multiple, max_area // multiple // multiple * multiple)
-    return min(new_width, longest), min(new_height, longest)
-
-
-def check_size(width: int, height: int, multiple: int = 16, minimum: int = 16) -> None:
-    """Raise ValueError unless both sides are multiples of ``multiple`` and at least ``minimum``."""
-    bad = [
-        f"{name} {value}"
-        for name, value in (("height", height), ("width", width))
-        if not isinstance(value, int) or value < minimum or value % multiple
-    ]
-    if bad:
-        raise ValueError(
-            f"height and width must be multiples of {multiple} and at least {minimum}, "
-            f"got {height}x{width} (height x width): bad {' and '.join(bad)}"
-        )
-
-
-def resize_for_edit(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize to exactly ``(width, height)`` with bicubic, as NVIDIA's script does (PIL's ``resize`` default)."""
-    image = to_rgb(image)
-    if image.size == (width, height):
-        return image.copy()
-    return image.resize((width, height), resample=Image.Resampling.BICUBIC)
-
-
 # ------------------------------------------------------------------------------------------------- output checks
 def output_kind(path: str | os.PathLike) -> Literal["image", "video"]:
-    """``"image"`` or ``"video"`` by suffix; ValueError for anything else."""
+    """``"image"`` or ``"video"`` by suffix; UserError for anything else."""
     suffix = Path(path).suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return "image"
     if suffix in VIDEO_SUFFIXES:
         return "video"
     shown = suffix or "(none)"
-    raise ValueError(f"unknown output suffix '{shown}' for {path}: use .png, .jpg, .jpeg, .webp or .mp4")
+    raise UserError(f"unknown output suffix '{shown}' for {path}: use .png, .jpg, .jpeg, .webp or .mp4")
 
-
-def check_writable(path: str | os.PathLike) -> None:
-    """Make sure ``path`` can be written: its folder exists (it is created if needed) and accepts new files.
-
-    Raises ValueError("cannot write output PATH: <reason>") otherwise. Call this before any expensive work.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"cannot write output {path}: it is a directory")
-    parent = path.parent
-    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise ValueError(f"cannot write output {path}: {blocker} is not a directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".{path.name}.probe-{os.getpid()}-{secrets.token_hex(4)}"
-        probe.touch(exist_ok=False)
-        probe.unlink()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ValueError(f"cannot write output {path}: {reason}") from exc
 
 
 def check_finite(values: Any, what: str = "output") -> None:
-    """Raise ValueError when a numpy array or torch tensor holds NaN or Inf."""
+    """Raise UserError when a numpy array or torch tensor holds NaN or Inf."""
     if hasattr(values, "detach"):  # torch.Tensor, without importing torch
         finite = bool(values.detach().isfinite().all())
     else:
         array = np.asarray(values)
         finite = not np.issubdtype(array.dtype, np.inexact) or bool(np.isfinite(array).all())
     if not finite:
-        raise ValueError(f"non-finite values (NaN/Inf) in the {what}; nothing was written")
+        raise UserError(f"non-finite values (NaN/Inf) in the {what}; nothing was written")
 
 
 # ------------------------------------------------------------------------------------------------------ conversions
@@ -224,82 +162,12 @@ def _to_numpy_hwc(frame: Any) -> np.ndarray:
     return np.asarray(frame)
 
 
-# ---------------------------------------------------------------------------------------------------------- writing
-def chronoedit_home() -> Path:
-    """Where chronoedit keeps its own files (the demo model, remembered weight digests): ``$CHRONOEDIT_HOME``, else
-    ``~/.cache/chronoedit``."""
-    home = os.environ.get("CHRONOEDIT_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "chronoedit"
-
-
-_TEMP_NAME = re.compile(r"(?P<name>.+)\.tmp-\d+-[0-9a-f]{8}(?P<suffix>\.[^./]*)?")
-_PROBE_NAME = re.compile(r"\..+\.probe-\d+-[0-9a-f]{8}")
-
-
-def is_temp_name(name: str) -> bool:
-    """Whether ``name`` is exactly what :func:`atomic_path` or the writability probe call their temporary files."""
-    if _PROBE_NAME.fullmatch(name):
-        return True
-    match = _TEMP_NAME.fullmatch(name)
-    return bool(match) and match["name"].endswith(match["suffix"] or "")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` (same suffix); on success move it onto ``path`` with ``os.replace``.
-
-    On any exception the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def save_text(text: str, path: str | os.PathLike) -> Path:
-    """Write a UTF-8 text file atomically."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
-
-
-def hold_lock(path: str | os.PathLike, busy: str) -> IO[str]:
-    """Take an exclusive lock on the file ``path`` (created if needed) and return its open handle: the lock lasts
-    until the handle is closed or the process ends (the OS releases it even on SIGKILL). ValueError(``busy``) when
-    another process holds it. Where ``fcntl`` is missing (not POSIX) nothing is locked."""
-    handle = open(path, "a")  # noqa: SIM115 - the open handle is the lock
-    try:
-        import fcntl
-    except ImportError:
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise ValueError(busy) from None
-    return handle
-
-
-@contextlib.contextmanager
-def locked(path: str | os.PathLike, busy: str) -> Iterator[None]:
-    """:func:`hold_lock` for the duration of a ``with`` block."""
-    handle = hold_lock(path, busy)
-    try:
-        yield
-    finally:
-        handle.close()
-
 
 def save_image(image: Image.Image | np.ndarray, path: str | os.PathLike) -> Path:
     """Write one image atomically; the format follows the suffix (.png, .jpg/.jpeg, .webp)."""
     path = Path(path)
     if output_kind(path) != "image":
-        raise ValueError(f"cannot write an image to {path}: use .png, .jpg, .jpeg or .webp")
+        raise UserError(f"cannot write an image to {path}: use .png, .jpg, .jpeg or .webp")
     image = image if isinstance(image, Image.Image) else frames_to_pil(image)[0]
     fmt = _PIL_FORMATS[path.suffix.lower()]
     with atomic_path(path) as tmp:
@@ -311,7 +179,7 @@ def save_video(frames: Frames, path: str | os.PathLike, fps: int = 8) -> Path:
     """Write frames as an H.264 (yuv420p) mp4 atomically. Odd sizes are padded by one edge pixel to even."""
     path = Path(path)
     if output_kind(path) != "video":
-        raise ValueError(f"cannot write a video to {path}: use .mp4")
+        raise UserError(f"cannot write a video to {path}: use .mp4")
     array = _pad_to_even(_frames_to_uint8(frames))
     with atomic_path(path) as tmp:
         _encode_mp4(array, tmp, fps)

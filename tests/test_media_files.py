@@ -1,4 +1,4 @@
-"""chronoedit.io: reading, sizing, output checks and atomic writers (no model, fast)."""
+"""chronoedit.media, files and sizing: reading, sizing, output checks and atomic writers (no model, fast)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from chronoedit import io as cio
+from chronoedit import files, media, sizing
+from chronoedit.errors import UserError
 
 
 def _png(path, size=(64, 48), color=(10, 200, 30), mode="RGB"):
@@ -28,19 +29,19 @@ def _leftovers(folder):
 
 # ------------------------------------------------------------------------------------------------------- load_image
 def test_load_image_reads_rgb(tmp_path):
-    image = cio.load_image(_png(tmp_path / "a.png"))
+    image = media.load_image(_png(tmp_path / "a.png"))
     assert image.mode == "RGB" and image.size == (64, 48) and image.getpixel((0, 0)) == (10, 200, 30)
 
 
 def test_load_image_missing(tmp_path):
     path = tmp_path / "missing.png"
-    with pytest.raises(FileNotFoundError, match=f"^input image not found: {re.escape(str(path))}$"):
-        cio.load_image(path)
+    with pytest.raises(UserError, match=f"^input image not found: {re.escape(str(path))}$"):
+        media.load_image(path)
 
 
 def test_load_image_directory(tmp_path):
     with pytest.raises(ValueError, match=f"^cannot read image {re.escape(str(tmp_path))}: it is a directory$"):
-        cio.load_image(tmp_path)
+        media.load_image(tmp_path)
 
 
 @pytest.mark.parametrize("suffix, keep", [(".png", 0.5), (".png", 0.97), (".jpg", 0.5)])
@@ -52,21 +53,21 @@ def test_load_image_truncated(tmp_path, suffix, keep):
     cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(ValueError, match=f"^cannot read image {re.escape(str(cut))}: .+"):
-        cio.load_image(cut)
+        media.load_image(cut)
 
 
 def test_load_image_corrupt_bytes(tmp_path):
     path = tmp_path / "corrupt.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     with pytest.raises(ValueError, match=f"^cannot read image {re.escape(str(path))}: "):
-        cio.load_image(path)
+        media.load_image(path)
 
 
 def test_load_image_text_named_png(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("this is not an image\n")
     with pytest.raises(ValueError, match=f"^cannot read image {re.escape(str(path))}: not a recognised image format$"):
-        cio.load_image(path)
+        media.load_image(path)
 
 
 def test_load_image_alpha_composited_on_white(tmp_path):
@@ -74,7 +75,7 @@ def test_load_image_alpha_composited_on_white(tmp_path):
     rgba.putpixel((1, 1), (255, 0, 0, 255))
     rgba.putpixel((2, 2), (0, 0, 0, 128))
     rgba.save(tmp_path / "alpha.png")
-    image = cio.load_image(tmp_path / "alpha.png")
+    image = media.load_image(tmp_path / "alpha.png")
     assert image.mode == "RGB"
     assert image.getpixel((0, 0)) == (255, 255, 255)
     assert image.getpixel((1, 1)) == (255, 0, 0)
@@ -86,19 +87,19 @@ def test_load_image_alpha_composited_on_white(tmp_path):
 )
 def test_load_image_grey_and_palette(tmp_path, mode, value, expected):
     Image.new(mode, (4, 4), value).save(tmp_path / "x.png")
-    assert cio.load_image(tmp_path / "x.png").getpixel((0, 0)) == expected
+    assert media.load_image(tmp_path / "x.png").getpixel((0, 0)) == expected
 
 
 def test_load_image_16bit_grey_scaled(tmp_path):
     Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(tmp_path / "g16.png")
-    assert cio.load_image(tmp_path / "g16.png").getpixel((0, 0)) == (255, 255, 255)
+    assert media.load_image(tmp_path / "g16.png").getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_load_image_palette_transparency(tmp_path):
     image = Image.new("P", (4, 4), 1)
     image.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
     image.save(tmp_path / "p.png", transparency=1)
-    assert cio.load_image(tmp_path / "p.png").getpixel((0, 0)) == (255, 255, 255)
+    assert media.load_image(tmp_path / "p.png").getpixel((0, 0)) == (255, 255, 255)
 
 
 # ----------------------------------------------------------------------------------------------------------- sizing
@@ -109,54 +110,54 @@ def test_auto_size_matches_nvidia_recipe(width, height):
     ar, area = height / width, 720 * 1280
     recipe_h = round((area * ar) ** 0.5) // 16 * 16
     recipe_w = round((area / ar) ** 0.5) // 16 * 16
-    assert cio.auto_size(width, height) == (recipe_w, recipe_h)
+    assert sizing.auto_size(width, height) == (recipe_w, recipe_h)
 
 
 @pytest.mark.parametrize("width, height", [(1, 5000), (16_777_216, 1), (10_000, 7), (3, 1), (1, 1)])
 def test_auto_size_never_exceeds_the_area(width, height):
     for area in (256 * 256, 720 * 1280):
-        w, h = cio.auto_size(width, height, max_area=area)
+        w, h = sizing.auto_size(width, height, max_area=area)
         assert w % 16 == 0 and h % 16 == 0 and w * h <= area
 
 
 def test_auto_size_exact_figures():
-    assert cio.auto_size(1024, 1024) == (960, 960)
-    assert cio.auto_size(1280, 720) == (1280, 720)
-    assert cio.auto_size(720, 1280) == (720, 1280)
-    assert cio.auto_size(640, 480) == (1104, 816)
-    assert cio.auto_size(3000, 2000) == (1168, 784)
-    assert cio.auto_size(512, 384, max_area=256 * 256) == (288, 208)
-    assert cio.auto_size(1, 5000, max_area=256 * 256) == (16, 4096)  # never below the multiple, area kept
-    assert cio.auto_size(16_777_216, 1) == (57600, 16)  # a 1-pixel-high strip stays within 720*1280 pixels
-    assert cio.auto_size(64, 64, max_area=16) == (16, 16)
+    assert sizing.auto_size(1024, 1024) == (960, 960)
+    assert sizing.auto_size(1280, 720) == (1280, 720)
+    assert sizing.auto_size(720, 1280) == (720, 1280)
+    assert sizing.auto_size(640, 480) == (1104, 816)
+    assert sizing.auto_size(3000, 2000) == (1168, 784)
+    assert sizing.auto_size(512, 384, max_area=256 * 256) == (288, 208)
+    assert sizing.auto_size(1, 5000, max_area=256 * 256) == (16, 4096)  # never below the multiple, area kept
+    assert sizing.auto_size(16_777_216, 1) == (57600, 16)  # a 1-pixel-high strip stays within 720*1280 pixels
+    assert sizing.auto_size(64, 64, max_area=16) == (16, 16)
 
 
 def test_auto_size_rejects_bad_input():
     with pytest.raises(ValueError):
-        cio.auto_size(0, 10)
+        sizing.auto_size(0, 10)
 
 
 def test_check_size():
-    cio.check_size(1280, 720)
-    cio.check_size(16, 16)
+    sizing.check_size(1280, 720)
+    sizing.check_size(16, 16)
     with pytest.raises(
         ValueError,
         match=r"^height and width must be multiples of 16 and at least 16, got 720x1281 "
         r"\(height x width\): bad width 1281$",
     ):
-        cio.check_size(1281, 720)
+        sizing.check_size(1281, 720)
     with pytest.raises(ValueError, match="bad height 0"):
-        cio.check_size(16, 0)
+        sizing.check_size(16, 0)
     with pytest.raises(ValueError, match="bad height 8 and width 24"):
-        cio.check_size(24, 8)
+        sizing.check_size(24, 8)
 
 
 def test_resize_for_edit():
     image = Image.new("RGBA", (100, 50), (0, 0, 255, 255))
-    resized = cio.resize_for_edit(image, 64, 32)
+    resized = sizing.resize_for_edit(image, 64, 32)
     assert resized.size == (64, 32) and resized.mode == "RGB" and resized.getpixel((5, 5)) == (0, 0, 255)
     same = Image.new("RGB", (64, 32))
-    assert cio.resize_for_edit(same, 64, 32) is not same
+    assert sizing.resize_for_edit(same, 64, 32) is not same
 
 
 # --------------------------------------------------------------------------------------------------- output checks
@@ -164,7 +165,7 @@ def test_resize_for_edit():
     "name, kind", [("a.png", "image"), ("a.JPG", "image"), ("a.jpeg", "image"), ("a.webp", "image"), ("a.mp4", "video")]
 )
 def test_output_kind(name, kind):
-    assert cio.output_kind(name) == kind
+    assert media.output_kind(name) == kind
 
 
 def test_output_kind_unknown():
@@ -173,14 +174,14 @@ def test_output_kind_unknown():
         match=r"^unknown output suffix '\.xyz' for out\.xyz: use \.png, \.jpg, \.jpeg, "
         r"\.webp or \.mp4$",
     ):
-        cio.output_kind("out.xyz")
+        media.output_kind("out.xyz")
     with pytest.raises(ValueError, match="unknown output suffix"):
-        cio.output_kind("out")
+        media.output_kind("out")
 
 
 def test_check_writable_creates_folder(tmp_path):
     target = tmp_path / "new" / "deeper" / "edit.png"
-    cio.check_writable(target)
+    files.check_writable(target)
     assert target.parent.is_dir() and not target.exists() and _leftovers(target.parent) == []
 
 
@@ -189,33 +190,33 @@ def test_check_writable_under_regular_file(tmp_path):
     target = blocker / "sub" / "edit.png"
     message = f"cannot write output {target}: {blocker} is not a directory"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        cio.check_writable(target)
+        files.check_writable(target)
 
 
 def test_check_writable_directory_target(tmp_path):
     with pytest.raises(ValueError, match="it is a directory"):
-        cio.check_writable(tmp_path)
+        files.check_writable(tmp_path)
 
 
 def test_check_finite():
-    cio.check_finite(np.zeros(3))
-    cio.check_finite(np.zeros(3, dtype=np.uint8))
+    media.check_finite(np.zeros(3))
+    media.check_finite(np.zeros(3, dtype=np.uint8))
     msg = r"^non-finite values \(NaN/Inf\) in the output; nothing was written$"
     with pytest.raises(ValueError, match=msg):
-        cio.check_finite(np.array([0.0, np.nan]))
+        media.check_finite(np.array([0.0, np.nan]))
     with pytest.raises(ValueError, match=msg):
-        cio.check_finite(torch.tensor([1.0, float("inf")]))
+        media.check_finite(torch.tensor([1.0, float("inf")]))
     with pytest.raises(ValueError, match="in the trajectory"):
-        cio.check_finite(np.array([np.inf]), what="trajectory")
+        media.check_finite(np.array([np.inf]), what="trajectory")
 
 
 # ------------------------------------------------------------------------------------------------------ conversions
 def test_frames_to_pil_accepts_all_layouts():
     floats = _video_frames(3, 8, 12)
-    from_np = cio.frames_to_pil(floats)
-    from_torch = cio.frames_to_pil(torch.from_numpy(floats).permute(0, 3, 1, 2))
-    from_uint8 = cio.frames_to_pil((floats * 255).round().astype(np.uint8))
-    from_pil = cio.frames_to_pil(from_np)
+    from_np = media.frames_to_pil(floats)
+    from_torch = media.frames_to_pil(torch.from_numpy(floats).permute(0, 3, 1, 2))
+    from_uint8 = media.frames_to_pil((floats * 255).round().astype(np.uint8))
+    from_pil = media.frames_to_pil(from_np)
     for frames in (from_np, from_torch, from_uint8, from_pil):
         assert len(frames) == 3 and frames[0].size == (12, 8) and frames[0].mode == "RGB"
     assert np.array_equal(np.asarray(from_np[1]), np.asarray(from_torch[1]))
@@ -223,25 +224,25 @@ def test_frames_to_pil_accepts_all_layouts():
 
 
 def test_frames_to_pil_clips_and_rejects_nan():
-    frames = cio.frames_to_pil(np.array([[[[-1.0, 0.5, 2.0]]]]))
+    frames = media.frames_to_pil(np.array([[[[-1.0, 0.5, 2.0]]]]))
     assert frames[0].getpixel((0, 0)) == (0, 128, 255)
     with pytest.raises(ValueError, match="non-finite"):
-        cio.frames_to_pil(np.full((1, 2, 2, 3), np.nan))
+        media.frames_to_pil(np.full((1, 2, 2, 3), np.nan))
     with pytest.raises(ValueError, match="expected frames shaped"):
-        cio.frames_to_pil(np.zeros((2, 3)))
+        media.frames_to_pil(np.zeros((2, 3)))
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
 @pytest.mark.parametrize("name", ["edit.png", "edit.jpg", "edit.jpeg", "edit.webp"])
 def test_save_image_formats(tmp_path, name):
-    path = cio.save_image(Image.new("RGB", (32, 16), (200, 10, 10)), tmp_path / name)
+    path = media.save_image(Image.new("RGB", (32, 16), (200, 10, 10)), tmp_path / name)
     with Image.open(path) as image:
         assert image.size == (32, 16)
     assert _leftovers(tmp_path) == []
 
 
 def test_save_image_from_float_array(tmp_path):
-    cio.save_image(np.ones((8, 4, 3), dtype=np.float32), tmp_path / "white.png")
+    media.save_image(np.ones((8, 4, 3), dtype=np.float32), tmp_path / "white.png")
     assert Image.open(tmp_path / "white.png").getpixel((0, 0)) == (255, 255, 255)
 
 
@@ -253,7 +254,7 @@ def test_save_image_failure_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        cio.save_image(Image.new("RGB", (8, 8)), tmp_path / "edit.png")
+        media.save_image(Image.new("RGB", (8, 8)), tmp_path / "edit.png")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -262,18 +263,18 @@ def test_save_image_failure_keeps_previous_file(tmp_path, monkeypatch):
     target.write_bytes(b"previous")
     monkeypatch.setattr(Image.Image, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError):
-        cio.save_image(Image.new("RGB", (8, 8)), target)
+        media.save_image(Image.new("RGB", (8, 8)), target)
     assert target.read_bytes() == b"previous" and _leftovers(tmp_path) == []
 
 
 def test_atomic_path(tmp_path):
     target = tmp_path / "x.mp4"
-    with cio.atomic_path(target) as tmp:
+    with files.atomic_path(target) as tmp:
         assert tmp.parent == tmp_path and tmp.suffix == ".mp4" and tmp.name.startswith("x.mp4.tmp-")
         tmp.write_bytes(b"data")
         assert not target.exists()
     assert target.read_bytes() == b"data" and _leftovers(tmp_path) == []
-    with pytest.raises(RuntimeError), cio.atomic_path(target) as tmp:
+    with pytest.raises(RuntimeError), files.atomic_path(target) as tmp:
         tmp.write_bytes(b"half")
         raise RuntimeError("interrupted")
     assert target.read_bytes() == b"data" and _leftovers(tmp_path) == []
@@ -281,7 +282,7 @@ def test_atomic_path(tmp_path):
 
 @pytest.mark.parametrize("count, height, width", [(5, 32, 32), (29, 48, 64), (5, 33, 47)])
 def test_save_video_frame_count(tmp_path, count, height, width):
-    path = cio.save_video(_video_frames(count, height, width), tmp_path / "video.mp4")
+    path = media.save_video(_video_frames(count, height, width), tmp_path / "video.mp4")
     reader = imageio.get_reader(path, format="FFMPEG")
     try:
         assert reader.count_frames() == count
@@ -292,23 +293,23 @@ def test_save_video_frame_count(tmp_path, count, height, width):
 
 
 def test_save_video_from_pil_and_torch(tmp_path):
-    frames = cio.frames_to_pil(_video_frames(5))
-    cio.save_video(frames, tmp_path / "a.mp4")
-    cio.save_video(torch.rand(5, 3, 32, 32), tmp_path / "b.mp4")
+    frames = media.frames_to_pil(_video_frames(5))
+    media.save_video(frames, tmp_path / "a.mp4")
+    media.save_video(torch.rand(5, 3, 32, 32), tmp_path / "b.mp4")
     assert (tmp_path / "a.mp4").stat().st_size > 0 and (tmp_path / "b.mp4").stat().st_size > 0
 
 
 def test_save_video_failure_midway_leaves_nothing(tmp_path, monkeypatch):
-    real_encode = cio._encode_mp4
+    real_encode = media._encode_mp4
 
     def encode_then_fail(array, path, fps):
         real_encode(array[:2], path, fps)  # a real partial file exists at the temp path
         assert path.exists()
         raise OSError("encoder died")
 
-    monkeypatch.setattr(cio, "_encode_mp4", encode_then_fail)
+    monkeypatch.setattr(media, "_encode_mp4", encode_then_fail)
     with pytest.raises(OSError, match="encoder died"):
-        cio.save_video(_video_frames(5), tmp_path / "video.mp4")
+        media.save_video(_video_frames(5), tmp_path / "video.mp4")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -316,19 +317,19 @@ def test_save_video_rejects_nan_before_writing(tmp_path):
     frames = _video_frames(5)
     frames[2, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
-        cio.save_video(frames, tmp_path / "video.mp4")
+        media.save_video(frames, tmp_path / "video.mp4")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_writers_check_suffix(tmp_path):
     with pytest.raises(ValueError, match=r"use \.mp4"):
-        cio.save_video(_video_frames(5), tmp_path / "video.png")
+        media.save_video(_video_frames(5), tmp_path / "video.png")
     with pytest.raises(ValueError, match=r"use \.png"):
-        cio.save_image(Image.new("RGB", (8, 8)), tmp_path / "image.mp4")
+        media.save_image(Image.new("RGB", (8, 8)), tmp_path / "image.mp4")
 
 
 def test_contact_sheet_29_frames(tmp_path):
-    path = cio.save_contact_sheet(_video_frames(29, 64, 96), tmp_path / "sheet.png")
+    path = media.save_contact_sheet(_video_frames(29, 64, 96), tmp_path / "sheet.png")
     with Image.open(path) as sheet:
         # ceil(sqrt(29)) = 6 columns x 5 rows of 96x64 tiles with 2 px gaps
         assert sheet.size == (6 * 96 + 7 * 2, 5 * 64 + 6 * 2)
@@ -337,16 +338,16 @@ def test_contact_sheet_29_frames(tmp_path):
 
 def test_contact_sheet_downscales_large_frames(tmp_path):
     frames = [Image.new("RGB", (1280, 720), (i * 8, 0, 0)) for i in range(29)]
-    sheet = cio.make_contact_sheet(frames)
-    assert sheet.width <= cio.CONTACT_SHEET_MAX_WIDTH
-    tile_w = (cio.CONTACT_SHEET_MAX_WIDTH - 2 * 7) // 6
+    sheet = media.make_contact_sheet(frames)
+    assert sheet.width <= media.CONTACT_SHEET_MAX_WIDTH
+    tile_w = (media.CONTACT_SHEET_MAX_WIDTH - 2 * 7) // 6
     assert sheet.height == 5 * round(720 * tile_w / 1280) + 6 * 2
 
 
 def test_contact_sheet_labels_and_columns(tmp_path):
     frames = [Image.new("RGB", (64, 48), (255, 255, 255)) for _ in range(5)]
-    labelled = cio.make_contact_sheet(frames, columns=5)
-    plain = cio.make_contact_sheet(frames, columns=5, label=False)
+    labelled = media.make_contact_sheet(frames, columns=5)
+    plain = media.make_contact_sheet(frames, columns=5, label=False)
     assert labelled.size == plain.size == (5 * 64 + 6 * 2, 48 + 2 * 2)
     corner = (2 + 3, 2 + 3)  # inside the first tile's label box
     assert plain.getpixel(corner) == (255, 255, 255) and labelled.getpixel(corner) != (255, 255, 255)

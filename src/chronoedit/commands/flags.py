@@ -1,0 +1,102 @@
+"""Flags shared by ``edit``, ``batch`` and ``serve`` (NVIDIA's names), turned into the application layer's settings,
+and the command line's words for the settings' fields (``seed`` -> ``--seed``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..devices import DTYPE_NAMES
+from ..editing import (
+    DEFAULT_STEPS,
+    DEMO,
+    DEMO_STEPS,
+    MODEL_PATH_ENV,
+    EditSettings,
+    ModelSpec,
+    parse_lora,
+    resolve_model,
+)
+from ..presets import PRESETS
+
+# Fields whose flag is not simply --field-name.
+_FLAG_WORDS = {
+    "offload_model": "--offload_model",
+    "lora_path": "--lora-path",
+    "image": "--input",
+    "prompt_text": "the enhanced prompt's file",
+}
+
+
+def flag_word(field: str) -> str:
+    """The command line's name for a settings field."""
+    return _FLAG_WORDS.get(field, "--" + field.replace("_", "-"))
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Steps, guidance, flow shift, output size and seed."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--num-inference-steps", type=int, metavar="N", default=None,
+                       help=f"denoising steps (default {DEFAULT_STEPS}; {DEMO_STEPS} with the demo model)")
+    group.add_argument("--guidance-scale", type=float, metavar="G", help="guidance scale (default 5.0)")
+    group.add_argument("--flow-shift", type=float, metavar="S", help="scheduler flow shift (default 5.0)")
+    group.add_argument("--height", type=int, metavar="H", help="output height, a multiple of 16 (with --width)")
+    group.add_argument("--width", type=int, metavar="W", help="output width, a multiple of 16 (with --height)")
+    group.add_argument("--max-area", type=int, metavar="PIXELS", default=None,
+                       help="pixel area for automatic sizing that keeps the aspect ratio "
+                       "(default 720*1280; 256*256 with the demo model)")
+    group.add_argument("--seed", type=int, metavar="N", default=None, help="random seed (default 0)")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Checkpoint, device, dtype, offloading and verbosity."""
+    group = parser.add_argument_group("model and device")
+    group.add_argument("--model-path", metavar="PATH", default=None,
+                       help=f"ChronoEdit diffusers checkpoint folder (default: ${MODEL_PATH_ENV}, else '{DEMO}', "
+                       "a tiny random-weight model whose output is noise)")
+    group.add_argument(
+        "--transformer", type=Path, metavar="PATH",
+        help="use this transformer instead of the model folder's: a single .safetensors file (diffusers or original "
+        "Wan/ComfyUI names; fp8 kept quantized), a .gguf file (Q8_0, Q4_K, ...; kept quantized, each layer "
+        "dequantized as it runs) or a transformer folder; the other components come from --model-path",
+    )
+    group.add_argument("--device", metavar="DEVICE", help="torch device (default: cuda if available, else cpu)")
+    group.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                       help="model dtype (default: bf16 on GPU, fp32 on CPU and for the demo model)")
+    group.add_argument("--offload_model", "--offload-model", dest="offload_model", action="store_true",
+                       help="keep components on the CPU and move each to the GPU only while it runs")
+    group.add_argument("--quiet", action="store_true", help="no progress bar or stage messages")
+
+
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    """LoRAs, each with its own scale, and the presets of NVIDIA's companion LoRAs."""
+    group = parser.add_argument_group("LoRAs and presets")
+    group.add_argument(
+        "--lora-path", nargs="+", metavar="FILE[:SCALE]", default=[],
+        help="LoRA safetensors files (any layout: diffusers, Wan/ComfyUI, DiffSynth, musubi), each optionally with "
+        "its own scale, e.g. a.safetensors:0.8 b.safetensors",
+    )
+    group.add_argument("--lora-scale", type=float, default=1.0, help="scale of LoRAs given without one (1.0)")
+    group.add_argument("--lora-allow-unmatched", action="store_true",
+                       help="warn about LoRA keys that match no layer instead of failing")
+    group.add_argument("--preset", choices=sorted(PRESETS),
+                       help="; ".join(p.describe() for p in PRESETS.values()) + ". Explicit flags override the "
+                       "preset's values.")
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The model the flags name, checked (see :func:`chronoedit.editing.resolve_model`)."""
+    return resolve_model(
+        model_path=args.model_path, transformer=args.transformer, device=args.device, dtype=args.dtype,
+        offload_model=args.offload_model, loras=[parse_lora(text, args.lora_scale) for text in args.lora_path],
+        lora_strict=not args.lora_allow_unmatched, lora_scale=args.lora_scale,
+    )  # fmt: skip
+
+
+def edit_settings(args: argparse.Namespace) -> EditSettings:
+    """The edit settings the flags give (those a command does not have stay unset)."""
+    names = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "flow_shift", "height", "width",
+             "max_area", "num_frames", "seed", "num_temporal_reasoning_steps", "preset")
+    values = {name: getattr(args, name, None) for name in names}  # fmt: skip
+    return EditSettings(**values, enable_temporal_reasoning=bool(getattr(args, "enable_temporal_reasoning", False)),
+                        enhance_prompt=bool(getattr(args, "use_prompt_enhancer", False)))  # fmt: skip
