@@ -275,7 +275,10 @@ class FakePipe:
     """Stands in for ChronoEditPipeline: records the call and returns fixed frames."""
 
     def __init__(self, with_trajectory=True, nan=False):
-        self.with_trajectory, self.nan, self.kwargs = with_trajectory, nan, None
+        self.with_trajectory, self.nan, self.kwargs, self.flow_shift = with_trajectory, nan, None, None
+
+    def set_flow_shift(self, shift):
+        self.flow_shift = shift
 
     def __call__(self, **kwargs):
         self.kwargs = kwargs
@@ -306,6 +309,7 @@ def test_fake_edit_writes_image(monkeypatch, capsys, image, tmp_path):
     assert Image.open(tmp_path / "outputs" / "edit.png").size == (48, 32)
     assert pipe.kwargs["output_type"] == "np" and pipe.kwargs["return_trajectory"] is False
     assert pipe.kwargs["image"].size == (48, 32) and pipe.kwargs["num_frames"] == 5
+    assert pipe.flow_shift == 5.0  # the edit's flow shift is set before it runs
 
 
 def test_fake_reasoning_outputs(monkeypatch, capsys, image, tmp_path):

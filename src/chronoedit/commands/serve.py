@@ -15,6 +15,7 @@ from typing import Any
 
 from ..editing import resolve_sampling
 from ..errors import UserError
+from .edit import console_report
 from .flags import add_lora_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
 
 TOKEN_ENV = "CHRONOEDIT_API_TOKEN"
@@ -119,7 +120,8 @@ def build_state(args: argparse.Namespace) -> Any:
     if store.requeued:
         print(f"chronoedit serve: re-queued {store.requeued} job(s) interrupted by the last shutdown", file=sys.stderr)
     results = args.state_dir / "results"
-    worker = Worker(store, EditRunner(spec), defaults, results, limits, enhancer=enhancer,
+    runner = EditRunner(spec, report=console_report(quiet=True))  # notes (the demo model's) on stderr
+    worker = Worker(store, runner, defaults, results, limits, enhancer=enhancer,
                     redact=_private_folders(args.state_dir, spec))  # fmt: skip
     token = os.environ.get(args.token_env) or None
     client_defaults = {"num_inference_steps": sampling.num_inference_steps, "guidance_scale": sampling.guidance_scale,

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import UserError
 from ..presets import PRESETS
 
 MEDIA_TYPES = {
@@ -55,11 +56,10 @@ class Limits:
     keep_results_hours: float | None = None  # finished jobs are deleted this long after they finish (None: kept)
 
     def check_steps(self, steps: int, reasoning_steps: int | None) -> None:
-        """ValueError when the resolved step counts are over the limits."""
+        """UserError when the resolved step counts are over the limits."""
         if steps > self.max_steps:
-            raise ValueError(f"num_inference_steps {steps} is over this server's limit of {self.max_steps}")
+            raise UserError(f"{{num_inference_steps}} {steps} is over this server's limit of {self.max_steps}",
+                            "num_inference_steps")  # fmt: skip
         if reasoning_steps is not None and reasoning_steps > self.max_reasoning_steps:
-            raise ValueError(
-                f"num_temporal_reasoning_steps {reasoning_steps} is over this server's limit of "
-                f"{self.max_reasoning_steps}"
-            )
+            raise UserError(f"{{num_temporal_reasoning_steps}} {reasoning_steps} is over this server's limit of "
+                            f"{self.max_reasoning_steps}", "num_temporal_reasoning_steps")  # fmt: skip
