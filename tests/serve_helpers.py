@@ -31,17 +31,47 @@ def serve_args(state_dir: Path, *extra: str) -> Any:
     return cli.parse_args(["serve", "--state-dir", str(state_dir), *TINY_FLAGS, *extra])
 
 
+_MADE: list[Any] = []  # the states make_state built whose workers are not yet known to have ended
+
+
 def make_state(state_dir: Path, *extra: str, load: Callable[..., Any] | None = None) -> Any:
     """The server's state as ``chronoedit serve`` builds it (worker not started). With ``load`` its worker runs on an
     :class:`~chronoedit.editing.EditRunner` that loads the model with ``load(spec, report)`` (the application layer's
-    seam to count, slow down or fake model loads)."""
+    seam to count, slow down or fake model loads). Inside :func:`workers_end_here` its worker ends with the block."""
     state = build_state(serve_args(state_dir, *extra))
-    if load is None:
-        return state
-    old = state.worker
-    worker = Worker(state.store, EditRunner(old.runner.spec, load=load), old.defaults, old.results_dir, old.limits,
-                    enhancer=old.enhancer, redact=old.redact)  # fmt: skip
-    return dataclasses.replace(state, worker=worker)
+    if load is not None:
+        old = state.worker
+        worker = Worker(state.store, EditRunner(old.runner.spec, load=load), old.defaults, old.results_dir,
+                        old.limits, enhancer=old.enhancer, redact=old.redact)  # fmt: skip
+        state = dataclasses.replace(state, worker=worker)
+    _MADE.append(state)
+    return state
+
+
+@contextmanager
+def workers_end_here(timeout: float = 120.0) -> Iterator[None]:
+    """Stop the worker of every state made in the block and wait until its thread has ended.
+
+    A server stopped while its model loads does not wait for the load (``Worker.stop`` returns; the daemon thread
+    ends with the process). In the tests such a worker outlived its test: it printed the demo model's note into a
+    later test's captured stderr, held the process's one-load-at-a-time lock while later tests loaded, and when the
+    session ended it was still inside torch's native code as the interpreter finalized, which aborted pytest after
+    every test had passed ("terminate called without an active exception", exit code 134).
+    """
+    first = len(_MADE)
+    try:
+        yield
+    finally:
+        made = _MADE[first:]
+        del _MADE[first:]
+        for state in made:
+            state.worker.stop()  # a loading worker goes on to the end of its load, then sees the stop
+        deadline = time.monotonic() + timeout
+        for state in made:
+            while state.worker.alive:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the worker of {state.results_dir} did not end within {timeout:g} s")
+                time.sleep(0.05)
 
 
 class FakePipe:

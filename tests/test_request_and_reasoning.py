@@ -95,24 +95,24 @@ NAN_IMAGE = np.full((32, 32, 3), 0.5, dtype=np.float32)
 NAN_IMAGE[3, 4, 1] = np.nan
 
 BAD_CALLS = {
-    "height_not_multiple": ({"height": 40, "width": 32}, r"height must be a multiple of 16.*got 40"),
-    "width_not_multiple": ({"height": 32, "width": 24}, r"width must be a multiple of 16.*got 24"),
-    "width_too_small": ({"height": 32, "width": 0}, r"width must be a multiple of 16 and at least 16"),
-    "only_height": ({"height": 32, "width": None}, r"give both height and width"),
-    "only_width": ({"height": None, "width": 32}, r"give both height and width"),
+    "height_not_multiple": ({"height": 40, "width": 32}, r"multiples of 16 .* got 40x32 .*bad height 40"),
+    "width_not_multiple": ({"height": 32, "width": 24}, r"height and width must be multiples of 16 .*bad width 24"),
+    "width_too_small": ({"height": 32, "width": 0}, r"multiples of 16 and at least 16, .*bad width 0"),
+    "only_height": ({"height": 32, "width": None}, r"height and width must be given together"),
+    "only_width": ({"height": None, "width": 32}, r"height and width must be given together"),
     "frames_30_with_reasoning": (
         {"num_frames": 30, "enable_temporal_reasoning": True},
         r"num_frames must be 4k\+1.*got 30",
     ),
-    "frames_29_without_reasoning": ({"num_frames": 29}, r"num_frames=29 needs enable_temporal_reasoning=True"),
-    "frames_9_without_reasoning": ({"num_frames": 9}, r"num_frames=9 needs enable_temporal_reasoning"),
+    "frames_29_without_reasoning": ({"num_frames": 29}, r"num_frames 29 needs enable_temporal_reasoning \(an edit"),
+    "frames_9_without_reasoning": ({"num_frames": 9}, r"num_frames 9 needs enable_temporal_reasoning"),
     "reasoning_steps_negative": (
         {"enable_temporal_reasoning": True, "num_temporal_reasoning_steps": -1},
-        r"num_temporal_reasoning_steps must be between 0 and 2, got -1",
+        r"num_temporal_reasoning_steps must be between 0 and num_inference_steps \(2\), got -1",
     ),
     "reasoning_steps_above_steps": (
         {"enable_temporal_reasoning": True, "num_temporal_reasoning_steps": 3},
-        r"num_temporal_reasoning_steps must be between 0 and 2, got 3",
+        r"num_temporal_reasoning_steps must be between 0 and num_inference_steps \(2\), got 3",
     ),
     "trajectory_without_reasoning": ({"return_trajectory": True}, r"return_trajectory needs enable_temporal_reasoning"),
     "trajectory_with_0_reasoning_steps": (
@@ -125,11 +125,11 @@ BAD_CALLS = {
     ),
     "fractional_reasoning_steps": (
         {"enable_temporal_reasoning": True, "num_frames": 9, "num_temporal_reasoning_steps": 1.5},
-        r"num_temporal_reasoning_steps must be between 0 and 2, got 1.5",
+        r"num_temporal_reasoning_steps must be between 0 and num_inference_steps \(2\), got 1.5",
     ),
     "nan_guidance": ({"guidance_scale": float("nan")}, r"guidance_scale must be a finite number >= 0, got nan"),
     "output_type": ({"output_type": "mp4"}, r"output_type must be one of np, pt, pil, latent, got 'mp4'"),
-    "steps_zero": ({"num_inference_steps": 0}, r"num_inference_steps must be a positive integer, got 0"),
+    "steps_zero": ({"num_inference_steps": 0}, r"num_inference_steps must be at least 1, got 0"),
     "videos_per_prompt_zero": ({"num_videos_per_prompt": 0}, r"num_videos_per_prompt must be >= 1, got 0"),
     "max_sequence_length": ({"max_sequence_length": 513}, r"max_sequence_length must be between 1 and 512"),
     "prompt_embeds_width": (
@@ -177,13 +177,13 @@ BAD_CALLS |= {
         {"guidance_scale": 2.0, "negative_prompt_embeds": torch.zeros(1, 600, SPEC.text_dim)},
         r"negative_prompt_embeds must be \[1, 512, 32\], got \(1, 600, 32\)",
     ),
-    "frames_zero": ({"num_frames": 0}, r"num_frames must be a positive integer, got 0"),
+    "frames_zero": ({"num_frames": 0}, r"num_frames 0 needs enable_temporal_reasoning"),
 }
 
 
 # Values that are no numbers at all are user errors too, never a TypeError from deep inside.
 BAD_CALLS |= {
-    "guidance_str": ({"guidance_scale": "5"}, r"guidance_scale must be a finite number >= 0, got 5"),
+    "guidance_str": ({"guidance_scale": "5"}, r"guidance_scale must be a finite number >= 0, got '5'"),
     "videos_per_prompt_fraction": (
         {"num_videos_per_prompt": 1.5},
         r"num_videos_per_prompt must be a positive integer, got 1\.5",
@@ -211,11 +211,11 @@ def test_bad_call_is_a_user_error_before_any_model(no_models, image, name):
 # The argument each error is about, and how a front end words it (the CLI's --flag).
 FIELDS = {
     "nan_guidance": ("guidance_scale", ()),
-    "height_not_multiple": ("height", ()),
-    "width_too_small": ("width", ()),
-    "only_height": ("width", ("height",)),
+    "height_not_multiple": ("height", ("width",)),
+    "width_too_small": ("width", ("height",)),
+    "only_height": ("height", ("width",)),
     "frames_29_without_reasoning": ("num_frames", ("enable_temporal_reasoning",)),
-    "reasoning_steps_above_steps": ("num_temporal_reasoning_steps", ()),
+    "reasoning_steps_above_steps": ("num_temporal_reasoning_steps", ("num_inference_steps",)),
     "negative_prompt_count": ("negative_prompt", ("prompt",)),
     "prompt_embeds_width": ("prompt_embeds", ()),
     "latents_shape": ("latents", ()),
@@ -238,8 +238,8 @@ def test_a_front_end_words_the_fields_its_own_way(no_models, image):
     with pytest.raises(UserError) as caught:
         _call(no_models, image, {"num_frames": 29})
     flag = caught.value.render(lambda name: "--" + name.replace("_", "-"))
-    assert flag == "--num-frames=29 needs --enable-temporal-reasoning=True (a plain edit is 5 frames)"
-    assert str(caught.value) == "num_frames=29 needs enable_temporal_reasoning=True (a plain edit is 5 frames)"
+    assert flag == "--num-frames 29 needs --enable-temporal-reasoning (an edit without reasoning has 5 frames)"
+    assert str(caught.value) == "num_frames 29 needs enable_temporal_reasoning (an edit without reasoning has 5 frames)"
 
 
 # ----------------------------------------------------------------------------------------------- the plan itself

@@ -34,6 +34,7 @@ from serve_helpers import (
     submit,
     wait_finished,
     wait_ready,
+    workers_end_here,
 )
 
 from chronoedit.serve.app import FORM_SLACK_BYTES, create_app
@@ -51,19 +52,25 @@ def _home(monkeypatch, demo_home):
     monkeypatch.delenv("CHRONOEDIT_API_TOKEN", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _workers_end_with_their_test():
+    """The workers of the servers a test made have stopped, and their threads ended, before the next test starts."""
+    with workers_end_here():
+        yield
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, demo_home):
     """One server for the module (the model loads once), with small limits to test against."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CHRONOEDIT_HOME", str(demo_home))
-    mp.delenv("CHRONOEDIT_MODEL_PATH", raising=False)
-    mp.delenv("CHRONOEDIT_API_TOKEN", raising=False)
-    state = make_state(tmp_path_factory.mktemp("serve"), "--max-upload-mb", "0.05", "--max-input-pixels", "40000",
-                       "--max-steps", "6", "--max-reasoning-steps", "3")  # fmt: skip
-    with TestClient(create_app(state)) as test_client:
-        assert wait_ready(test_client)["status"] == "ok"
-        yield test_client
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp, workers_end_here():
+        mp.setenv("CHRONOEDIT_HOME", str(demo_home))
+        mp.delenv("CHRONOEDIT_MODEL_PATH", raising=False)
+        mp.delenv("CHRONOEDIT_API_TOKEN", raising=False)
+        state = make_state(tmp_path_factory.mktemp("serve"), "--max-upload-mb", "0.05", "--max-input-pixels",
+                           "40000", "--max-steps", "6", "--max-reasoning-steps", "3")  # fmt: skip
+        with TestClient(create_app(state)) as test_client:
+            assert wait_ready(test_client)["status"] == "ok"
+            yield test_client
 
 
 def test_submit_poll_and_fetch_result(client):
@@ -214,7 +221,7 @@ def test_queue_limit_cancel_and_restart(tmp_path, demo_home):
     gate = threading.Event()
 
     def held_back(spec, report):  # type: ignore[no-untyped-def]
-        gate.wait()
+        gate.wait(60)  # not forever: a failing assertion below must not leave the load waiting
         return load_pipeline(spec, report)
 
     state = make_state(tmp_path, "--max-queue", "3", load=held_back)
@@ -727,8 +734,11 @@ def test_a_busy_port_is_one_error_line_before_anything_loads(tmp_path, capsys):
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         code = cli.main(["serve", "--port", str(port), "--state-dir", str(tmp_path / "state"), "--quiet"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith(f"chronoedit: error: cannot listen on 127.0.0.1:{port}")
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("chronoedit: error:")]
+    assert code == 2
+    assert len(errors) == 1 and errors[0].startswith(f"chronoedit: error: cannot listen on 127.0.0.1:{port}: "), err
+    assert "Traceback" not in err  # a user error, not a bug
     assert not (tmp_path / "state").exists()  # nothing opened, nothing loaded
 
 

@@ -22,7 +22,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 
 from fastapi.testclient import TestClient
-from serve_helpers import make_state, running_server
+from serve_helpers import make_state, running_server, workers_end_here
 
 from chronoedit.commands import serve as serve_cmd
 from chronoedit.editing import MODEL_PATH_ENV
@@ -41,6 +41,13 @@ CHROMIUM_FLAGS = [
 EDIT_TIMEOUT_S = 120
 TOKEN = "web-ui-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(autouse=True)
+def _workers_end_with_their_test():
+    """The workers of the servers a test made have stopped, and their threads ended, before the next test starts."""
+    with workers_end_here():
+        yield
 
 
 # ---------------------------------------------------------------- static files, offline
@@ -102,7 +109,7 @@ def test_api_docs_are_served_offline(tmp_path):
 def server_url(tmp_path_factory):
     """A running ``chronoedit serve`` on the demo model (tiny settings) on a free port of 127.0.0.1, with a token: the
     UI must ask for it and send it with every request, images and video included."""
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, workers_end_here():
         mp.setenv("CHRONOEDIT_HOME", str(tmp_path_factory.mktemp("chronoedit_home")))
         mp.delenv(MODEL_PATH_ENV, raising=False)
         mp.setenv(serve_cmd.TOKEN_ENV, TOKEN)

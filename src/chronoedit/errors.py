@@ -21,7 +21,7 @@ class UserError(ValueError):
     def __init__(self, message: str, field: str | None = None, also: tuple[str, ...] = ()) -> None:
         self.template = message
         self.field = field
-        self.fields = tuple(name for name in (field, *also) if name)
+        self.fields = tuple(dict.fromkeys(name for name in (field, *also) if name))
         super().__init__(self.render())
 
     def render(self, word: Callable[[str], str] | None = None) -> str:

@@ -7,8 +7,6 @@ shows them in its own words (``--guidance_scale`` on the command line).
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,16 +15,15 @@ import numpy as np
 import PIL.Image
 import torch
 
+from . import rules
 from .encoders import TEXT_TOKENS
 from .errors import UserError
 from .latents import latent_frames
 from .media import to_rgb
 from .reasoning import ReasoningPlan
+from .rules import is_int as _is_int
 from .sizing import auto_size
 
-PLAIN_EDIT_FRAMES = 5
-REASONING_FRAMES = 29
-MIN_REASONING_FRAMES = 9  # 3 latent frames: at least one reasoning frame between the input and the edit
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
@@ -143,10 +140,7 @@ def check_inputs(
 
 def _check_settings(guidance_scale: Any, output_type: Any, videos_per_prompt: Any, max_sequence_length: Any) -> None:
     """The scalar settings that depend on nothing else."""
-    if not math.isfinite(_as_number(guidance_scale)) or _as_number(guidance_scale) < 0:
-        raise UserError(
-            f"{{guidance_scale}} must be a finite number >= 0, got {guidance_scale}", field="guidance_scale"
-        )
+    rules.check_guidance(guidance_scale)
     if output_type not in OUTPUT_TYPES:
         raise UserError(
             f"{{output_type}} must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}", field="output_type"
@@ -189,73 +183,25 @@ def _check_prompts(
 
 
 def _check_size(image: PIL.Image.Image, width: int | None, height: int | None, pipe: Any) -> tuple[int, int]:
-    if (width is None) != (height is None):
-        raise UserError(
-            "give both {height} and {width}, or neither (then the 720x1280 area is used)",
-            field="height" if height is None else "width",
-            also=("width",) if height is None else ("height",),
-        )
-    if width is None:
+    """(width, height): both given, each a multiple of the VAE factor times the patch size; neither: the 720x1280
+    area at the image's aspect ratio."""
+    if width is None and height is None:
         return auto_size(*image.size)
-    multiple = pipe.vae_spatial_factor * pipe.transformer.config.patch_size[1]
-    for name, value in (("height", height), ("width", width)):
-        if not _is_int(value) or value < multiple or value % multiple:
-            raise UserError(
-                f"{{{name}}} must be a multiple of {multiple} and at least {multiple}, got {value}", field=name
-            )
-    return int(width), int(height)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _as_number(value: Any) -> float:
-    """``value`` as a float; NaN when it is not a number (a string, None, a list ...)."""
-    if isinstance(value, (str, bytes)):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+    return rules.check_size(width, height, multiple=pipe.vae_spatial_factor * pipe.transformer.config.patch_size[1])
 
 
 def _check_frames(
     num_frames: int | None, steps: int, reasoning: bool, reasoning_steps: int | None, return_trajectory: bool
 ) -> tuple[int, ReasoningPlan]:
-    """num_frames and the reasoning plan; nothing is silently replaced."""
-    if not _is_int(steps) or steps < 1:
-        raise UserError(f"{{num_inference_steps}} must be a positive integer, got {steps}", field="num_inference_steps")
-    if num_frames is None:
-        num_frames = REASONING_FRAMES if reasoning else PLAIN_EDIT_FRAMES
-    if not _is_int(num_frames) or num_frames < 1:
-        raise UserError(f"{{num_frames}} must be a positive integer, got {num_frames!r}", field="num_frames")
-    if not reasoning and num_frames != PLAIN_EDIT_FRAMES:
-        raise UserError(
-            f"{{num_frames}}={num_frames} needs {{enable_temporal_reasoning}}=True "
-            f"(a plain edit is {PLAIN_EDIT_FRAMES} frames)",
-            field="num_frames",
-            also=("enable_temporal_reasoning",),
-        )
-    if reasoning and (num_frames < MIN_REASONING_FRAMES or (num_frames - 1) % 4):
-        raise UserError(
-            f"{{num_frames}} must be 4k+1 and at least {MIN_REASONING_FRAMES} with temporal reasoning "
-            f"(e.g. {REASONING_FRAMES}), got {num_frames}",
-            field="num_frames",
-        )
-    reasoning_steps = steps if reasoning_steps is None else reasoning_steps
-    if reasoning and (not _is_int(reasoning_steps) or not 0 <= reasoning_steps <= steps):
-        raise UserError(
-            f"{{num_temporal_reasoning_steps}} must be between 0 and {steps}, got {reasoning_steps}",
-            field="num_temporal_reasoning_steps",
-        )
+    """num_frames and the reasoning plan by the shared rules; nothing is silently replaced. Without reasoning,
+    ``num_temporal_reasoning_steps`` is ignored (as diffusers' pipeline does)."""
+    steps = rules.check_steps(steps)
+    num_frames, reasoning_steps = rules.resolve_frames(reasoning, num_frames, steps,
+                                                       reasoning_steps if reasoning else None)  # fmt: skip
+    if return_trajectory and reasoning_steps == 0:
+        raise UserError("{return_trajectory} needs {enable_temporal_reasoning}=True and at least 1 reasoning step",
+                        field="return_trajectory", also=("enable_temporal_reasoning",))  # fmt: skip
     plan = ReasoningPlan(num_inference_steps=steps, reasoning_steps=reasoning_steps, enabled=reasoning)
-    if return_trajectory and (not reasoning or reasoning_steps == 0):
-        raise UserError(
-            "{return_trajectory} needs {enable_temporal_reasoning}=True and at least 1 reasoning step",
-            field="return_trajectory",
-            also=("enable_temporal_reasoning",),
-        )
     return num_frames, plan
 
 
