@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 import random
@@ -25,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .files import write_json
 
 if TYPE_CHECKING:
     import torch
@@ -132,7 +133,7 @@ def _perturb_(model: torch.nn.Module, seed: int) -> None:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(path, data)
 
 
 # ------------------------------------------------------------------------------------------------------- transformer

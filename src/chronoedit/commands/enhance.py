@@ -53,18 +53,13 @@ def handle(args: argparse.Namespace) -> int:
     if args.output is not None:
         files.check_writable(args.output)
     if not args.quiet:
-        print(f"chronoedit: enhancing the prompt with {_where(config)}", file=sys.stderr, flush=True)
+        print(f"chronoedit: enhancing the prompt with {config.where()}", file=sys.stderr, flush=True)
     with load_vlm(config) as vlm:
         prompt = enhance_prompt(vlm, image, args.prompt)
     print(prompt, flush=True)
     if args.output is not None:
         files.save_text(prompt + "\n", args.output)
     return 0
-
-
-def _where(config: VLMConfig) -> str:
-    """``MODEL at URL`` or ``local MODEL``, for stage messages."""
-    return f"{config.model} at {config.base_url}" if config.base_url else f"local {config.model}"
 
 
 # -------------------------------------------------------------------------------- chronoedit edit --use-prompt-enhancer

@@ -16,10 +16,10 @@ from typing import Any
 from ..editing import resolve_sampling
 from ..errors import UserError
 from .edit import console_report
+from .enhance import ENHANCER_PREFIX
 from .flags import add_lora_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
 
 TOKEN_ENV = "CHRONOEDIT_API_TOKEN"
-ENHANCER_PREFIX = "prompt-enhancer"
 EPILOG = f"""\
 API: POST /v1/edits (multipart: image file + options JSON) -> job id; GET /v1/edits/ID (status, progress);
 GET /v1/edits/ID/result (edited image), /trajectory (mp4), /trajectory-sheet (png); DELETE /v1/edits/ID (cancel a

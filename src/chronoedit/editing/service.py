@@ -107,8 +107,7 @@ def enhance(edit: Edit, config: VLMConfig, report: Report = QUIET, device: str |
 
     if config.device is None and config.base_url is None:
         config.device = device
-    where = f"{config.model} at {config.base_url}" if config.base_url else f"local {config.model}"
-    report.stage(f"enhancing the prompt with {where}")
+    report.stage(f"enhancing the prompt with {config.where()}")
     with load_vlm(config) as vlm:
         enhanced = enhance_prompt(vlm, edit.image, edit.instruction)
     prompt = get_preset(edit.preset).prompt(enhanced) if edit.preset else enhanced

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..errors import one_line
 from .store import JobStore
 
 log = logging.getLogger("chronoedit.serve")
@@ -57,7 +58,7 @@ class Retention:
         try:
             self.sweep()
         except Exception as exc:  # e.g. the disk is busy: the next sweep tries again
-            log.error("chronoedit serve: deleting old results failed: %s", " ".join(str(exc).split()))
+            log.error("chronoedit serve: deleting old results failed: %s", one_line(exc))
 
     def sweep(self, now: float | None = None) -> tuple[int, int]:
         """Delete the records of jobs finished more than ``keep_s`` ago, the folders whose grace is over, and stray

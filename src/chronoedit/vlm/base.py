@@ -75,6 +75,10 @@ class VLMConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     field_prefix: str = "vlm"
 
+    def where(self) -> str:
+        """``MODEL at URL`` for an endpoint, ``local MODEL`` otherwise (for stage messages)."""
+        return f"{self.model} at {self.base_url}" if self.base_url else f"local {self.model}"
+
     def __post_init__(self) -> None:
         field = self.field_of
         if not self.model or not self.model.strip():
