@@ -40,8 +40,9 @@ def _where(thread: threading.Thread) -> str:
     frame = sys._current_frames().get(thread.ident or -1)
     if frame is None:
         return ""
-    innermost = traceback.extract_stack(frame)[-3:]
-    return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(innermost))
+    stack = traceback.extract_stack(frame)
+    stack = [f for f in stack if f.filename != threading.__file__] or stack  # not Thread's own plumbing if possible
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack[-3:]))
 
 
 def _leftover_threads(deadline: float) -> list[str]:
@@ -107,6 +108,13 @@ def _leftover_process_group() -> list[str]:
         return [f"a torch.distributed process group is initialised (backend {dist.get_backend()}, world size "
                 f"{dist.get_world_size()}): destroy_process_group() was not called"]  # fmt: skip
     return []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The seed of the random test order (pytest-randomly) at the end, also under -q, which hides its header line."""
+    if config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_reorganize"):
+        seed = config.getoption("randomly_seed")
+        terminalreporter.write_line(f"random test order: --randomly-seed={seed} repeats it")
 
 
 @pytest.fixture(scope="session", autouse=True)

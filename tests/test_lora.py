@@ -330,8 +330,9 @@ def test_parity_with_diffusers_lora_loading(tiny_ckpt_hd128, ours_hd128, tmp_pat
     """The diffusers layout (alpha, rank and alpha patterns in the header) and the Wan layout (alpha, diff_b on
     LoRA'd linears, which diffusers turns into lora_B biases), two adapters at 0.8 and 0.3, then set_adapters."""
     a, b = random_lora(ours_hd128, seed=11), random_lora(ours_hd128, seed=12)
+    gen = torch.Generator().manual_seed(15)
     for module in b.values():  # on every LoRA'd linear: diffusers leaves missing lora_B biases on the meta device
-        module.diff_b = 0.1 * torch.randn(module.up.shape[0])
+        module.diff_b = 0.1 * torch.randn(module.up.shape[0], generator=gen)
     path_a = save_lora(a, tmp_path / "a.safetensors")
     path_b = save(write_wan(b), tmp_path / "b.safetensors")
     ref, ours = diffusers_pipe(tiny_ckpt_hd128), copy.deepcopy(ours_hd128)
@@ -351,7 +352,8 @@ def test_parity_with_diffusers_lora_loading(tiny_ckpt_hd128, ours_hd128, tmp_pat
 def test_diffusers_drops_norm_diffs_and_bare_keys_we_do_not(tiny_ckpt_hd128, ours_hd128, tmp_path):
     """Where the reference is wrong: diffusers silently ignores ``.diff`` on norms and keys without the
     ``transformer.`` prefix; we apply both (checked against the hand-applied delta)."""
-    norm_only = {"blocks.0.norm2": LoraModule(diff=0.1 * torch.randn(ours_hd128.config.inner_dim))}
+    gen = torch.Generator().manual_seed(16)
+    norm_only = {"blocks.0.norm2": LoraModule(diff=0.1 * torch.randn(ours_hd128.config.inner_dim, generator=gen))}
     lora = random_lora(ours_hd128, seed=13) | norm_only
     ref, ours = diffusers_pipe(tiny_ckpt_hd128), copy.deepcopy(ours_hd128)
     ref_plain = forward(ref.transformer)
@@ -376,8 +378,8 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 
 def test_wrong_shapes_name_the_key_and_both_shapes(base, model, tmp_path):
-    lora = random_lora(base, seed=20)
-    lora["blocks.0.attn1.to_q"].up = torch.randn(64, RANK)
+    lora, gen = random_lora(base, seed=20), torch.Generator().manual_seed(22)
+    lora["blocks.0.attn1.to_q"].up = torch.randn(64, RANK, generator=gen)
     path = save(write_diffusers(lora), tmp_path / "x.safetensors")
     with pytest.raises(ValueError) as err:
         load_lora(model, path)
@@ -385,10 +387,10 @@ def test_wrong_shapes_name_the_key_and_both_shapes(base, model, tmp_path):
     assert "x.safetensors: blocks.0.attn1.to_q lora_B is [64, 4] but the model's weight is [32, 32]" in text
     assert "transformer.blocks.0.attn1.to_q.lora_B.weight" in text
     lora = random_lora(base, seed=20)
-    lora["blocks.1.ffn.net.0.proj"].up = torch.randn(64, 8)
+    lora["blocks.1.ffn.net.0.proj"].up = torch.randn(64, 8, generator=gen)
     with pytest.raises(ValueError, match=r"lora_A is \[4, 32\] but lora_B is \[64, 8\] \(ranks 4 and 8 differ"):
         load_lora(model, write_diffusers(lora))
-    norm = {"blocks.0.norm2": LoraModule(diff=torch.randn(16))}
+    norm = {"blocks.0.norm2": LoraModule(diff=torch.randn(16, generator=gen))}
     with pytest.raises(ValueError, match=r"blocks\.0\.norm2 diff is \[16\] but the model's weight is \[32\]"):
         load_lora(model, write_wan(norm))
     assert list_adapters(model) == []

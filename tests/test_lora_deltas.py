@@ -263,9 +263,9 @@ def test_diff_b_scales_disables_and_fuses_as_in_diffusers(tiny_ckpt_hd128, tmp_p
     fuse. Ours matches it at each step, and our base weights stay the originals while unfused."""
     ours = ChronoEditTransformer3DModel.from_pretrained(tiny_ckpt_hd128, subfolder="transformer")
     plain_model, original = copy.deepcopy(ours), base_state(ours)
-    lora = random_lora(ours, seed=37)
+    lora, gen = random_lora(ours, seed=37), torch.Generator().manual_seed(38)
     for module in lora.values():
-        module.diff_b = 0.1 * torch.randn(module.up.shape[0])
+        module.diff_b = 0.1 * torch.randn(module.up.shape[0], generator=gen)
     path = save(write_wan(lora), tmp_path / "b.safetensors")
     ref = diffusers_pipe(tiny_ckpt_hd128)
     pipe = ChronoEditPipeline(None, None, None, None, ours, None, None)

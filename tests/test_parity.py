@@ -70,8 +70,9 @@ def test_transformer_forward_matches_reference(our_transformer, ref_transformer,
 def test_temporal_skip_changes_the_two_frame_output(our_transformer):
     """The skip matters: placing the 2 frames at 0 and 1 (plain Wan) gives another result."""
     cfg = our_transformer.config
-    x = torch.randn(1, cfg.in_channels, 2, 4, 4, generator=torch.Generator().manual_seed(1))
-    text, clip = torch.randn(1, 512, cfg.text_dim), torch.randn(1, 257, cfg.image_dim)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, cfg.in_channels, 2, 4, 4, generator=gen)
+    text, clip = torch.randn(1, 512, cfg.text_dim, generator=gen), torch.randn(1, 257, cfg.image_dim, generator=gen)
     with torch.no_grad():
         skip = our_transformer(x, torch.tensor([500]), text, clip).sample
         our_transformer.rope.temporal_skip_len = 2

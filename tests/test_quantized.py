@@ -382,10 +382,10 @@ def test_full_weight_delta_on_a_quantized_linear_fails_loudly(q8_file):
 
 # ----------------------------------------------------------------------------------------------- QuantizedLinear
 def test_quantized_linear_is_a_linear_with_a_read_only_weight():
-    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     with torch.device("meta"):
         model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Linear(8, 64, bias=False))
-    dense = torch.randn(8, 64)
+    dense = torch.randn(8, 64, generator=gen)
     packed = gguf.quants.quantize(dense.numpy(), T.Q8_0)
     qweight = QTensor("Q8_0", torch.from_numpy(packed.copy()).reshape(-1, 34), (8, 64))
     fp16 = QTensor("F16", dense.T.contiguous().half().view(torch.uint8).reshape(-1, 2), (64, 8))
@@ -393,7 +393,7 @@ def test_quantized_linear_is_a_linear_with_a_read_only_weight():
     model[0]._parameters["bias"] = torch.nn.Parameter(torch.zeros(8), requires_grad=False)
     layer = model[0]
     assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (8, 64)
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 64, generator=gen)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, qweight.dequantize(), layer.bias))
     assert rel(layer.weight, dense) < 0.01
     for change in (lambda w: w.add_(1), lambda w: w.copy_(w), lambda w: w.data.add_(1), lambda w: w.zero_()):
@@ -416,7 +416,7 @@ def test_quantize_model_linears_keeps_the_islands_the_caller_names():
 
     with torch.device("meta"):
         model = torch.nn.ModuleDict({"time_embedder": torch.nn.Linear(32, 8), "to_q": torch.nn.Linear(32, 8)})
-    packed = gguf.quants.quantize(torch.randn(8, 32).numpy(), T.Q8_0)
+    packed = gguf.quants.quantize(torch.randn(8, 32, generator=torch.Generator().manual_seed(0)).numpy(), T.Q8_0)
 
     def weights() -> dict[str, QTensor]:
         return {name: QTensor("Q8_0", torch.from_numpy(packed.copy()).reshape(-1, 34), (8, 32)) for name in model}

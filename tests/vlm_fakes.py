@@ -189,8 +189,9 @@ def build_tiny_qwen_vl(folder: Path, family: str = "qwen2_5_vl", seed: int = 0) 
         video_token_id=vocab["<|video_pad|>"], vision_start_token_id=vocab["<|vision_start|>"],
         vision_end_token_id=vocab["<|vision_end|>"], **ids,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    model = getattr(transformers, names[1])(config)
+    with torch.random.fork_rng(devices=[]):  # the same weights for a seed; the global RNG left as it was
+        torch.manual_seed(seed)
+        model = getattr(transformers, names[1])(config)
     model.generation_config.update(**ids)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
