@@ -114,7 +114,13 @@ def _lock_output(config: TrainConfig, accelerator: Any) -> Any:
 
 
 def make_accelerator(config: TrainConfig) -> Any:
+    """The run's Accelerator. Accelerate keeps one process-wide state; a second run in the same process (the Python
+    API, or a test) would otherwise inherit the first run's mixed precision and refuse its own, so that state is
+    reset here (the process group, in PartialState, is kept)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
 
     if config.mode == "full" and config.mixed_precision == "fp16":
         raise UserError("full fine-tuning in fp16 is not supported: use mixed_precision bf16 (or no)",
