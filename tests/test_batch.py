@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import random
@@ -165,6 +166,7 @@ def test_rerun_skips_done_rows_and_redoes_partial_ones(capsys, tiny_ckpt, tmp_pa
 def test_failed_row_is_recorded_and_the_batch_goes_on(capsys, tiny_ckpt, tmp_path):
     make_images(tmp_path, 2)
     (tmp_path / "broken.png").write_bytes(b"not an image")
+    os.mkfifo(tmp_path / "pipe.png")  # would block a reader for ever: refused at once
     manifest = write_jsonl(
         tmp_path / "m.jsonl",
         [
@@ -173,27 +175,31 @@ def test_failed_row_is_recorded_and_the_batch_goes_on(capsys, tiny_ckpt, tmp_pat
             {"id": "bad", "input": "broken.png", "prompt": "x"},
             {"id": "badseed", "input": "img1.png", "prompt": "x", "seed": "abc"},
             {"id": "nosteps", "input": "img1.png", "prompt": "x", "num_inference_steps": 0},
+            {"id": "fifo", "input": "pipe.png", "prompt": "x"},
             {"id": "ok2", "input": "img1.png", "prompt": "y"},
         ],
     )
     code, lines, err = batch(capsys, manifest, "out", model=tiny_ckpt)
     assert code == 1
-    assert lines == ["batch: 2 done, 0 skipped, 4 failed (outputs in out)"]
+    assert lines == ["batch: 2 done, 0 skipped, 5 failed (outputs in out)"]
     out = tmp_path / "out"
     assert (out / "ok1.png").exists() and (out / "ok2.png").exists()
-    errors = {i: json.loads((out / f"{i}.error.json").read_text()) for i in ("gone", "bad", "badseed", "nosteps")}
+    errors = {i: json.loads((out / f"{i}.error.json").read_text())
+              for i in ("gone", "bad", "badseed", "nosteps", "fifo")}  # fmt: skip
+    fifo = tmp_path / "pipe.png"
+    assert errors["fifo"]["error"] == f"cannot read image {fifo}: it is a named pipe, not a regular file"
     assert "input image not found" in errors["gone"]["error"] and errors["gone"]["manifest_line"] == 2
     assert errors["gone"]["input"] == str(tmp_path / "missing.png")  # absolute, as in the result sidecars
     assert "cannot read image" in errors["bad"]["error"]
     assert "seed must be an integer" in errors["badseed"]["error"]
-    assert errors["nosteps"]["error"] == "num_inference_steps must be at least 1, got 0"  # the manifest's column
+    assert errors["nosteps"]["error"] == "num_inference_steps must be between 1 and 1000, got 0"  # the column
     assert all("\n" not in e["error"] for e in errors.values())
     assert not (out / "gone.png").exists() and not (out / "gone.json").exists()
     assert "row gone (line 2) failed: input image not found" in err
 
     (tmp_path / "missing.png").write_bytes((tmp_path / "img0.png").read_bytes())  # fix one row and rerun
     code, lines, _ = batch(capsys, manifest, "out", model=tiny_ckpt)
-    assert (code, lines) == (1, ["batch: 1 done, 2 skipped, 3 failed (outputs in out)"])
+    assert (code, lines) == (1, ["batch: 1 done, 2 skipped, 4 failed (outputs in out)"])
     assert (out / "gone.json").exists() and not (out / "gone.error.json").exists()
 
 
@@ -214,6 +220,48 @@ class FailingPipe:
         if prompt == "boom":
             raise RuntimeError("boom: a bug, not a user error")
         return types.SimpleNamespace(frames=np.full((1, 1, height, width, 3), 0.5, dtype=np.float32))
+
+
+def test_a_full_disk_stops_the_batch_in_one_line_and_a_rerun_finishes_it(capsys, tmp_path, monkeypatch):
+    """Out of space while writing a row's image or its sidecar: the batch stops with one line naming the file (every
+    later row would fail alike), leaves no partial or temp file and no error record; once there is room again a rerun
+    skips the finished rows and completes the rest."""
+    from chronoedit import files, media
+
+    make_images(tmp_path, 1)
+    manifest = write_jsonl(tmp_path / "m.jsonl", [
+        {"id": f"r{i}", "input": "img0.png", "prompt": f"p{i}"} for i in range(4)])  # fmt: skip
+    out, real_save, real_json = tmp_path / "out", media.save_image, files.write_json
+    full = {"image": "r1.png", "sidecar": "r2.json"}
+
+    def save_image(image, path):
+        if Path(path).name == full["image"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(image, path)
+
+    def write_json(path, data):
+        if Path(path).name == full["sidecar"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_json(path, data)
+
+    monkeypatch.setattr(media, "save_image", save_image)
+    monkeypatch.setattr(files, "write_json", write_json)
+    monkeypatch.setattr(runner_module, "load_pipeline", lambda spec, report: FailingPipe())
+    code, lines, err = batch(capsys, manifest, out, model="demo")
+    errors = [line for line in err.splitlines() if "note: the demo model" not in line]
+    assert (code, lines) == (2, [])
+    assert errors == [f"chronoedit: error: cannot write {out / 'r1.png'}: the disk is full"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["r0.json", "r0.png"]
+
+    full["image"] = None  # the next run gets further: the sidecar write fails
+    code, lines, err = batch(capsys, manifest, out, model="demo")
+    assert code == 2 and err.splitlines()[-1] == f"chronoedit: error: cannot write {out / 'r2.json'}: the disk is full"
+    assert "Traceback" not in err
+    assert not (out / "r2.error.json").exists() and not any(files.is_temp_name(p.name) for p in out.iterdir())
+
+    full["sidecar"] = None  # room again
+    code, lines, _ = batch(capsys, manifest, out, model="demo")
+    assert (code, lines) == (0, [f"batch: 2 done, 2 skipped, 0 failed (outputs in {out})"])
 
 
 def test_a_bug_in_a_row_stops_the_batch_while_user_errors_are_recorded(capsys, tiny_ckpt, tmp_path, monkeypatch):
@@ -269,16 +317,34 @@ def test_a_bug_in_a_row_stops_the_batch_while_user_errors_are_recorded(capsys, t
         ('{"input": "a.png", "prompt": "x", "id": "../up"}\n', "m.jsonl", "bad id '../up' in line 1"),
         ("input,prompt\na.png,x\nb.png,\n", "m.csv", "missing prompt in line 3"),
         ("input,prompt\na.png,x,extra\n", "m.csv", "line 2 has more cells than the header"),
+        ("input,prompt,prompt\na.png,x,y\n", "m.csv", "the header names column 'prompt' more than once"),
+        ('input,prompt\na.png,"two\nlines"\nb.png,x,extra\n', "m.csv", "line 4 has more cells than the header"),
+        ('input,prompt\na.png,"two\nlines"\n\nb.png,\n', "m.csv", "missing prompt in line 5"),
+        ('input,prompt\na.png,x\nb.png,"open\nquote\n', "m.csv", "cannot parse the record starting at line 3"),
+        ('{"input": "a.png", "prompt": "x\u2028y"}\n{"input": "b.png"}\n', "m.jsonl", "missing prompt in line 2"),
+        (b"input,prompt\na.png,\xff\n", "m.csv", "not UTF-8 text"),
     ],
 )  # fmt: skip
 def test_bad_manifest_is_one_line_and_exit_2(capsys, tmp_path, no_loading, content, name, expected):
     manifest = tmp_path / name
-    if content is not None:
+    if isinstance(content, bytes):
+        manifest.write_bytes(content)
+    elif content is not None:
         manifest.write_text(content)
     code, lines, err = batch(capsys, manifest, "out", model="demo")
     assert code == 2 and lines == []
     assert len(err.strip().splitlines()) == 1 and err.startswith("chronoedit: error: "), err
     assert expected in err and "Traceback" not in err
+
+
+def test_a_named_pipe_manifest_is_refused_at_once(capsys, tmp_path, no_loading):
+    """A FIFO manifest does not block the batch."""
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    code, _, err = batch(capsys, fifo, "out", model="demo")
+    assert code == 2 and err == f"chronoedit: error: cannot read manifest {fifo}: it is a named pipe, not a regular " \
+                                "file\n"
+    # a row naming a FIFO: test_failed_row_is_recorded_and_the_batch_goes_on
 
 
 def test_bad_flags_exit_2_before_loading(capsys, tmp_path, no_loading):
@@ -288,7 +354,7 @@ def test_bad_flags_exit_2_before_loading(capsys, tmp_path, no_loading):
     code, _, err = batch(capsys, manifest, "out", model=tmp_path / "nope")
     assert code == 2 and "model folder not found" in err
     code, _, err = batch(capsys, manifest, "out", "--num-inference-steps", "0", model="demo")  # named as the flag
-    assert (code, err) == (2, "chronoedit: error: --num-inference-steps must be at least 1, got 0\n")
+    assert (code, err) == (2, "chronoedit: error: --num-inference-steps must be between 1 and 1000, got 0\n")
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
 
 

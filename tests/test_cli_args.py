@@ -161,18 +161,42 @@ def test_model_path_from_environment(capsys, image, tmp_path, monkeypatch):
         (["--enable-temporal-reasoning", "--trajectory-sheet", "t.mp4"], "--trajectory-sheet t.mp4 must be an image"),
         (["--output-image", "e.mp4"], "--output-image e.mp4 must be an image"),
         (["-o", "same.png", "--output-image", "same.png"], "both write same.png"),
-        (["--num-inference-steps", "0"], "--num-inference-steps must be at least 1"),
+        (["--num-inference-steps", "0"], "--num-inference-steps must be between 1 and 1000, got 0"),
+        (["--num-inference-steps", "100000"], "--num-inference-steps must be between 1 and 1000, got 100000"),
         (["--flow-shift", "0"], "--flow-shift must be between 0.01 and 100"),
         (["--flow-shift", "inf"], "--flow-shift must be between 0.01 and 100"),
-        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be between 0 and 100, got nan"),
+        (["--guidance-scale", "1e308"], "--guidance-scale must be between 0 and 100, got 1e+308"),
         (["--seed", str(2**64)], "--seed must be between 0 and 2**63 - 1"),
-        (["--max-area", "100"], "--max-area must be at least 256"),
+        (["--max-area", "100"], "--max-area must be between 256 and 4194304 pixels"),
+        (["--max-area", str(10**12)], "--max-area must be between 256 and 4194304 pixels"),
+        (["--height", "100000", "--width", "100000"], "the size 100000x100000 (--height x --width) is over the largest "
+                                                      "edit, a 4096-pixel side and 4194304 pixels"),
+        (["--height", str(2**40), "--width", "16"], f"the size {2**40}x16 (--height x --width) is over"),
+        (["--height", "4112", "--width", "16"], "is over the largest edit"),
+        (["--height", "2064", "--width", "2048"], "is over the largest edit"),
+        (["--device", "meta"], "--device meta: not a device that can run an edit"),
+        (["--device", "cpu:x"], "unknown --device"),
         (["--device", "nonsense"], "unknown --device"),
     ],
 )
 def test_inconsistent_flags(capsys, image, flags, message):
     code, _, err = run_cli(capsys, "-i", image, "-p", "x", *flags)
     assert_one_error(code, err, message)
+
+
+def test_size_bounds_can_be_raised_from_the_environment(capsys, image, monkeypatch):
+    """4096x1024 is the largest area at the largest side; the environment raises either bound, and a bad value
+    there is one line too."""
+    code, _, err = run_cli(capsys, "-i", image, "-p", "x", "--height", "4096", "--width", "1024")
+    assert code == 1 and "AssertionError: model loading reached" in err  # valid: reaches the (forbidden) load
+    monkeypatch.setenv("CHRONOEDIT_MAX_SIDE", "8192")
+    monkeypatch.setenv("CHRONOEDIT_MAX_AREA", str(8192 * 1024))
+    code, _, err = run_cli(capsys, "-i", image, "-p", "x", "--height", "8192", "--width", "1024")
+    assert code == 1 and "AssertionError: model loading reached" in err
+    monkeypatch.setenv("CHRONOEDIT_MAX_AREA", "lots")
+    code, _, err = run_cli(capsys, "-i", image, "-p", "x", "--height", "8192", "--width", "1024")
+    assert_one_error(code, err, "the environment variable CHRONOEDIT_MAX_AREA must be a whole number of pixels")
 
 
 def test_unavailable_cuda(capsys, image):
@@ -372,6 +396,22 @@ def test_fake_video_is_frames_when_trajectory_has_own_file(monkeypatch, capsys, 
     )
     assert code == 0, err
     assert out.strip().splitlines() == ["wrote video: v.mp4 (9 frames)", "wrote trajectory video: t.mp4 (29 frames)"]
+
+
+def test_a_video_the_disk_cannot_hold_is_one_line_and_no_file(monkeypatch, capsys, image, tmp_path):
+    """The encoder fails on a full disk after writing part of the file: no "wrote" line, exit 2, one line naming the
+    output and the cause, and neither the video nor a temp file is left."""
+    from chronoedit import media
+
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\nfor last; do :; done\nhead -c 100 /dev/zero > \"$last\"\n"
+                    "echo 'Error writing trailer: No space left on device' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(media, "_ffmpeg", lambda: str(fake))
+    flags = ["--height", "32", "--width", "32", "--enable-temporal-reasoning", "--num-frames", "9", "--quiet"]
+    code, out, err = _run_fake(monkeypatch, capsys, FakePipe(), "-i", image, "-p", "x", "-o", "v.mp4", *flags)
+    assert_one_error(code, err, "cannot write v.mp4: the disk is full")
+    assert "wrote" not in out and sorted(p.name for p in tmp_path.iterdir()) == ["ffmpeg", "in.png"]
 
 
 def test_fake_nan_output_writes_nothing(monkeypatch, capsys, image, tmp_path):

@@ -87,8 +87,8 @@ def test_a_config_that_is_no_json_object_is_one_line(tmp_path, capsys):
     config.write_text("[1, 2]")
     code = cli.main(["convert", str(tmp_path / "nope"), str(tmp_path / "out"), "--config", str(config)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == [f"chronoedit: error: --config {config}: expected a JSON object "
-                                 "(a transformer's config.json)"], err  # fmt: skip
+    assert code == 2 and err == [f"chronoedit: error: {config}: expected a JSON object of settings, got a JSON "
+                                 "list"], err  # fmt: skip
 
 
 def test_an_output_folder_that_cannot_be_written_is_a_user_error(model, tmp_path):

@@ -83,7 +83,40 @@ def test_public_transformer_class_is_the_pure_model_with_from_pretrained(tiny):
 
 def test_bad_transformer_config_is_a_user_error(ckpt):
     _edit_config(ckpt, qk_norm="layer_norm")
-    with pytest.raises(UserError, match=r"transformer config: unsupported qk_norm 'layer_norm'"):
+    where = re.escape(str(ckpt / "transformer" / "config.json"))
+    with pytest.raises(UserError, match=rf"^{where}: unsupported qk_norm 'layer_norm'"):
+        loading.load_transformer(ckpt, subfolder="transformer")
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("num_attention_heads", -2, "num_attention_heads must be a whole number from 1 to 1024, got -2"),
+    ("num_attention_heads", 0, "num_attention_heads must be a whole number from 1 to 1024, got 0"),
+    ("num_layers", "2", "num_layers must be a whole number from 0 to 1024, got '2'"),
+    ("num_layers", 10**9, "num_layers must be a whole number from 0 to 1024, got 1000000000"),
+    ("ffn_dim", 64.0, "ffn_dim must be a whole number"),
+    ("attention_head_dim", True, "attention_head_dim must be a whole number"),
+    ("image_dim", -1, "image_dim must be null or a whole number"),
+    ("patch_size", [1, 2], "patch_size must be 3 whole numbers from 1 to 64, got [1, 2]"),
+    ("patch_size", [1, -2, 2], "patch_size must be 3 whole numbers"),
+    ("cross_attn_norm", "yes", "cross_attn_norm must be true or false, got 'yes'"),
+    ("eps", float("nan"), "eps must be a number between 0 and 1, got nan"),
+    ("qk_norm", 3, "qk_norm must be a string, got 3"),
+])  # fmt: skip
+def test_config_values_of_the_wrong_type_or_range_name_the_file_and_key(ckpt, key, value, says):
+    """A transformer config.json with a wrong JSON type or a non-positive (or absurd) size is one line naming the
+    file and the key, raised before any model is built."""
+    _edit_config(ckpt, **{key: value})
+    where = re.escape(str(ckpt / "transformer" / "config.json"))
+    with pytest.raises(UserError, match=rf"^{where}: {re.escape(says)}"):
+        loading.load_transformer(ckpt, subfolder="transformer")
+
+
+@pytest.mark.parametrize("text, kind", [("[1, 2]", "list"), ('"config"', "string"), ("null", "null")])
+def test_config_that_is_not_a_json_object_names_the_file(ckpt, text, kind):
+    path = ckpt / "transformer" / "config.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: expected a JSON object of settings, got a JSON "
+                                        rf"{kind}$"):
         loading.load_transformer(ckpt, subfolder="transformer")
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import imageio.v2 as imageio
 import numpy as np
@@ -40,7 +45,8 @@ def test_load_image_missing(tmp_path):
 
 
 def test_load_image_directory(tmp_path):
-    with pytest.raises(ValueError, match=f"^cannot read image {re.escape(str(tmp_path))}: it is a directory$"):
+    with pytest.raises(ValueError, match=f"^cannot read image {re.escape(str(tmp_path))}: it is a directory, not a "
+                                         "regular file$"):
         media.load_image(tmp_path)
 
 
@@ -66,8 +72,50 @@ def test_load_image_corrupt_bytes(tmp_path):
 def test_load_image_text_named_png(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("this is not an image\n")
-    with pytest.raises(ValueError, match=f"^cannot read image {re.escape(str(path))}: not a recognised image format$"):
+    with pytest.raises(ValueError, match=f"^cannot read image {re.escape(str(path))}: not a PNG, JPEG, WEBP, GIF, BMP "
+                                         "or TIFF image$"):
         media.load_image(path)
+
+
+def test_load_image_refuses_formats_outside_the_list(tmp_path):
+    """An EPS (Ghostscript), ICO or PPM file is never decoded, whatever its name says."""
+    for name, fmt in (("drawing.png", "EPS"), ("icon.png", "ICO"), ("raw.png", "PPM")):
+        path = tmp_path / name
+        Image.new("RGB", (16, 16), (1, 2, 3)).save(path, format=fmt)
+        assert Image.open(path).format == fmt  # Pillow alone would open it
+        with pytest.raises(UserError, match=f"^cannot read image {re.escape(str(path))}: not a PNG, JPEG"):
+            media.load_image(path)
+        with pytest.raises(UserError, match="not a readable image"):
+            media.image_size(path)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_load_image_reads_every_listed_format(tmp_path, fmt):
+    path = tmp_path / f"image.{fmt.lower()}"
+    Image.new("RGB", (16, 8), (0, 0, 250)).save(path, format=fmt)
+    assert media.load_image(path).size == (16, 8) and media.image_size(path) == (16, 8)
+
+
+def test_named_pipe_input_fails_at_once(tmp_path):
+    """A FIFO would block a reader until someone writes to it; it is refused without waiting."""
+    fifo = tmp_path / "input.png"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match=f"^cannot read image {re.escape(str(fifo))}: it is a named pipe, not a regular "
+                                        "file$"):
+        media.load_image(fifo)
+    with pytest.raises(UserError, match="it is a named pipe"):
+        files.check_regular(fifo, "LoRA")
+    with pytest.raises(UserError, match="it is a named pipe"):
+        files.open_regular(fifo)
+
+
+def test_devices_are_not_inputs(tmp_path):
+    with pytest.raises(UserError, match=r"^cannot read image /dev/null: it is a device, not a regular file$"):
+        media.load_image("/dev/null")
+    with pytest.raises(UserError, match=r"^cannot read weights /dev/zero: it is a device"):
+        files.check_regular("/dev/zero", "weights")
+    with files.open_regular(_png(tmp_path / "ok.png")) as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_load_image_alpha_composited_on_white(tmp_path):
@@ -311,6 +359,65 @@ def test_save_video_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="encoder died"):
         media.save_video(_video_frames(5), tmp_path / "video.mp4")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_video_checks_the_encoder_exit_status(tmp_path, monkeypatch):
+    """An encoder that dies (here: reports a full disk and exits 1 after writing some bytes) is an OSError naming the
+    cause, and no file is left under either name."""
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\nfor last; do :; done\nprintf 'partial' > \"$last\"\n"
+                    "echo 'av_interleaved_write_frame(): No space left on device' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(media, "_ffmpeg", lambda: str(fake))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OSError) as caught:
+        media.save_video(_video_frames(5), out / "video.mp4")
+    assert caught.value.errno == errno.ENOSPC and files.os_reason(caught.value) == "the disk is full"
+    assert list(out.iterdir()) == []
+
+
+def test_save_video_rereads_what_it_wrote(tmp_path, monkeypatch):
+    """An encoder that exits 0 but leaves a file that is not the whole video is caught by reading it back."""
+    monkeypatch.setattr(media, "_count_frames", lambda path: 3)
+    with pytest.raises(OSError, match="reads back with 3 of its 5 frames"):
+        media.save_video(_video_frames(5), tmp_path / "video.mp4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_video_on_a_disk_that_takes_no_more(tmp_path):
+    """A real write failure: the encoder runs under a file-size limit (RLIMIT_FSIZE) smaller than the video, so the
+    kernel stops it mid-file. Nothing is kept, and the error names the encoder's death."""
+    script = textwrap.dedent(f"""
+        import resource, sys
+        import numpy as np
+        from chronoedit import files, media
+        frames = np.random.default_rng(0).random((17, 96, 128, 3), dtype=np.float32)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        try:
+            media.save_video(frames, {str(tmp_path / "video.mp4")!r})
+        except OSError as exc:
+            print("refused:", files.os_reason(exc))
+            sys.exit(3)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.startswith("refused: the video encoder ") and list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_flushes_before_the_rename(tmp_path, monkeypatch):
+    """A disk that reports a full disk only when the data is flushed (fsync) fails the write; the old file stays."""
+    target = tmp_path / "notes.txt"
+    files.save_text("old", target)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as caught:
+        files.save_text("new", target)
+    assert caught.value.errno == errno.ENOSPC
+    assert target.read_text() == "old" and _leftovers(tmp_path) == []
 
 
 def test_save_video_rejects_nan_before_writing(tmp_path):

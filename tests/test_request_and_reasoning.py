@@ -127,9 +127,9 @@ BAD_CALLS = {
         {"enable_temporal_reasoning": True, "num_frames": 9, "num_temporal_reasoning_steps": 1.5},
         r"num_temporal_reasoning_steps must be between 0 and num_inference_steps \(2\), got 1.5",
     ),
-    "nan_guidance": ({"guidance_scale": float("nan")}, r"guidance_scale must be a finite number >= 0, got nan"),
+    "nan_guidance": ({"guidance_scale": float("nan")}, r"guidance_scale must be between 0 and 100, got nan"),
     "output_type": ({"output_type": "mp4"}, r"output_type must be one of np, pt, pil, latent, got 'mp4'"),
-    "steps_zero": ({"num_inference_steps": 0}, r"num_inference_steps must be at least 1, got 0"),
+    "steps_zero": ({"num_inference_steps": 0}, r"num_inference_steps must be between 1 and 1000, got 0"),
     "videos_per_prompt_zero": ({"num_videos_per_prompt": 0}, r"num_videos_per_prompt must be >= 1, got 0"),
     "max_sequence_length": ({"max_sequence_length": 513}, r"max_sequence_length must be between 1 and 512"),
     "prompt_embeds_width": (
@@ -183,7 +183,7 @@ BAD_CALLS |= {
 
 # Values that are no numbers at all are user errors too, never a TypeError from deep inside.
 BAD_CALLS |= {
-    "guidance_str": ({"guidance_scale": "5"}, r"guidance_scale must be a finite number >= 0, got '5'"),
+    "guidance_str": ({"guidance_scale": "5"}, r"guidance_scale must be between 0 and 100, got '5'"),
     "videos_per_prompt_fraction": (
         {"num_videos_per_prompt": 1.5},
         r"num_videos_per_prompt must be a positive integer, got 1\.5",

@@ -153,6 +153,26 @@ def test_openai_empty_answer_is_an_error():
         fake.close()
 
 
+@pytest.mark.parametrize("content, answer", [
+    ([{"type": "text", "text": "a red "}, {"type": "text", "text": "hat"}], "a red hat"),  # parts, as some servers do
+    ([{"type": "image_url", "image_url": {"url": "x"}}], "empty answer"),
+    ({"text": "hi"}, "content that is not text"),
+    (42, "content that is not text"),
+])  # fmt: skip
+def test_openai_content_that_is_a_list_of_parts_or_no_text(content, answer):
+    """Text parts are joined; content that holds no text is one VLMError line, not a traceback."""
+    fake = FakeOpenAIServer(lambda request: content)
+    try:
+        with load_vlm(config(fake.url)) as vlm:
+            if isinstance(content, list) and answer == "a red hat":
+                assert vlm.chat("s", "hello") == answer
+            else:
+                with pytest.raises(VLMError, match=answer):
+                    vlm.chat("s", "hello")
+    finally:
+        fake.close()
+
+
 def test_openai_adapts_to_reasoning_models_that_refuse_max_tokens_and_temperature():
     fake = FakeOpenAIServer(lambda request: "fine")
     fake.failures = [

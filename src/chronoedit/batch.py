@@ -83,12 +83,13 @@ def read_manifest(path: str | Path) -> list[Row]:
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"manifest not found: {path}")
-    if path.is_dir():
-        raise ManifestError(f"manifest {path} is a directory")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"cannot read manifest {path}: {exc}") from exc
+        with files.open_regular(path, "manifest") as handle:
+            text = handle.read().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"cannot read manifest {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {path}: {files.os_reason(exc, path)}") from exc
     records = _csv_records(text, path) if path.suffix.lower() == ".csv" else _jsonl_records(text, path)
     if not records:
         raise ManifestError(f"manifest {path} is empty: no rows")
@@ -107,7 +108,8 @@ def read_manifest(path: str | Path) -> list[Row]:
 
 def _jsonl_records(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() would split at.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -121,18 +123,34 @@ def _jsonl_records(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _csv_records(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-    records = []
+    """(line where the record starts, its non-empty cells by column) for each CSV record after the header."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, records, start = None, [], 1
     try:
-        for record in reader:
-            if None in record:
-                raise ManifestError(f"{path}: line {reader.line_num} has more cells than the header")
-            values = {k.strip(): v.strip() for k, v in record.items() if k is not None and v is not None and v.strip()}
+        for cells in reader:
+            line, start = start, reader.line_num + 1  # a quoted cell may span lines: a record starts after the last
+            if not any(cell.strip() for cell in cells):
+                continue
+            if header is None:
+                header = _csv_header(cells, path)
+                continue
+            if len(cells) > len(header):
+                raise ManifestError(f"{path}: line {line} has more cells than the header")
+            values = {name: cell.strip() for name, cell in zip(header, cells, strict=False) if name and cell.strip()}
             if values:
-                records.append((reader.line_num, values))
+                records.append((line, values))
     except csv.Error as exc:
-        raise ManifestError(f"{path}: cannot parse line {reader.line_num}: {exc}") from exc
+        raise ManifestError(f"{path}: cannot parse the record starting at line {start}: {exc}") from exc
     return records
+
+
+def _csv_header(cells: list[str], path: Path) -> list[str]:
+    """The header's column names; ManifestError when a name appears twice (one column would be lost)."""
+    names = [cell.strip() for cell in cells]
+    twice = sorted({name for name in names if name and names.count(name) > 1})
+    if twice:
+        raise ManifestError(f"{path}: the header names column {', '.join(map(repr, twice))} more than once")
+    return names
 
 
 def _make_row(line: int, record: dict[str, Any], path: Path) -> Row:
@@ -375,6 +393,8 @@ def _run_row_recorded(runner: EditRunner, batch: Batch, row: Row) -> str | None:
     try:
         _run_row(runner, batch, row)
     except UserError as exc:
+        if files.is_out_of_space(exc):  # every later row would fail alike: stop here, resumable once there is room
+            raise
         message, kind = exc.render(), type(exc).__name__  # fields by their manifest column names
     except Exception as exc:
         if type(exc).__name__ != "OutOfMemoryError":  # anything but a row too large for the device is a bug
@@ -384,10 +404,12 @@ def _run_row_recorded(runner: EditRunner, batch: Batch, row: Row) -> str | None:
         with contextlib.suppress(FileNotFoundError):
             error_path(batch.out_dir, row.id).unlink()
         return None
-    files.write_json(error_path(batch.out_dir, row.id), {
-        "id": row.id, "manifest_line": row.line, "input": str(row.input.absolute()), "error": message,
-        "error_type": kind, "run_id": batch.run_id, "time": _now(), "chronoedit_version": __version__,
-    })  # fmt: skip
+    record = error_path(batch.out_dir, row.id)
+    with files.writing(record):
+        files.write_json(record, {
+            "id": row.id, "manifest_line": row.line, "input": str(row.input.absolute()), "error": message,
+            "error_type": kind, "run_id": batch.run_id, "time": _now(), "chronoedit_version": __version__,
+        })  # fmt: skip
     return message
 
 
@@ -405,4 +427,6 @@ def _run_row(runner: EditRunner, batch: Batch, row: Row) -> None:
     write_outputs(edit, plan, out)
     timings["write_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
-    files.write_json(sidecar_path(batch.out_dir, row.id), _sidecar(batch, edit, row, fmt, timings, started))
+    sidecar = sidecar_path(batch.out_dir, row.id)
+    with files.writing(sidecar):
+        files.write_json(sidecar, _sidecar(batch, edit, row, fmt, timings, started))

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
+COMPUTE_DEVICES = ("cpu", "cuda", "mps", "xpu")  # devices whose tensors hold data (not meta) that chronoedit runs on
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -37,14 +38,29 @@ def resolve_device(name: str | None, field: str = "device", allow_auto: bool = F
                             field)  # fmt: skip
         return name
     try:
-        kind = torch.device(name).type
+        device = torch.device(name)
     except (RuntimeError, ValueError):
         raise UserError(f"unknown {{{field}}} {name!r}", field) from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{{{field}}} {name}: CUDA is not available on this machine (use {{{field}}} cpu)", field)
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"{{{field}}} {name}: MPS is not available on this machine (use {{{field}}} cpu)", field)
+    if device.type not in COMPUTE_DEVICES:
+        raise UserError(f"{{{field}}} {name}: not a device that can run an edit (use cpu, cuda, cuda:N, mps or xpu)",
+                        field)  # fmt: skip
+    _check_present(device, name, field)
     return name
+
+
+def _check_present(device: torch.device, name: str, field: str) -> None:
+    """UserError unless this machine has ``device`` (its backend, and its index when one is given)."""
+    import torch
+
+    backends = {"cuda": torch.cuda, "mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}
+    backend = backends.get(device.type)
+    if backend is not None and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise UserError(f"{{{field}}} {name}: {device.type.upper()} is not available on this machine "
+                        f"(use {{{field}}} cpu)", field)  # fmt: skip
+    count = backend.device_count() if backend is not None and hasattr(backend, "device_count") else 1
+    if device.index is not None and device.type != "cpu" and device.index >= count:
+        raise UserError(f"{{{field}}} {name}: this machine has {count} {device.type} device(s), numbered from 0",
+                        field)  # fmt: skip
 
 
 def default_dtype(device: str, demo: bool = False) -> str:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -42,16 +43,29 @@ def is_temp_name(name: str) -> bool:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same suffix); on success move it onto ``path`` with ``os.replace``.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    Before the rename the temporary file's data is flushed to the disk (``fsync``): a write the disk could not hold
+    (a full disk that reports only on flush, a quota) fails here, as an OSError, instead of leaving a short file
+    under the final name. On any exception the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         yield tmp
+        _flush_to_disk(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync a file the caller has written and closed; OSError (ENOSPC, EIO, EDQUOT) when the disk did not take it.
+    A writer that produced no file at all is a bug in that writer, so it is not excused here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_text(text: str, path: str | os.PathLike) -> Path:
@@ -60,6 +74,50 @@ def save_text(text: str, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def open_regular(path: str | os.PathLike, what: str = "file") -> IO[bytes]:
+    """Open ``path`` for reading in binary mode, refusing at once anything that is not a regular file.
+
+    A named pipe would block the reader until some other process writes to it, and a device or socket is never an
+    input: the file is opened without blocking and checked on the open handle (no race between a check and the
+    open). UserError ``cannot read WHAT PATH: reason`` otherwise (missing, a folder, a pipe, no permission).
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        reason = "not found" if exc.errno == errno.ENOENT else os_reason(exc, path)
+        raise UserError(f"cannot read {what} {path}: {reason}") from None
+    kind = _file_kind(os.fstat(fd).st_mode)
+    if kind != "file":
+        os.close(fd)
+        raise UserError(f"cannot read {what} {path}: it is {kind}, not a regular file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def check_regular(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` if it is a regular file (symlinks followed); the one-line UserError of :func:`open_regular` if not.
+    For readers that take a path (safetensors, ffmpeg); the check opens nothing, so it never blocks."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        reason = "not found" if exc.errno == errno.ENOENT else os_reason(exc, path)
+        raise UserError(f"cannot read {what} {path}: {reason}") from None
+    kind = _file_kind(mode)
+    if kind != "file":
+        raise UserError(f"cannot read {what} {path}: it is {kind}, not a regular file")
+    return path
+
+
+def _file_kind(mode: int) -> str:
+    """``file`` for a regular file, else what it is, in words."""
+    kinds = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def hold_lock(path: str | os.PathLike, busy: str) -> IO[str]:
@@ -126,6 +184,15 @@ def os_reason(exc: OSError, path: Path | None = None) -> str:
     if filename and (path is None or Path(filename) != path) and not is_temp_name(Path(filename).name):
         text = f"{filename}: {text}"
     return text
+
+
+def is_out_of_space(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it was raised from, is a full disk (or a used-up quota)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def is_io_error(exc: BaseException) -> bool:

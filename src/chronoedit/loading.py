@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .files import check_regular, open_regular
 from .keymap import is_original_layout, original_to_ours, strip_prefix
 from .model import ChronoEditTransformer3DModel as PureTransformer
 from .model import TransformerConfig
@@ -81,12 +82,23 @@ def component_dir(root: Path, name: str) -> Path:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    """A checkpoint's JSON file, which must hold an object; UserError naming the file otherwise."""
+    if not path.exists():
         raise UserError(f"missing file: {path}")
+    with open_regular(path, "config") as handle:
+        text = handle.read()
     try:
-        return json.loads(path.read_text())
+        data = json.loads(text.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"cannot parse {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object of settings, got a JSON {_json_kind(data)}")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    names = {list: "list", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -163,7 +175,7 @@ def transformer_source(
     rename = original_to_ours if original else strip_prefix
     ours = {rename(k): s for k, s in shapes.items() if not k.endswith(FP8_SCALE_SUFFIXES) and k not in FP8_MARKERS}
     if config is None and config_path is not None:
-        config = TransformerConfig.from_dict(read_json(config_path))  # a folder must have its config.json
+        config = TransformerConfig.from_dict(read_json(config_path), where=str(config_path))  # a folder needs one
     if config is None:
         config = TransformerConfig.from_shapes({k: v for k, v in ours.items() if k is not None})
     return WeightSource(files, config, original, read_fp8_scales(files, rename))
@@ -267,6 +279,7 @@ def is_linear_weight(model: torch.nn.Module, name: str) -> bool:
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors (or GGUF) header, without reading the tensors."""
+    check_regular(path, "weights")
     if path.suffix.lower() == GGUF_SUFFIX:
         from .quant.gguf import gguf_shapes
 

@@ -7,6 +7,7 @@ imported.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from collections.abc import Sequence
@@ -16,13 +17,16 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .errors import UserError
-from .files import atomic_path
+from .errors import UserError, one_line
+from .files import atomic_path, open_regular
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 VIDEO_SUFFIXES = {".mp4"}
 OUTPUT_FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}  # image format name -> suffix
 CONTACT_SHEET_MAX_WIDTH = 2048
+# The only image formats chronoedit decodes, from files and uploads alike: no EPS/PDF (Ghostscript), no ICO/ICNS/
+# PSD/... decoders that a hostile file could reach.
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 _PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 _SAVE_OPTIONS: dict[str, dict[str, Any]] = {"PNG": {}, "JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
@@ -34,23 +38,28 @@ Frames: TypeAlias = "Sequence[Image.Image] | np.ndarray | Any"  # Any: a torch.T
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file fully and return it as RGB (EXIF rotation applied, alpha composited on white).
 
-    Raises UserError when ``path`` does not exist, is a directory, unreadable,
-    truncated, corrupt or not an image.
+    Only regular files in :data:`INPUT_FORMATS` are read. Raises UserError when ``path`` does not exist, is not a
+    regular file (a folder, a named pipe), is unreadable, truncated, corrupt or not an image in those formats.
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"input image not found: {path}")
-    if path.is_dir():
-        raise UserError(f"cannot read image {path}: it is a directory")
     try:
-        with Image.open(path) as image:
+        with open_regular(path, "image") as handle, Image.open(handle, formats=INPUT_FORMATS) as image:
             image.load()  # force a full decode so truncated files fail here, not later
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except Image.UnidentifiedImageError as exc:
-        raise UserError(f"cannot read image {path}: not a recognised image format") from exc
+        raise UserError(f"cannot read image {path}: not {_format_names()}") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {path}: {str(exc) or type(exc).__name__}") from exc
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"cannot read image {path}: {one_line(exc)}") from exc
+
+
+def _format_names() -> str:
+    """The accepted formats in words: ``a PNG, JPEG, ... or TIFF image``."""
+    return f"a {', '.join(INPUT_FORMATS[:-1])} or {INPUT_FORMATS[-1]} image"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -87,12 +96,13 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     if not path.is_file():
         raise FileNotFoundError("not found" if not path.exists() else "not a file")
     try:
-        with Image.open(path) as image:
+        with open_regular(path, "image") as handle, Image.open(handle, formats=INPUT_FORMATS) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError("not a readable image" + (f" ({exc})" if isinstance(exc, Image.DecompressionBombError)
-                                                   else "")) from exc  # fmt: skip
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"not a readable image ({one_line(exc)})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError("not a readable image") from exc
     return (height, width) if orientation in _ROTATED else (width, height)
 
 
@@ -195,23 +205,51 @@ def _pad_to_even(array: np.ndarray) -> np.ndarray:
 
 
 def _encode_mp4(array: np.ndarray, path: Path, fps: int) -> None:
-    """Encode (F, H, W, 3) uint8 with even H, W to ``path`` via imageio's ffmpeg plugin."""
-    import imageio.v2 as imageio
+    """Encode (F, H, W, 3) uint8 with even H, W to ``path`` with ffmpeg (libx264, yuv420p), then read it back.
 
-    writer = imageio.get_writer(
-        path,
-        format="FFMPEG",
-        mode="I",
-        fps=fps,
-        codec="libx264",
-        pixelformat="yuv420p",
-        quality=8,
-        macro_block_size=1,
-        ffmpeg_log_level="error",
-    )
-    with writer:
-        for frame in array:
-            writer.append_data(np.ascontiguousarray(frame))
+    ffmpeg runs as a child whose exit status is checked (a full disk, a killed encoder) and the file is re-opened
+    and its frames counted: an OSError naming the cause when the video is not whole, so nothing short is kept.
+    """
+    import subprocess
+
+    frames, height, width, _ = array.shape
+    command = [
+        _ffmpeg(), "-nostdin", "-y", "-loglevel", "error",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0",
+        "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "10", "-f", "mp4", str(path),
+    ]  # fmt: skip
+    done = subprocess.run(command, input=np.ascontiguousarray(array).tobytes(), capture_output=True, check=False)
+    if done.returncode != 0:
+        raise _encoder_error(done.returncode, done.stderr.decode("utf-8", "replace"), path)
+    written = _count_frames(path)
+    if written != frames:
+        raise OSError(errno.EIO, f"the video reads back with {written} of its {frames} frames")
+
+
+def _ffmpeg() -> str:
+    """The ffmpeg executable imageio-ffmpeg ships (or the one it finds on the system)."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _encoder_error(returncode: int, stderr: str, path: Path) -> OSError:
+    """An OSError for a failed ffmpeg run: ENOSPC when it ran out of space, else its last message."""
+    if "No space left on device" in stderr:
+        return OSError(errno.ENOSPC, "the disk is full")
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    how = f"was killed by signal {-returncode}" if returncode < 0 else f"failed (exit status {returncode})"
+    return OSError(errno.EIO, f"the video encoder {how}" + (f": {lines[-1]}" if lines else ""))
+
+
+def _count_frames(path: Path) -> int:
+    """How many frames ``path`` decodes to (0 when it does not open as a video)."""
+    import imageio_ffmpeg
+
+    try:
+        return imageio_ffmpeg.count_frames_and_secs(str(path))[0]
+    except (RuntimeError, OSError):
+        return 0
 
 
 def save_contact_sheet(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any
 
 from .errors import UserError
@@ -20,6 +21,13 @@ SIZE_MULTIPLE = 16  # VAE 8x times the transformer's 2x2 patch
 MIN_MAX_AREA = SIZE_MULTIPLE * SIZE_MULTIPLE
 MAX_SEED = 2**63 - 1
 FLOW_SHIFT_RANGE = (0.01, 100.0)
+MAX_STEPS = 1000  # the scheduler's training timesteps: more steps than this repeat timesteps
+MAX_GUIDANCE = 100.0  # far past any useful guidance (5 is the default); only a typo reaches it
+# The largest edit chronoedit starts without being told: a 4096-pixel side and the 2K area (the upscale preset's
+# 2048x1152 fits). Above them a 14B edit needs hundreds of GB; the environment variables raise the bounds.
+MAX_SIDE = 4096
+MAX_AREA = 2048 * 2048
+MAX_SIDE_VARIABLE, MAX_AREA_VARIABLE = "CHRONOEDIT_MAX_SIDE", "CHRONOEDIT_MAX_AREA"
 
 
 def is_int(value: Any) -> bool:
@@ -28,16 +36,17 @@ def is_int(value: Any) -> bool:
 
 
 def check_steps(steps: Any) -> int:
-    """Denoising steps: an integer >= 1."""
-    if not is_int(steps) or steps < 1:
-        raise UserError(f"{{num_inference_steps}} must be at least 1, got {steps!r}", "num_inference_steps")
+    """Denoising steps: an integer from 1 to :data:`MAX_STEPS`."""
+    if not is_int(steps) or not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"{{num_inference_steps}} must be between 1 and {MAX_STEPS}, got {steps!r}",
+                        "num_inference_steps")  # fmt: skip
     return int(steps)
 
 
 def check_guidance(scale: Any) -> float:
-    """Classifier-free guidance scale: a finite number >= 0 (> 1 turns guidance on)."""
-    if not _is_finite_number(scale) or scale < 0:
-        raise UserError(f"{{guidance_scale}} must be a finite number >= 0, got {scale!r}", "guidance_scale")
+    """Classifier-free guidance scale: a number from 0 to :data:`MAX_GUIDANCE` (> 1 turns guidance on)."""
+    if not _is_finite_number(scale) or not 0 <= scale <= MAX_GUIDANCE:
+        raise UserError(f"{{guidance_scale}} must be between 0 and {MAX_GUIDANCE:g}, got {scale!r}", "guidance_scale")
     return float(scale)
 
 
@@ -57,7 +66,8 @@ def check_seed(seed: Any) -> int:
 
 
 def check_size(width: Any, height: Any, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
-    """(width, height), given together, each a multiple of ``multiple`` and at least that."""
+    """(width, height), given together, each a multiple of ``multiple`` and at least that, within
+    :func:`size_bounds`."""
     if (width is None) != (height is None):
         raise UserError("{height} and {width} must be given together (or neither, for automatic sizing)",
                         "height", ("width",))  # fmt: skip
@@ -69,14 +79,38 @@ def check_size(width: Any, height: Any, multiple: int = SIZE_MULTIPLE) -> tuple[
             f"(height x width): bad {' and '.join(bad)}",
             "height" if bad[0].startswith("height") else "width", ("height", "width"),
         )  # fmt: skip
+    max_side, max_area = size_bounds()
+    if max(height, width) > max_side or height * width > max_area:
+        raise UserError(
+            f"the size {height}x{width} ({{height}} x {{width}}) is over the largest edit, a {max_side}-pixel side "
+            f"and {max_area} pixels (set {MAX_SIDE_VARIABLE} and {MAX_AREA_VARIABLE} to allow more)",
+            "height", ("width",),
+        )  # fmt: skip
     return int(width), int(height)
 
 
 def check_max_area(area: Any) -> int:
-    """The pixel area of automatic sizing: at least 16x16."""
-    if not is_int(area) or area < MIN_MAX_AREA:
-        raise UserError(f"{{max_area}} must be at least {MIN_MAX_AREA} pixels, got {area!r}", "max_area")
+    """The pixel area of automatic sizing: from 16x16 to the bound of :func:`size_bounds`."""
+    largest = size_bounds()[1]
+    if not is_int(area) or not MIN_MAX_AREA <= area <= largest:
+        raise UserError(f"{{max_area}} must be between {MIN_MAX_AREA} and {largest} pixels (set {MAX_AREA_VARIABLE} "
+                        f"to allow more), got {area!r}", "max_area")  # fmt: skip
     return int(area)
+
+
+def size_bounds() -> tuple[int, int]:
+    """(largest side, largest area) of an edit: :data:`MAX_SIDE` and :data:`MAX_AREA`, or the environment's."""
+    return _bound(MAX_SIDE_VARIABLE, MAX_SIDE), _bound(MAX_AREA_VARIABLE, MAX_AREA)
+
+
+def _bound(variable: str, default: int) -> int:
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < SIZE_MULTIPLE:
+        raise UserError(f"the environment variable {variable} must be a whole number of pixels >= {SIZE_MULTIPLE}, "
+                        f"got {text!r}")  # fmt: skip
+    return int(text)
 
 
 def resolve_frames(reasoning: bool, num_frames: Any, steps: int, reasoning_steps: Any) -> tuple[int, int]:

@@ -58,10 +58,7 @@ def handle(args: argparse.Namespace) -> int:
     subfolder = "transformer" if (source / "model_index.json").is_file() else None
     config = None
     if args.config:
-        raw = read_json(args.config)
-        if not isinstance(raw, dict):
-            raise UserError(f"--config {args.config}: expected a JSON object (a transformer's config.json)", "config")
-        config = TransformerConfig.from_dict(raw)
+        config = TransformerConfig.from_dict(read_json(Path(args.config)), where=f"--config {args.config}")
     model = load_transformer(
         source, subfolder=subfolder, torch_dtype=torch_dtype(args.dtype), config=config, quantized="dequantize"
     )

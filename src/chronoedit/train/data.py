@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .. import media, sizing
+from .. import files, media, sizing
 from ..errors import UserError
 from ..files import os_reason as reason
 
@@ -153,6 +153,7 @@ def _video(spec: SampleSpec) -> list[Image.Image]:
     """Every frame of the row's video (imageio / ffmpeg)."""
     import imageio.v3 as iio
 
+    files.check_regular(spec.video, "video")  # a named pipe would block ffmpeg
     try:
         array = iio.imread(spec.video, index=None)  # [F, H, W, 3]
     except Exception as err:  # imageio raises many types for a corrupt or unknown file

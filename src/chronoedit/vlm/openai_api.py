@@ -89,12 +89,24 @@ class OpenAIVLM(BaseVLM):
         """The first choice's text, thinking stripped; VLMError when there is none."""
         choices = getattr(response, "choices", None) or []
         message = getattr(choices[0], "message", None) if choices else None
-        answer = strip_thinking(getattr(message, "content", None) or "")
+        answer = strip_thinking(self._text(getattr(message, "content", None)))
         if not answer:
             reason = getattr(choices[0], "finish_reason", None) if choices else "no choices"
             hint = f" (raise {_flag(self.config, 'max_tokens')})" if reason == "length" else ""
             raise VLMError(f"{self.name} returned an empty answer (finish reason: {reason}){hint}")
         return answer
+
+    def _text(self, content: Any) -> str:
+        """A message's content as text: a string, or the text parts of a list of parts (some servers answer with
+        ``[{"type": "text", "text": ...}]``); VLMError for anything else."""
+        if content is None or isinstance(content, str):
+            return content or ""
+        if isinstance(content, list):
+            parts = [part.get("text") if isinstance(part, dict) else getattr(part, "text", None) for part in content]
+            if all(isinstance(part, str) or part is None for part in parts):
+                return "".join(part for part in parts if part)
+        raise VLMError(f"{self.name} answered with content that is not text (a JSON {type(content).__name__} "
+                       f"{str(content)[:80]!r})")  # fmt: skip
 
     def close(self) -> None:
         """Close the HTTP client."""
