@@ -283,7 +283,7 @@ class ChronoEditPipeline:
                 if i == plan.capture_step and req.return_trajectory:
                     trajectory_latents = reasoning.clean_prediction(latents, flow, self.scheduler.sigmas[i])
                 latents = self.scheduler.step(flow, t, latents, return_dict=False)[0]
-                check_finite(latents, i)
+                check_finite(latents, i, len(timesteps), self.transformer.dtype)
                 if req.callback is not None:
                     latents, cond = self.run_callback(req, i, t, latents, cond)
                 bar.update()
@@ -356,11 +356,18 @@ class ChronoEditPipeline:
         return int(getattr(self.vae.config, "scale_factor_spatial", 8))
 
 
-def check_finite(latents: torch.Tensor, step: int) -> None:
-    """Stop at the first step that produced NaN/Inf rather than after all of them (a UserError: the remedy is the
-    user's, another dtype)."""
-    if not torch.isfinite(latents).all():
-        raise UserError(f"the latents contain NaN or Inf after step {step + 1} (an fp16 overflow? run in bf16 or fp32)")
+def check_finite(latents: torch.Tensor, step: int, total: int, dtype: torch.dtype) -> None:
+    """Stop at the first step that produced NaN/Inf rather than after all of them, naming the step (``step`` counts
+    from 0) and the dtype the transformer ran in. A UserError: the remedy is the user's (another dtype for float16,
+    whose range a large activation overflows; otherwise the checkpoint, a LoRA or its scale)."""
+    if torch.isfinite(latents).all():
+        return
+    if dtype == torch.float16:
+        remedy = "an fp16 overflow? run in bf16 or fp32"
+    else:
+        remedy = "check the checkpoint and any LoRA and its scale"
+    name = str(dtype).removeprefix("torch.")
+    raise UserError(f"the latents contain NaN or Inf after step {step + 1} of {total} (dtype {name}); {remedy}")
 
 
 def expand(embeds: torch.Tensor, copies: int) -> torch.Tensor:

@@ -7,7 +7,6 @@ else. Every error is a :class:`~chronoedit.errors.UserError` naming its field.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from .. import files, media, rules, sizing
 from ..devices import DTYPE_NAMES, default_dtype, resolve_device
 from ..errors import UserError
 from ..loading import looks_like_repo_id
+from ..lora import check_scale
 from ..presets import Preset, find_preset_loras, get_preset
 from .settings import (
     DEFAULT_FLOW_SHIFT,
@@ -38,7 +38,6 @@ from .settings import (
 )
 
 TRANSFORMER_SUFFIXES = (".safetensors", ".gguf")
-MAX_LORA_SCALE = 100.0
 
 
 # -------------------------------------------------------------------------------------------------------------- model
@@ -96,11 +95,9 @@ def check_lora(lora: LoraSpec) -> LoraSpec:
 
 
 def check_lora_scale(scale: float, what: str) -> float:
-    """A LoRA scale: finite and within +-100 (a larger one only produces noise)."""
-    if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
-        raise UserError(f"the scale of {what} must be a finite number within +-{MAX_LORA_SCALE:g}, got {scale!r}",
-                        "lora_scale")  # fmt: skip
-    return scale
+    """A LoRA scale: finite and within +-:data:`chronoedit.lora.MAX_SCALE` (the rule lives there, where the Python
+    API applies it too); the error names ``what`` and the field ``lora_scale``."""
+    return check_scale(scale, what, "lora_scale")
 
 
 def parse_lora(text: str, default_scale: float) -> LoraSpec:

@@ -10,8 +10,10 @@ adapter of a model (:func:`save_lora`). Everything public is re-exported here.
 from __future__ import annotations
 
 from .adapters import (
+    MAX_SCALE,
     active_adapters,
     adapter_modules,
+    check_scale,
     disable_lora,
     enable_lora,
     fuse_lora,
@@ -29,7 +31,9 @@ from .formats import (
     WRITABLE_LAYOUTS,
     LoraFile,
     LoraModule,
+    all_finite,
     as_lora_file,
+    check_values,
     convert_state_dict,
     detect_layout,
     lora_config,
@@ -45,13 +49,17 @@ from .saving import save_lora
 __all__ = [
     "LAYOUTS",
     "LEAVES",
+    "MAX_SCALE",
     "METADATA_KEY",
     "WRITABLE_LAYOUTS",
     "LoraFile",
     "LoraModule",
     "active_adapters",
     "adapter_modules",
+    "all_finite",
     "as_lora_file",
+    "check_scale",
+    "check_values",
     "convert_state_dict",
     "detect_layout",
     "disable_lora",

@@ -8,11 +8,14 @@ deltas of a bias, a weight or a bare parameter such as ``scale_shift_table``) be
 :mod:`.deltas` adds ``Σ scale·delta`` of the active adapters at forward time, so the base parameters keep their
 original values until :func:`fuse_lora` (as diffusers does for ``diff_b``, which it loads as peft ``lora_B`` biases
 with the adapter's scale). Fusing writes both into the weights; unfusing restores the touched parameters exactly.
-Any change of the active set, scales, on/off or of the loaded adapters unfuses first.
+Any change of the active set, scales, on/off or of the loaded adapters unfuses first. Scales are checked against
+:data:`MAX_SCALE` (:func:`check_scale`, the one rule every front end applies too).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 import warnings
@@ -30,6 +33,20 @@ from .formats import LoraFile, LoraModule, as_lora_file, lora_config
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _STATE_ATTR = "_chronoedit_lora"
+# The largest |scale| a LoRA is applied at. LoRAs are made for scales near 1 and pushed for effect to a few times that
+# (or negated); at 100 the delta dwarfs the weights and only noise comes out, and far beyond it (1e308) the first
+# matmul overflows to Inf and the run dies with NaN latents many minutes later. The one bound for every way a scale
+# comes in: the front ends through chronoedit.editing.resolve (before anything loads), the Python API here.
+MAX_SCALE = 100.0
+
+
+def check_scale(scale: Any, what: str, field: str | None = None) -> float:
+    """``scale`` as a float when it is a finite real number within +-:data:`MAX_SCALE`; else a UserError naming
+    ``what`` (e.g. ``LoRA style.safetensors``) and, for the front ends, the settings ``field``."""
+    ok = isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)
+    if not ok or abs(scale) > MAX_SCALE:
+        raise UserError(f"the scale of {what} must be a finite number within +-{MAX_SCALE:g}, got {scale!r}", field)
+    return float(scale)
 
 
 # ---------------------------------------------------------------------------------------------- matching the model
@@ -170,6 +187,7 @@ def load_lora(
 ) -> str:
     """Attach a LoRA as a new adapter, active at ``scale`` together with those already active; returns its name
     (default: the file stem, made unique)."""
+    scale = check_scale(scale, f"LoRA {_describe(path_or_state)}")
     lora = as_lora_file(path_or_state)
     state = _state(transformer) or _LoraState()
     name = _new_adapter_name(state, adapter_name, lora)
@@ -180,7 +198,7 @@ def load_lora(
         _inject(transformer, name, low_rank)
     for param_name in deltas:
         _hook_owner(transformer, state, param_name)
-    state.adapters[name] = _Adapter(scale=float(scale), deltas=deltas)
+    state.adapters[name] = _Adapter(scale=scale, deltas=deltas)
     state.active.append(name)
     _sync(transformer, state)
     return name
@@ -193,13 +211,16 @@ def set_adapters(transformer: nn.Module, names: str | list[str], scales: float |
     _check_names(state, names)
     if scales is None:
         scales = [state.adapters[n].scale for n in names]
-    elif isinstance(scales, int | float):
-        scales = [float(scales)] * len(names)
+    elif isinstance(scales, numbers.Real):
+        scales = [scales] * len(names)
+    elif not isinstance(scales, list | tuple):
+        raise UserError(f"set_adapters: give one scale or a list of scales, got {type(scales).__name__}")
     if len(scales) != len(names):
         raise UserError(f"set_adapters: {len(names)} adapter name(s) but {len(scales)} scale(s)")
+    checked = [check_scale(value, f"adapter {name!r}") for name, value in zip(names, scales, strict=True)]
     _unfuse(transformer, state)
-    for name, value in zip(names, scales, strict=True):
-        state.adapters[name].scale = float(value)
+    for name, value in zip(names, checked, strict=True):
+        state.adapters[name].scale = value
     state.active = names
     _sync(transformer, state)
 
@@ -294,6 +315,13 @@ def _check_names(state: _LoraState, names: list[str]) -> None:
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise UserError(f"unknown adapter(s) {unknown}; loaded: {list(state.adapters)}")
+
+
+def _describe(path_or_state: Any) -> str:
+    """A LoRA as its messages name it, before it is read: the path as given, or what a file in memory says."""
+    if isinstance(path_or_state, LoraFile):
+        return path_or_state.label
+    return "<state dict>" if isinstance(path_or_state, Mapping) else str(path_or_state)
 
 
 def _new_adapter_name(state: _LoraState, given: str | None, lora: LoraFile) -> str:

@@ -9,14 +9,18 @@ Layouts (``detect_layout``), all converted to one form keyed by our module names
 - ``diffsynth``: DiffSynth training output, ``blocks.0.self_attn.q.lora_A.default.weight``;
 - ``musubi``: musubi-tuner, ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` (+ ``.alpha``).
 
-Writing (:func:`write_lora`) covers the ``diffusers`` and ``wan`` layouts. Attaching a LoRA to the model is
-:mod:`chronoedit.lora.adapters`; saving an adapter of a model, :func:`chronoedit.lora.saving.save_lora`.
+Every tensor read is checked: NaN/Inf values, an alpha that is not one finite number and a lora_A/lora_B that is not
+a matrix of rank >= 1 are refused with one line naming the file and the key (:func:`check_values` checks a
+:class:`LoraFile` built in memory). Writing (:func:`write_lora`) covers the ``diffusers`` and ``wan`` layouts.
+Attaching a LoRA to the model is :mod:`chronoedit.lora.adapters`; saving an adapter of a model,
+:func:`chronoedit.lora.saving.save_lora`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections import Counter
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..files import check_regular
 from ..keymap import IN_BLOCK, TOP_LEVEL, is_original_layout, original_to_ours, ours_to_original, strip_prefix
 from ..loading import iter_safetensors
 
@@ -146,8 +151,9 @@ def lora_file_path(path: str | os.PathLike[str]) -> Path:
             names = ", ".join(f.name for f in found[:4])
             raise UserError(f"folder {given} holds {len(found)} .safetensors files ({names}): name the LoRA file")
         given = found[0]
-    if not given.is_file():
+    if not given.exists():
         raise FileNotFoundError(f"LoRA file not found: {given}")
+    check_regular(given, "LoRA file")  # a named pipe would block the reader
     if given.stat().st_size == 0:
         raise UserError(f"LoRA file {given} is empty (0 bytes)")
     return given
@@ -166,6 +172,8 @@ def read_metadata(file: Path) -> dict[str, Any]:
         config = json.loads(raw)
     except json.JSONDecodeError as err:
         raise UserError(f"LoRA {file}: unreadable {METADATA_KEY} in the header ({err})") from err
+    if not isinstance(config, dict):
+        raise UserError(f"LoRA {file}: {METADATA_KEY} in the header is not a JSON object")
     return {k.removeprefix("transformer."): v for k, v in config.items()}
 
 
@@ -188,6 +196,8 @@ def convert_state_dict(
             unknown.append(key)
             continue
         part = LEAVES[split[1]]
+        if not all_finite(tensor):
+            raise UserError(f"LoRA {label}: key {key!r} holds NaN/Inf values")
         if part in parts.setdefault(name, {}):
             raise UserError(f"LoRA {label}: keys {keys[name][part]!r} and {key!r} are the same tensor of {name}")
         parts[name][part], keys.setdefault(name, {})[part] = tensor, key
@@ -227,11 +237,14 @@ def _build_module(
     if (down is None) != (up is None) or (down is None and ("alpha" in parts or "up_bias" in parts)):
         lone = keys.get("down") or keys.get("up") or keys.get("alpha") or keys["up_bias"]
         raise UserError(f"LoRA {label}: {lone!r} has no matching lora_A/lora_B pair")
+    for part, tensor in (("down", down), ("up", up)):
+        if tensor is not None and (tensor.dim() < 2 or tensor.shape[0 if part == "down" else 1] == 0):
+            raise UserError(f"LoRA {label}: key {keys[part]!r} is {list(tensor.shape)}, not a matrix of rank >= 1")
     module = LoraModule(down=down, up=up, diff_b=parts.get("diff_b"), diff=parts.get("diff"), keys=keys)
     if "alpha" in parts:
-        module.alpha = float(parts["alpha"].float().reshape(-1)[0])
+        module.alpha = _alpha(parts["alpha"], keys["alpha"], label)
     elif down is not None:
-        module.alpha = _metadata_alpha(metadata, name, module.rank)
+        module.alpha = _metadata_alpha(metadata, name, module.rank, label)
     if "up_bias" in parts:
         if module.diff_b is not None:
             raise UserError(f"LoRA {label}: {name} has both {keys['diff_b']!r} and {keys['up_bias']!r}")
@@ -239,22 +252,79 @@ def _build_module(
     return module
 
 
-def _metadata_alpha(metadata: Mapping[str, Any], name: str, rank: int) -> float | None:
-    """The alpha peft would use for ``name`` from LoraConfig kwargs (alpha_pattern, lora_alpha, rsLoRA)."""
-    alpha = metadata.get("lora_alpha")
-    for pattern, value in (metadata.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
+def _alpha(tensor: torch.Tensor, key: str, label: str) -> float:
+    """An ``.alpha`` tensor as a number: it must hold exactly one value (finite: checked with every tensor)."""
+    if tensor.numel() != 1 or tensor.is_complex():
+        raise UserError(f"LoRA {label}: key {key!r} is {list(tensor.shape)} {_dtype_name(tensor)}, not one number")
+    return float(tensor.float().reshape(()))
+
+
+def _metadata_alpha(metadata: Mapping[str, Any], name: str, rank: int, label: str) -> float | None:
+    """The alpha peft would use for ``name`` from LoraConfig kwargs (alpha_pattern, lora_alpha, rsLoRA); UserError
+    when the header's alpha is not a finite number or a pattern is no regular expression."""
+    where = f"LoRA {label}: {METADATA_KEY} in the header"
+    alpha, patterns = metadata.get("lora_alpha"), metadata.get("alpha_pattern") or {}
+    if not isinstance(patterns, Mapping):
+        raise UserError(f"{where} has an alpha_pattern that is not a mapping: {patterns!r:.80}")
+    for pattern, value in patterns.items():
+        try:
+            found = re.match(rf"(.*\.)?({pattern})$", name)
+        except re.error as err:
+            raise UserError(
+                f"{where} has an alpha_pattern {pattern!r:.80} that is no regular expression ({err})"
+            ) from None
+        if found:
             alpha = value
             break
     if alpha is None:
         return None
+    if not _is_finite_number(alpha):
+        raise UserError(f"{where} gives {name} the alpha {alpha!r:.80}, not a finite number")
     return float(alpha) * (math.sqrt(rank) if metadata.get("use_rslora") else 1.0)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf in ``tensor`` (integer and bool tensors always pass; float8_e4m3fn, which has no isfinite kernel,
+    is checked in float16, which holds every float8 value)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return True
+    if tensor.is_floating_point() and tensor.element_size() == 1:
+        tensor = tensor.to(torch.float16)
+    return bool(torch.isfinite(tensor).all())
+
+
+def check_values(lora: LoraFile) -> LoraFile:
+    """UserError naming the module and part when a LoRA built in memory holds NaN/Inf (in a tensor or its alpha);
+    files are checked key by key as they are read."""
+    for name, module in lora.modules.items():
+        if module.alpha is not None and not _is_finite_number(module.alpha):
+            raise UserError(f"LoRA {lora.label}: {_part_name(module, name, 'alpha')} is {module.alpha!r}, not finite")
+        for part in ("down", "up", "diff_b", "diff"):
+            tensor = getattr(module, part)
+            if tensor is not None and not all_finite(tensor):
+                raise UserError(f"LoRA {lora.label}: {_part_name(module, name, part)} holds NaN/Inf values")
+    return lora
+
+
+def _part_name(module: LoraModule, name: str, part: str) -> str:
+    """``key '<the file's key>'`` when known, else ``<module> <part>``."""
+    key = module.keys.get(part)
+    return f"key {key!r}" if key else f"{name} {part}"
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A real, finite number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def as_lora_file(path_or_state: str | os.PathLike[str] | LoraFile | Mapping[str, torch.Tensor]) -> LoraFile:
     """A path (file or folder), a state dict of any layout, or an already converted :class:`LoraFile`."""
     if isinstance(path_or_state, LoraFile):
-        return path_or_state
+        return check_values(path_or_state)
     if isinstance(path_or_state, Mapping):
         return convert_state_dict(path_or_state)
     return read_lora(path_or_state)
