@@ -278,7 +278,8 @@ def test_two_processes_under_torchrun_with_a_toml_config(tiny_ckpt, pairs, cache
     assert done.stdout.count("trained 3 steps; wrote LoRA") == 1  # the main process reports
     assert [r["step"] for r in read_log(out / "train_log.jsonl")] == [1, 2, 3]  # flags override the file
     names = {p.name for p in (out / "checkpoints" / "checkpoint-000003").iterdir()}
-    assert {"random_states_0.pkl", "random_states_1.pkl", "lora.safetensors", "optimizer.bin"} <= names
+    assert {"random_states_0.pt", "random_states_1.pt", "lora.safetensors", "optimizer.bin",
+            "train_state.json"} <= names  # fmt: skip
     assert (out / "lora.safetensors").is_file()
 
 

@@ -247,7 +247,7 @@ def test_cli_config_file_with_a_quoted_number_is_one_line(capsys, tmp_path):
     code = cli.main(["train", str(toml)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err == ["chronoedit: error: learning_rate must be a number or unset, got '1e-4'"]
+    assert err == [f"chronoedit: error: config {toml}: learning_rate must be a number or unset, got '1e-4'"]
 
 
 def test_unknown_setting_in_a_config_file(tmp_path):

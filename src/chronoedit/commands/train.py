@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 import types
-from dataclasses import fields
-from typing import Any
+from dataclasses import fields, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..train import TrainConfig
 
 EPILOG = """\
 dataset: a folder with metadata.csv (or a CSV file), paths relative to it, one of
@@ -29,7 +32,9 @@ config file (TOML or JSON, same names as the flags with underscores), e.g. train
 
 results: OUTPUT_DIR/lora.safetensors (diffusers layout: chronoedit edit --lora-path, diffusers' load_lora_weights)
 or OUTPUT_DIR/transformer/ (--mode full: chronoedit edit --transformer); train_log.jsonl (step, loss, lr, seconds);
-checkpoints/checkpoint-N (resumed automatically: --resume auto); validation/step_N_KEY.png (source | edit | target).
+checkpoints/checkpoint-N (resumed automatically: --resume auto; --resume previous goes back one, e.g. when the latest
+is damaged); validation/step_N_KEY.png (source | edit | target). A checkpoint holds only tensors and plain data
+(safetensors, torch.save tables loaded with weights_only, JSON): a file that would need other objects is refused.
 
 several GPUs / nodes: accelerate's own config, no flags here, e.g.
   accelerate config                      # answer: multi-GPU, DeepSpeed ZeRO-2 (or FSDP), bf16
@@ -88,7 +93,7 @@ def handle(args: argparse.Namespace) -> int:
     for key in ("handler", "command"):
         values.pop(key, None)
     file_values = read_config_file(config_file) if config_file else {}
-    config = build_config(file_values, values)
+    config = demo_model(build_config(file_values, values, source=config_file))
     _quiet_libraries(config.quiet)
     result = train(config, log=_log(config.quiet))
     if not result.main_process:
@@ -98,6 +103,21 @@ def handle(args: argparse.Namespace) -> int:
     kind = "LoRA" if config.mode == "lora" else "transformer"
     print(f"trained {result.step} steps; wrote {kind}: {result.output}")
     return 0
+
+
+def demo_model(config: TrainConfig) -> TrainConfig:
+    """``--model-path demo``, as in every other command: the tiny random-weight checkpoint (built on first use),
+    with the same note that its results are noise."""
+    from .. import editing
+    from ..demo import default_demo_dir
+    from ..files import writing
+
+    if config.model_path != editing.DEMO:
+        return config
+    report = editing.Report(note=lambda message: print(f"chronoedit: note: {message}", file=sys.stderr, flush=True))
+    with writing(default_demo_dir(), "create the demo model in"):
+        path = editing.checkpoint_path(editing.ModelSpec(model_path=editing.DEMO), report)
+    return replace(config, model_path=path)
 
 
 def _quiet_libraries(quiet: bool) -> None:

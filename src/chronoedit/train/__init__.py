@@ -2,7 +2,8 @@
 
 :mod:`.config` the settings; :mod:`.data` the dataset CSV; :mod:`.cache` the encoders' outputs precomputed on disk;
 :mod:`.flow` the flow-matching objective; :mod:`.dataset` the seeded stream of items; :mod:`.lora` the trainable
-part; :mod:`.checkpoints` resumable checkpoints; :mod:`.validation` validation edits; :mod:`.loop` ``train``.
+part; :mod:`.checkpoints` resumable checkpoints, :mod:`.state` what they hold (tensors and plain data only);
+:mod:`.validation` validation edits; :mod:`.loop` ``train``.
 Heavy libraries load only when training starts.
 """
 

@@ -1,9 +1,10 @@
-"""Resumable checkpoints through accelerate (model or LoRA, optimizer, LR scheduler, RNG states, step counter),
-each written to a temporary folder and renamed into place, so a killed run never leaves a half-written one.
+"""Resumable checkpoints: where they live, which one a run resumes, and whether its settings fit the run.
 
-With a LoRA, a checkpoint holds only the adapter (``lora.safetensors``, diffusers layout, usable as is with
-``chronoedit edit --lora-path``), not the frozen base weights. Under DeepSpeed / FSDP accelerate writes its own
-(sharded) model and optimizer files. A resumed run must keep the settings in :data:`MUST_MATCH`.
+Each checkpoint (``checkpoints/checkpoint-<step>``, what it holds: :mod:`.state`) is written to a temporary folder
+and renamed into place, ``train_state.json`` last, so a killed run never leaves a half-written one. With a LoRA it
+holds only the adapter (``lora.safetensors``, diffusers layout, usable as is with ``chronoedit edit --lora-path``),
+not the frozen base weights. A resumed run must keep the settings in :data:`MUST_MATCH`. ``--resume previous`` goes
+back one checkpoint (the latest may be damaged): once that one is loaded, the later ones are renamed aside.
 """
 
 from __future__ import annotations
@@ -12,21 +13,21 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, fields
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from ..files import os_reason as reason
 from ..files import write_json, writing
-from ..lora import save_lora
-from .config import RECORD_ONLY, TrainConfig
+from .config import RECORD_ONLY, TrainConfig, check_type, field_types
 from .data import METADATA_NAME
-from .lora import SHORT_TARGETS, load_lora_weights_, lora_modules
+from .lora import SHORT_TARGETS
+from .state import RunParts, is_complete, write_counters, write_state
 
 CHECKPOINT_DIR = "checkpoints"
-LORA_NAME = "lora.safetensors"
 CONFIG_NAME = "train_config.json"  # the settings a checkpoint was trained with
+SET_ASIDE = ".skipped"  # suffix of a checkpoint --resume previous went back from
 # What a resumed run must share with its checkpoint: the trainable part's shape, the data stream (samples, their
 # size, order and batching) and the optimizer's hyper-parameters (restored from the checkpoint, so a new value would
 # be silently ignored). The rest may change: max_steps (to extend a run), the LR schedule, the loss settings,
@@ -37,29 +38,16 @@ MUST_MATCH = ("mode", "lora_rank", "lora_alpha", "lora_targets", "dataset", "hei
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-@dataclass
-class TrainState:
-    """What accelerate does not know: the optimizer step counter (saved with every checkpoint)."""
-
-    step: int = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-
-
 def checkpoints(output: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint, oldest first."""
     folder = output / CHECKPOINT_DIR
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))] if folder.is_dir() else []
-    return sorted(found)
+    return sorted((step, path) for step, path in found if is_complete(path))
 
 
 def resume_folder(output: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: ``auto`` = the latest in ``output`` (None when there is none), ``none``,
-    or a folder (UserError when it is no checkpoint).
+    """The checkpoint to resume from: ``auto`` = the latest in ``output`` (None when there is none), ``previous`` =
+    the one before it, ``none``, or a folder (UserError when it is no checkpoint).
 
     ``none`` is refused (UserError) when ``output`` holds checkpoints: the new run's would be pruned before the
     earlier run's higher-numbered ones, and a later ``auto`` would continue the earlier run."""
@@ -76,10 +64,42 @@ def resume_folder(output: Path, resume: str) -> Path | None:
     if resume == "auto":
         found = checkpoints(output)
         return found[-1][1] if found else None
+    if resume == "previous":
+        found = checkpoints(output)
+        if len(found) < 2:
+            held = f"only {found[0][1].name}" if found else "no checkpoint"
+            raise UserError(f"--resume previous: {output / CHECKPOINT_DIR} holds {held}, no earlier checkpoint to "
+                            "go back to", "resume")  # fmt: skip
+        return found[-2][1]
     path = Path(resume).expanduser()
-    if not (path / "custom_checkpoint_0.pkl").is_file():
-        raise UserError(f"resume: not a training checkpoint folder: {path}", "resume")
+    if not is_complete(path):
+        raise UserError(f"resume: not a complete training checkpoint folder: {path}", "resume")
     return path
+
+
+def fallback_hint(output: Path, folder: Path, resume: str) -> str:
+    """What to do when the latest checkpoint (``--resume auto``) turns out damaged: go back one, or start over."""
+    if resume != "auto":
+        return ""
+    earlier = [path for _, path in checkpoints(output) if path != folder]
+    if earlier:
+        return f"; resume from the one before, {earlier[-1].name}, with --resume previous"
+    return f"; it is the only checkpoint: delete {folder} to start the run over"
+
+
+def set_aside_later(output: Path, step: int, log: Callable[[str], None]) -> None:
+    """``--resume previous``: rename the checkpoints after ``step`` aside (``checkpoint-N.skipped``), so they are
+    neither resumed nor pruned, and nothing is deleted."""
+    for found, path in checkpoints(output):
+        if found <= step:
+            continue
+        target, number = path.with_name(path.name + SET_ASIDE), 1
+        while target.exists():
+            number += 1
+            target = path.with_name(f"{path.name}{SET_ASIDE}-{number}")
+        with writing(path, "set aside the checkpoint"):
+            path.rename(target)
+        log(f"set {path.name} aside as {target} (delete it once it is no longer needed)")
 
 
 def check_no_later_checkpoints(output: Path, step: int) -> None:
@@ -119,9 +139,10 @@ def base_model_shape(config: TrainConfig) -> dict[str, Any]:
     return {name: saved[name] for name in BASE_MODEL_FIELDS if name in saved}
 
 
-def check_resume_settings(folder: Path, config: TrainConfig) -> None:
+def check_resume_settings(folder: Path, config: TrainConfig, hint: str = "") -> None:
     """UserError naming every setting in :data:`MUST_MATCH` that differs from the checkpoint's
-    ``train_config.json`` (old -> new); a checkpoint without one (older versions) is not compared."""
+    ``train_config.json`` (old -> new); a checkpoint without one (older versions) is not compared. A damaged
+    ``train_config.json`` is a UserError naming it, ending with ``hint``."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         return
@@ -130,11 +151,16 @@ def check_resume_settings(folder: Path, config: TrainConfig) -> None:
     except OSError as err:
         raise UserError(f"resume: cannot read {path}: {reason(err, path)}", "resume") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"resume: cannot read {path}: {err}", "resume") from None
+        raise UserError(f"resume: {path} is truncated or corrupt ({err}){hint}", "resume") from None
     if not isinstance(saved, dict):
-        raise UserError(f"resume: cannot read {path}: expected a table of settings", "resume")
-    names = {f.name for f in fields(TrainConfig)}
-    old = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+        raise UserError(f"resume: {path} is corrupt: expected a table of settings{hint}", "resume")
+    types = field_types()
+    for name in types.keys() & saved.keys():
+        try:
+            check_type(name, saved[name], types[name])
+        except UserError as err:
+            raise UserError(f"resume: {path} is corrupt: {err}{hint}", "resume") from None
+    old = TrainConfig(**{k: v for k, v in saved.items() if k in types})
     changes = []
     lora = old.mode == config.mode == "lora"  # else the mode differs, or no LoRA settings count
     for name in (n for n in MUST_MATCH if lora or not n.startswith("lora_")):
@@ -184,31 +210,10 @@ def _show(value: Any) -> str:
     return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def register_lora_hooks(accelerator: Any) -> None:
-    """Save and load only the LoRA in accelerate's checkpoints (the base weights are frozen and unchanged)."""
-
-    from accelerate.utils import DistributedType
-
-    sharded = accelerator.distributed_type == DistributedType.FSDP  # FSDP writes its own sharded model files
-
-    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        if accelerator.is_main_process and not sharded:
-            for model in models:
-                save_lora(lora_modules(accelerator.unwrap_model(model)), Path(output_dir) / LORA_NAME)
-        weights.clear()  # accelerate writes no model file
-
-    def load_hook(models: list[Any], input_dir: str) -> None:
-        for model in models:
-            load_lora_weights_(accelerator.unwrap_model(model), Path(input_dir) / LORA_NAME)
-        models.clear()  # accelerate loads no model file
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def save_checkpoint(accelerator: Any, output: Path, step: int, keep: int | None, config: dict[str, Any]) -> Path:
-    """Write ``checkpoints/checkpoint-<step>`` atomically (temp folder, then rename); prune to ``keep``. UserError
-    when it cannot be written (a full disk, no permission)."""
+def save_checkpoint(run: RunParts, step: int, keep: int | None, config: dict[str, Any]) -> Path:
+    """Write ``checkpoints/checkpoint-<step>`` atomically (temp folder, then rename; ``train_state.json`` last);
+    prune to ``keep``. UserError when it cannot be written (a full disk, no permission)."""
+    accelerator, output = run.accelerator, run.config.output
     root = output / CHECKPOINT_DIR
     final, tmp = root / f"checkpoint-{step:06d}", root / f".tmp-checkpoint-{step:06d}"
     if accelerator.is_main_process:
@@ -217,11 +222,12 @@ def save_checkpoint(accelerator: Any, output: Path, step: int, keep: int | None,
             tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     with writing(final, "write the checkpoint"):
-        accelerator.save_state(str(tmp))
+        write_state(run, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with writing(final, "write the checkpoint"):
             write_json(tmp / CONFIG_NAME, config)
+            write_counters(run, tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

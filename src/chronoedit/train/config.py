@@ -132,9 +132,11 @@ HELP = {
     "loss_on_first_frame": "include latent frame 0 (the input, denoised at inference too) in the loss (default on)",
     "checkpoint_every": "save a resumable checkpoint every N steps (default 500; 0 = only at the end)",
     "checkpoints_total_limit": "keep at most N checkpoints (default 3)",
-    "resume": "auto (latest checkpoint in OUTPUT_DIR if any; default), none (a new run: refused while OUTPUT_DIR/"
-    "checkpoints holds checkpoints; train_log.jsonl starts afresh), or a checkpoint folder. A resumed run keeps "
-    "the checkpoint's mode, LoRA shape, data, size, batching, seed and optimizer settings; max_steps may grow",
+    "resume": "auto (latest checkpoint in OUTPUT_DIR if any; default), previous (the one before the latest, e.g. when "
+    "the latest is damaged; the later ones are then renamed CHECKPOINT.skipped), none (a new run: refused while "
+    "OUTPUT_DIR/checkpoints holds checkpoints; train_log.jsonl starts afresh), or a checkpoint folder. A resumed "
+    "run keeps the checkpoint's mode, LoRA shape, data, size, batching, seed and optimizer settings; max_steps may "
+    "grow",
     "validation_every": "edit the first validation sample(s) every N steps into validation/ (default 0 = off)",
     "validation_samples": "how many dataset samples to edit at validation (default 1)",
     "validation_steps": "denoising steps of validation edits (default 20)",
@@ -193,15 +195,25 @@ def _parse_toml(path: Path, text: str) -> dict[str, Any]:
         raise UserError(f"config {path}: invalid TOML ({err})") from None
 
 
-def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults < config file < flags (``overrides`` holds only the flags given); checked."""
+def build_config(
+    file_values: dict[str, Any], overrides: dict[str, Any], source: str | Path | None = None
+) -> TrainConfig:
+    """Defaults < config file < flags (``overrides`` holds only the flags given); checked. A bad value that came
+    from the config file ``source`` is a UserError naming the file and the key."""
     values = {**file_values, **overrides}
     types = field_types()
-    for name, value in values.items():
-        if name in types:
-            check_type(name, value, types[name])
-    config = TrainConfig(**values)
-    check_config(config)
+    try:
+        for name, value in values.items():
+            if name in types:
+                check_type(name, value, types[name])
+        config = TrainConfig(**values)
+        check_config(config)
+    except UserError as err:
+        from_file = [name for name in err.fields if name in file_values and name not in overrides]
+        if source is None or not from_file:
+            raise
+        also = tuple(name for name in err.fields if name != err.field)
+        raise UserError(f"config {source}: {err.template}", err.field, also) from None
     return config
 
 
@@ -209,11 +221,22 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Trai
 _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "float": (lambda v: _is_number(v), "a number"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
     "None": (lambda v: v is None, "unset"),
 }
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float that fits a float (JSON integers have no limit: 10**400 is none)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def check_type(name: str, value: Any, annotation: str) -> None:
@@ -221,7 +244,15 @@ def check_type(name: str, value: Any, annotation: str) -> None:
     "1e-4" is not a number, "false" is not a boolean, and true is not an integer."""
     kinds = [_KINDS[part.strip()] for part in annotation.split("|")]
     if not any(test(value) for test, _ in kinds):
-        raise UserError(f"{name} must be {' or '.join(what for _, what in kinds)}, got {value!r}", name)
+        raise UserError(f"{name} must be {' or '.join(what for _, what in kinds)}, got {shown(value)}", name)
+
+
+def shown(value: Any) -> str:
+    """A value as a message shows it: its repr, a huge integer by its digit count, a long one cut short."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**18:
+        return f"a {len(str(abs(value)))}-digit integer"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_config(c: TrainConfig) -> None:
@@ -230,6 +261,10 @@ def check_config(c: TrainConfig) -> None:
         raise UserError("model_path is required (--model-path or model_path in the config file)", "model_path")
     if not c.dataset:
         raise UserError("dataset is required (--dataset or dataset in the config file)", "dataset")
+    for name, annotation in field_types().items():  # first: a huge int breaks arithmetic on it (10**400 * 1.0)
+        value = getattr(c, name)
+        if annotation.startswith("int") and name != "seed" and isinstance(value, int) and value > MAX_INT:
+            raise UserError(f"{name} must be at most {MAX_INT}, got {shown(value)}", name)
     _choice("mode", c.mode, MODES)
     _choice("mixed_precision", c.mixed_precision, MIXED_PRECISION)
     _choice("timestep_sampling", c.timestep_sampling, TIMESTEP_SAMPLING)
@@ -255,11 +290,36 @@ def check_config(c: TrainConfig) -> None:
     for name in ("flow_shift", "lr", "alpha", "logit_std"):
         value = getattr(c, name)
         if not math.isfinite(value) or value <= 0:
-            raise UserError(f"{name} must be a positive finite number, got {value}", _FIELDS.get(name, name))
+            setting = _FIELDS.get(name, name)
+            raise UserError(f"{setting} must be a positive finite number, got {value}", setting)
     if not c.lora_targets:
         raise UserError("lora_targets must name at least one module", "lora_targets")
-    if c.max_grad_norm < 0:
-        raise UserError(f"max_grad_norm must be >= 0, got {c.max_grad_norm}", "max_grad_norm")
+    _check_ranges(c)
+
+
+MAX_INT = 2**31 - 1  # no integer setting is sensibly larger (a step count, a size in pixels, a rank)
+MAX_SAMPLES = 2**40  # max_steps x gradient_accumulation_steps x batch_size: the length of the item stream
+MAX_SEED = 2**32 - 1  # numpy's limit (accelerate seeds numpy too)
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    """UserError naming the first number out of its range: seeds numpy refuses, too many samples, AdamW's betas
+    outside [0, 1), negative or non-finite epsilon, weight decay, clipping norm, logit mean, guidance."""
+    if not 0 <= c.seed <= MAX_SEED:
+        raise UserError(f"seed must be an integer from 0 to {MAX_SEED}, got {shown(c.seed)}", "seed")
+    samples = c.max_steps * c.gradient_accumulation_steps * c.batch_size
+    if samples > MAX_SAMPLES:
+        raise UserError(f"max_steps x gradient_accumulation_steps x batch_size is {samples:.3g} samples, more than "
+                        f"{MAX_SAMPLES:.3g}", "max_steps", ("gradient_accumulation_steps", "batch_size"))  # fmt: skip
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            raise UserError(f"{name} must be >= 0 and < 1, got {getattr(c, name)}", name)
+    for name in ("adam_epsilon", "adam_weight_decay", "max_grad_norm", "validation_guidance_scale"):
+        value = getattr(c, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"{name} must be a finite number >= 0, got {value}", name)
+    if not math.isfinite(c.logit_mean):
+        raise UserError(f"logit_mean must be a finite number, got {c.logit_mean}", "logit_mean")
 
 
 _FIELDS = {"lr": "learning_rate", "alpha": "lora_alpha"}  # the setting behind a derived value

@@ -24,19 +24,20 @@ from ..files import atomic_path, writing
 from ..files import write_json as _write_json
 from .cache import CacheSettings, build_cache, negative_file
 from .checkpoints import (
-    TrainState,
     check_no_later_checkpoints,
     check_resume_settings,
-    register_lora_hooks,
+    fallback_hint,
     resume_folder,
     run_settings,
     save_checkpoint,
+    set_aside_later,
 )
 from .config import TrainConfig
 from .data import check_dataset, read_dataset
 from .dataset import StepDataset, check_batch_shapes, collate
 from .flow import flow_matching_loss
 from .lora import add_lora, count, lora_modules_from_state, trainable_parameters
+from .state import Saved, TrainState, apply_state, is_sharded, read_state, register_lora_hooks
 
 LOG_NAME = "train_log.jsonl"
 LOCK_NAME = ".chronoedit-train.lock"
@@ -80,9 +81,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     owner = _lock_output(config, accelerator)  # one run per output folder (held by the main process)
     try:
         set_seed(config.seed)
-        checkpoint = resume_folder(config.output, config.resume)  # a refused resume fails before anything loads
-        if checkpoint is not None:
-            check_resume_settings(checkpoint, config)
+        saved = read_checkpoint(config, accelerator)  # a refused or damaged one fails before anything loads
         specs = read_dataset(config.dataset)
         check_dataset(specs)
         settings = cache_settings(config, accelerator.device, show_progress=accelerator.is_main_process)
@@ -90,7 +89,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             entries = build_cache(specs, config.cache, settings, accelerator.device, log)
         check_batch_shapes(entries, config.batch_size)
         run = setup(config, accelerator, entries, log)
-        resumed = resume(run, checkpoint, log)
+        resumed = resume(run, saved, log)
         losses, seconds = loop(run)
         output = save_result(run)
         return TrainResult(output, run.state.step, resumed, losses, seconds, accelerator.is_main_process)
@@ -99,6 +98,20 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             owner.close()
         accelerator.end_training()
         _reset_accelerate_state()
+
+
+def read_checkpoint(config: TrainConfig, accelerator: Any) -> Saved | None:
+    """The checkpoint to resume (None: a new run), its settings compared with the run's and every file read and
+    checked: a damaged latest one names the file and ``--resume previous``."""
+    folder = resume_folder(config.output, config.resume)
+    if folder is None:
+        return None
+    hint = fallback_hint(config.output, folder, config.resume)
+    check_resume_settings(folder, config, hint)
+    saved = read_state(folder, config.mode, accelerator, hint)
+    if config.resume not in ("auto", "previous"):  # an explicit folder: no later checkpoint may outrank this run's
+        check_no_later_checkpoints(config.output, saved.step)
+    return saved
 
 
 def _lock_output(config: TrainConfig, accelerator: Any) -> Any:
@@ -184,8 +197,7 @@ def setup(config: TrainConfig, accelerator: Any, entries: list[Any], log: Callab
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, collate_fn=collate)
     transformer, optimizer, loader, scheduler = accelerator.prepare(transformer, optimizer, loader, scheduler)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    if config.mode == "lora":
+    if config.mode == "lora" and is_sharded(accelerator):  # accelerate writes the checkpoints: only the LoRA
         register_lora_hooks(accelerator)
     run = Run(config, accelerator, transformer, optimizer, scheduler, loader, state)
     run.validator = make_validator(config, accelerator, entries)
@@ -219,13 +231,15 @@ def make_validator(config: TrainConfig, accelerator: Any, entries: list[Any]) ->
     )
 
 
-def resume(run: Run, folder: Path | None, log: Callable[[str], None]) -> int:
-    """Load the checkpoint to resume from (if any); the log keeps only the steps up to it (a run from step 0 starts
-    it afresh). Returns its step."""
-    if folder is not None:
-        run.accelerator.load_state(str(folder))
-        check_no_later_checkpoints(run.config.output, run.state.step)
-        log(f"resumed from {folder} at step {run.state.step}")
+def resume(run: Run, saved: Saved | None, log: Callable[[str], None]) -> int:
+    """Restore the checkpoint read to resume from (if any; with ``--resume previous`` the later ones are then set
+    aside); the log keeps only the steps up to it (a run from step 0 starts it afresh). Returns its step."""
+    if saved is not None:
+        apply_state(saved, run)
+        if run.config.resume == "previous" and run.accelerator.is_main_process:
+            set_aside_later(run.config.output, run.state.step, log)
+        run.accelerator.wait_for_everyone()
+        log(f"resumed from {saved.folder} at step {run.state.step}")
     if run.accelerator.is_main_process:
         truncate_log(run.config.output / LOG_NAME, run.state.step)
         write_json(run.config.output / "train_config.json", run_settings(run.config))
@@ -290,7 +304,7 @@ def after_step(run: Run, loss: float, seconds: float) -> None:
             handle.write(json.dumps(record) + "\n")
     last = step == cfg.max_steps
     if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
-        save_checkpoint(acc, cfg.output, step, cfg.checkpoints_total_limit, run_settings(cfg))
+        save_checkpoint(run, step, cfg.checkpoints_total_limit, run_settings(cfg))
     if run.validator is not None and cfg.validation_every and (step % cfg.validation_every == 0 or last):
         with acc.autocast():
             run.validator.run(acc.unwrap_model(run.transformer), step)

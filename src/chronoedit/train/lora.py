@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..lora import LoraModule, read_lora
+from ..lora import LoraFile, LoraModule, read_lora
 
 ADAPTER = "default"
 SHORT_TARGETS = {
@@ -89,9 +89,10 @@ def lora_modules_from_state(state: Mapping[str, torch.Tensor], alpha: float) -> 
     return out
 
 
-def load_lora_weights_(transformer: nn.Module, path: Path) -> None:
-    """Copy a saved LoRA file (as written by :func:`lora_modules` + ``save_lora``) into the injected layers."""
-    lora = read_lora(path)
+def load_lora_weights_(transformer: nn.Module, source: Path | LoraFile) -> None:
+    """Copy a saved LoRA (a file written by :func:`lora_modules` + ``save_lora``, or that file read) into the
+    injected layers."""
+    lora = source if isinstance(source, LoraFile) else read_lora(source)
     with torch.no_grad():
         for name, module in lora.modules.items():
             layer = transformer.get_submodule(name)
