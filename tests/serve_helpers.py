@@ -76,10 +76,13 @@ def workers_end_here(timeout: float = 120.0) -> Iterator[None]:
 
 class FakePipe:
     """A stand-in for a loaded pipeline: every edit a mid-grey frame of its size, except the prompts in ``fail``,
-    where it raises ``RuntimeError`` as a bug would. ``prompts`` are the prompts it was called with."""
+    where it raises ``RuntimeError`` as a bug would. ``prompts`` are the prompts it was called with. Like the real
+    pipeline it calls ``callback_on_step_end`` after each step; with ``hold_decode`` it then sets ``decoding`` and
+    waits for ``hold_decode`` before it returns (where the real one decodes the latents)."""
 
-    def __init__(self, fail: tuple[str, ...] = ()) -> None:
-        self.fail, self.prompts = fail, []
+    def __init__(self, fail: tuple[str, ...] = (), hold_decode: threading.Event | None = None) -> None:
+        self.fail, self.prompts, self.hold_decode = fail, [], hold_decode
+        self.decoding = threading.Event()
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         pass
@@ -91,6 +94,12 @@ class FakePipe:
         self.prompts.append(prompt)
         if prompt in self.fail:
             raise RuntimeError(f"a bug while editing {prompt!r}")
+        callback = kwargs.get("callback_on_step_end")
+        for step in range(kwargs.get("num_inference_steps", 0) if callback is not None else 0):
+            callback(self, step, None, {})
+        if self.hold_decode is not None:
+            self.decoding.set()
+            self.hold_decode.wait(30)
         return types.SimpleNamespace(frames=np.full((1, 1, height, width, 3), 0.5, dtype=np.float32))
 
 
@@ -111,10 +120,10 @@ def png_bytes(size: tuple[int, int] = (48, 32), color: tuple[int, int, int] = (2
     return buf.getvalue()
 
 
-def submit(client: Any, options: dict[str, Any] | str, image: bytes | None = None, **kwargs: Any) -> Any:
-    """POST /v1/edits with a multipart image and JSON options (a str is sent as is)."""
+def submit(client: Any, options: dict[str, Any] | str | bytes, image: bytes | None = None, **kwargs: Any) -> Any:
+    """POST /v1/edits with a multipart image and JSON options (a str or bytes are sent as they are)."""
     files = {"image": ("in.png", png_bytes() if image is None else image, "image/png")}
-    data = {"options": options if isinstance(options, str) else json.dumps(options)}
+    data = {"options": options if isinstance(options, (str, bytes)) else json.dumps(options)}
     return client.post("/v1/edits", files=files, data=data, **kwargs)
 
 
@@ -148,11 +157,15 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(app: Any) -> Iterator[str]:
-    """A real uvicorn server on 127.0.0.1 in a thread; yields its base URL."""
+    """A real uvicorn server on 127.0.0.1 in a thread, with the HTTP protocol ``chronoedit serve`` uses (its read
+    timeout from the app's limits); yields its base URL."""
     import uvicorn
 
+    from chronoedit.serve.guards import http_protocol
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    protocol = http_protocol(app.state.chronoedit.limits.read_timeout_s)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=protocol))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -37,7 +37,8 @@ from serve_helpers import (
     workers_end_here,
 )
 
-from chronoedit.serve.app import FORM_SLACK_BYTES, create_app
+from chronoedit.serve.app import create_app
+from chronoedit.serve.guards import FORM_SLACK_BYTES
 
 
 @pytest.fixture(scope="session")
@@ -664,7 +665,7 @@ def test_a_finished_edit_is_deleted_after_the_retention_period(tmp_path, demo_ho
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
 def test_retention_period_must_be_positive(tmp_path, value):
-    with pytest.raises(ValueError, match="--keep-results-hours must be positive"):
+    with pytest.raises(ValueError, match="--keep-results-hours must be a positive number"):
         make_state(tmp_path, "--keep-results-hours", value)
 
 

@@ -7,7 +7,9 @@ options within the limits.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 from ..editing import resolve_sampling
 from ..errors import UserError
+from ..files import writing
 from .edit import console_report
 from .enhance import ENHANCER_PREFIX
 from .flags import add_lora_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
@@ -64,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     limits.add_argument("--keep-results-hours", type=float, default=None, metavar="H",
                         help="delete finished jobs (record, input, outputs) H hours after they finish "
                              "(default: keep them)")  # fmt: skip
+    limits.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="a client has SECONDS for its request's headers and for each part of an upload "
+                             "(which must also keep up a minimum pace); slower clients get 408 (30)")  # fmt: skip
     parser.add_argument("--negative-prompt", metavar="TEXT", default=None, help="default negative prompt")
     add_sampling_args(parser)
     add_runtime_args(parser)
@@ -85,9 +91,11 @@ def handle(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as exc:
         raise UserError("chronoedit serve needs the serve extra: pip install 'chronoedit[serve]'") from exc
+    limits = _limits(args)  # every number checked before any work
     _check_port(args.host, args.port)  # before anything loads or is printed
     state = build_state(args)
     from ..serve.app import create_app
+    from ..serve.guards import http_protocol
 
     app = create_app(state)
     auth = "bearer token required" if state.token else f"no auth (set {args.token_env} to require a token)"
@@ -97,7 +105,8 @@ def handle(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)  # fmt: skip
     if not state.token and not _is_loopback(args.host):
         print(f"chronoedit: warning: listening on {args.host} without a token", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                http=http_protocol(limits.read_timeout_s))  # fmt: skip
     return 0
 
 
@@ -116,14 +125,17 @@ def build_state(args: argparse.Namespace) -> Any:
         raise UserError(f"the server's {sampling.num_inference_steps} denoising steps per job (--num-inference-steps "
                         f"or the preset's) are over --max-steps {limits.max_steps}")  # fmt: skip
     enhancer = _enhancer(args)
+    token = _token(args.token_env)
+    results = args.state_dir / "results"
+    with writing(results, "create the results folder"):  # a read-only state folder fails here, at start
+        results.mkdir(parents=True, exist_ok=True)
     store = JobStore(args.db or args.state_dir / "jobs.sqlite3")
     if store.requeued:
         print(f"chronoedit serve: re-queued {store.requeued} job(s) interrupted by the last shutdown", file=sys.stderr)
-    results = args.state_dir / "results"
-    runner = EditRunner(spec, report=console_report(quiet=True))  # notes (the demo model's) on stderr
+    # Notes (the demo model's) on stderr; no progress bar: a server's log is no terminal.
+    runner = EditRunner(spec, report=dataclasses.replace(console_report(quiet=True), progress_bar=False))
     worker = Worker(store, runner, defaults, results, limits, enhancer=enhancer,
                     redact=_private_folders(args.state_dir, spec))  # fmt: skip
-    token = os.environ.get(args.token_env) or None
     client_defaults = {"num_inference_steps": sampling.num_inference_steps, "guidance_scale": sampling.guidance_scale,
                        "flow_shift": sampling.flow_shift, "width": defaults.width, "height": defaults.height,
                        "max_area": sampling.max_area, "seed": defaults.seed}  # fmt: skip
@@ -163,24 +175,46 @@ def _enhancer(args: argparse.Namespace) -> Any:
     return vlm_config_from_args(args, prefix=ENHANCER_PREFIX)
 
 
+def _token(variable: str) -> str | None:
+    """The bearer token from the environment variable ``variable`` (None when it is not set); a UserError when it is
+    set but empty or whitespace, or has whitespace around it (no client could send it)."""
+    token = os.environ.get(variable)
+    if token is None:
+        return None
+    if not token.strip():
+        raise UserError(f"${variable} is set but holds no token: set a token, or unset it to run without one")
+    if token != token.strip():
+        raise UserError(f"the token in ${variable} starts or ends with whitespace, which no client can send")
+    return token
+
+
+_POSITIVE = ("max_upload_mb", "max_input_pixels", "max_queue", "max_steps", "max_reasoning_steps",
+             "keep_results_hours", "read_timeout")  # fmt: skip
+
+
 def _limits(args: argparse.Namespace) -> Any:
+    """The server's limits from its flags: each a finite number above 0 (one-line UserError naming the flag)."""
     from ..serve.options import Limits
 
-    for flag in ("max_upload_mb", "max_input_pixels", "max_queue", "max_steps", "max_reasoning_steps",
-                 "keep_results_hours"):  # fmt: skip
+    for flag in _POSITIVE:
         value = getattr(args, flag)
-        if value is not None and not value > 0:  # NaN too
-            raise UserError(f"--{flag.replace('_', '-')} must be positive")
-    return Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_input_pixels=args.max_input_pixels,
-                  max_queue=args.max_queue, max_steps=args.max_steps,
-                  max_reasoning_steps=args.max_reasoning_steps,
-                  keep_results_hours=args.keep_results_hours)  # fmt: skip
+        if value is not None and not (value > 0 and (isinstance(value, int) or math.isfinite(value))):  # NaN, inf
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
+    upload = int(args.max_upload_mb * 1024 * 1024)
+    if upload < 1:
+        raise UserError(f"--max-upload-mb {args.max_upload_mb} is under one byte")
+    return Limits(max_upload_bytes=upload, max_input_pixels=args.max_input_pixels, max_queue=args.max_queue,
+                  max_steps=args.max_steps, max_reasoning_steps=args.max_reasoning_steps,
+                  keep_results_hours=args.keep_results_hours, read_timeout_s=args.read_timeout)  # fmt: skip
 
 
 def _check_port(host: str, port: int) -> None:
-    """UserError when ``host:port`` cannot be listened on (in use, no such address, not allowed)."""
+    """UserError when ``port`` is not a port number or ``host:port`` cannot be listened on (in use, no such
+    address, not allowed)."""
     import socket
 
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {port}")
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         socket.create_server((host, port), family=family).close()

@@ -19,7 +19,17 @@ from .resolve import (
     wants_trajectory,
 )
 from .runner import EditRunner
-from .service import QUIET, Report, checkpoint_path, enhance, generate, load_pipeline, run_edit, write_outputs
+from .service import (
+    DECODE_STAGE,
+    QUIET,
+    Report,
+    checkpoint_path,
+    enhance,
+    generate,
+    load_pipeline,
+    run_edit,
+    write_outputs,
+)
 from .settings import (
     DEFAULT_STEPS,
     DEMO,
@@ -36,7 +46,8 @@ from .settings import (
 )
 
 __all__ = [
-    "DEFAULT_STEPS", "DEMO", "DEMO_MAX_AREA", "DEMO_PROMPT", "DEMO_STEPS", "MODEL_PATH_ENV", "QUIET", "VIDEO_FPS",
+    "DECODE_STAGE", "DEFAULT_STEPS", "DEMO", "DEMO_MAX_AREA", "DEMO_PROMPT", "DEMO_STEPS", "MODEL_PATH_ENV", "QUIET",
+    "VIDEO_FPS",
     "Edit", "EditRunner", "EditSettings", "LoraSpec", "ModelSpec", "OutputPlan", "Report", "check_lora",
     "checkpoint_path", "enhance", "generate", "has_trajectory", "load_pipeline", "parse_lora", "read_input",
     "resolve_edit", "resolve_model", "resolve_outputs", "resolve_sampling", "run_edit", "wants_trajectory",

@@ -64,8 +64,10 @@ class EditRunner:
             pipe.disable_lora()
         return names
 
-    def run(self, edit: Edit, return_trajectory: bool = False, on_step: OnStep | None = None) -> Any:
-        """Run one edit (outputs not written): its LoRAs, then the pipeline."""
+    def run(self, edit: Edit, return_trajectory: bool = False, on_step: OnStep | None = None,
+            report: Report | None = None) -> Any:  # fmt: skip
+        """Run one edit (outputs not written): its LoRAs, then the pipeline; its stages go to ``report`` (default:
+        the runner's)."""
         self.activate(edit)
-        return generate(self.pipe, edit, return_trajectory, on_step=on_step)
+        return generate(self.pipe, edit, return_trajectory, on_step=on_step, report=report or self.report)
 

@@ -44,6 +44,7 @@ class Report:
 
 
 QUIET = Report()
+DECODE_STAGE = "decoding the frames with the VAE"  # the stage line after the last step (servers show it as a state)
 
 
 # ------------------------------------------------------------------------------------------------------------ loading
@@ -126,7 +127,7 @@ def generate(pipe: Any, edit: Edit, return_trajectory: bool = False, on_step: On
         if on_step is not None:
             on_step(step + 1, edit.num_inference_steps)
         if step + 1 == edit.num_inference_steps:  # the VAE decode that follows takes a while on large edits
-            report.stage("decoding the frames with the VAE")
+            report.stage(DECODE_STAGE)
         return {}
 
     reasoning = f", temporal reasoning for {edit.num_temporal_reasoning_steps} steps" \

@@ -9,33 +9,41 @@
 - ``/openapi.json`` and ``/docs`` (Swagger UI, working offline)
 - ``/``: the web UI (static files shipped in the package)
 
-Every error is JSON ``{"detail": "<one line>"}`` with a 4xx status for anything the client can fix.
+Every error is JSON ``{"detail": "<one line>"}`` with a 4xx status for anything the client can fix, 507 when the
+server's disk is full, 503 when its queue cannot be read, 500 (``internal error``) for a bug. Files are served only
+from inside the results folder: never through a symbolic link.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import secrets
 import shutil
+import sqlite3
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, media
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..presets import PRESETS
 from .editing import INPUT_NAME, BadImage, TooLarge, build_job, decode_upload, resolved_settings, with_seed
-from .options import MEDIA_TYPES, EditOptions, Limits
-from .store import FINISHED, QUEUED, RUNNING, Job, JobStore, QueueFull, new_job_id
-from .worker import BROKEN, Worker
+from .guards import BodyLimit, JsonErrors, Utf8FormRoute
+from .options import MEDIA_TYPES, EditOptions, Limits, describe_validation
+from .store import FINISHED, QUEUED, RUNNING, Job, JobStore, QueueFull, is_disk_full, new_job_id
+from .worker import BROKEN, DISK_FULL, Worker
 
 STATIC_DIR = Path(__file__).with_name("static")
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -77,6 +85,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.chronoedit = state
     app.add_middleware(BodyLimit, state=state)  # inside the guard: raised while FastAPI parses the form
     app.middleware("http")(_guard(state))
+    app.add_middleware(JsonErrors)  # outermost of ours: sees every answer but a crash's (a handler below)
     _add_error_handlers(app)
     app.include_router(_api_routes(state))
     if STATIC_DIR.is_dir():
@@ -90,18 +99,28 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"detail": "<one line>"}``: validation errors, HTTP errors (from routes, middleware and
+    starlette: 404, 405), the job queue's database failing, and bugs."""
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": describe_validation(exc.errors())}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = " ".join(str(exc.detail).split())
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
-def describe_validation(errors: Any) -> str:
-    """pydantic / FastAPI validation errors as one line: ``where: what; where: what``."""
-    parts = []
-    for error in errors:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",))
-        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
-    return "; ".join(parts) or "invalid request"
+    @app.exception_handler(sqlite3.Error)
+    async def queue_error(_request: Request, exc: sqlite3.Error) -> JSONResponse:
+        if is_disk_full(exc):
+            return JSONResponse({"detail": DISK_FULL}, status_code=507)
+        return JSONResponse({"detail": f"the job queue cannot be read now: {one_line(exc)}"}, status_code=503,
+                            headers={"Retry-After": "10"})  # fmt: skip
+
+    @app.exception_handler(Exception)  # a bug: its traceback goes to the server's log (uvicorn's)
+    async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "internal error: see the server's log"}, status_code=500)
 
 
 def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
@@ -110,7 +129,7 @@ def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
 
     # The token itself is checked by the guard middleware; this declares it, so /docs offers "Authorize".
     bearer = HTTPBearer(auto_error=False, description="the server's token, when it was started with one")
-    router = APIRouter(prefix="/v1", dependencies=[Depends(bearer)])
+    router = APIRouter(prefix="/v1", dependencies=[Depends(bearer)], route_class=Utf8FormRoute)
 
     @router.post("/edits", status_code=202, summary="Queue an edit")
     def submit(
@@ -142,7 +161,7 @@ def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
     @router.get("/edits/{job_id}/input", summary="The input image as the server stored it")
     def input_image(job_id: str) -> FileResponse:
         job = find_job(state, job_id)
-        return _file(state.results_dir / job.id / INPUT_NAME)
+        return job_file(state.results_dir, job.id, INPUT_NAME)
 
     @router.get("/edits/{job_id}/{role}", summary="The edited image (result), trajectory video or contact sheet")
     def result(job_id: str, role: str) -> FileResponse:
@@ -156,14 +175,13 @@ def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
         if name is None:
             hint = "ask for enhance_prompt" if role == "prompt" else "ask for return_trajectory with reasoning"
             raise HTTPException(404, f"edit {job.id} has no {role} ({hint})")
-        return _file(state.results_dir / job.id / name)
+        return job_file(state.results_dir, job.id, name)
 
     @router.get("/health", summary="Liveness, model state and queue")
     def health() -> dict[str, Any]:
         counts = state.store.counts()
         worker = state.worker.describe()
-        ok = worker["state"] != BROKEN and worker["alive"]
-        return {"status": "ok" if ok else "error", "version": __version__, "model": state.model_name,
+        return {"status": health_status(worker), "version": __version__, "model": state.model_name,
                 "worker": worker, "queue": {"queued": counts[QUEUED], "running": counts[RUNNING],
                                             "limit": state.limits.max_queue}}  # fmt: skip
 
@@ -178,7 +196,15 @@ def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
     return router
 
 
-FORM_SLACK_BYTES = 1 << 20  # room for the options and the multipart framing beside the image
+DEGRADED_DISK_FULL = "degraded: disk full"
+
+
+def health_status(worker: dict[str, Any]) -> str:
+    """``ok``; ``error`` when the worker is dead or its model did not load; ``degraded: disk full`` while the
+    server's last write failed for lack of space (until one succeeds)."""
+    if worker["state"] == BROKEN or not worker["alive"]:
+        return "error"
+    return DEGRADED_DISK_FULL if worker.get("disk_full") else "ok"
 
 
 def _guard(state: ServerState):  # type: ignore[no-untyped-def]
@@ -189,12 +215,19 @@ def _guard(state: ServerState):  # type: ignore[no-untyped-def]
         path = request.url.path
         if state.token is not None and path.startswith("/v1/") and path != "/v1/health":
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), state.token.encode()):
+            if scheme.lower() != "bearer" or not token_matches(given.strip(), state.token):
                 return JSONResponse({"detail": "a valid bearer token is required (Authorization: Bearer <token>)"},
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
         return await call_next(request)
 
     return guard
+
+
+def token_matches(given: str, token: str) -> bool:
+    """Whether a header's token is the server's, compared as bytes in constant time: starlette hands header values
+    over decoded as latin-1 (so their bytes come back exactly), and the server's token is UTF-8 (as it came from the
+    environment, undecodable bytes included)."""
+    return secrets.compare_digest(given.encode("latin-1"), token.encode("utf-8", "surrogateescape"))
 
 
 def check_queue_room(state: ServerState) -> None:
@@ -206,43 +239,12 @@ def check_queue_room(state: ServerState) -> None:
 
 
 def parse_options(text: str) -> EditOptions:
-    """The ``options`` form field; 422 naming the bad field."""
+    """The ``options`` form field (already known to be UTF-8, see :class:`~.guards.Utf8FormRoute`); 422 naming the
+    bad field."""
     try:
         return EditOptions.model_validate_json(text)
     except ValidationError as exc:
         raise HTTPException(422, "options: " + describe_validation(exc.errors())) from None
-
-
-class BodyLimit:
-    """ASGI middleware for the upload's size: a Content-Length over the limit is answered 413 before any body is
-    read; otherwise the bytes are counted as they arrive and 413 comes once they pass the limit, so a body without
-    Content-Length (chunked) is never read, nor spooled to disk, beyond it."""
-
-    def __init__(self, app: Any, state: ServerState) -> None:
-        self.app, self.state = app, state
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/edits":
-            return await self.app(scope, receive, send)
-        allowed, seen = self.state.limits.max_upload_bytes + FORM_SLACK_BYTES, 0
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > allowed:
-            too_large = JSONResponse({"detail": upload_too_large(self.state.limits.max_upload_bytes)}, status_code=413)
-            return await too_large(scope, receive, send)
-
-        async def counted() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b"")) if message["type"] == "http.request" else 0
-            if seen > allowed:  # raised inside FastAPI's form parsing, which passes HTTPExceptions on
-                raise HTTPException(413, upload_too_large(self.state.limits.max_upload_bytes))
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def upload_too_large(limit: int) -> str:
-    return f"the upload is over this server's limit of {limit} bytes"
 
 
 def read_limited(upload: UploadFile, limit: int) -> bytes:
@@ -267,27 +269,43 @@ def submit_job(state: ServerState, options: EditOptions, data: bytes) -> dict[st
     options = with_seed(options, state.worker.defaults.seed)
     job_id = new_job_id()
     job_dir = state.results_dir / job_id
+    stored = "the uploaded image cannot be stored"
     try:
         job_dir.mkdir(parents=True)
         media.save_image(image, job_dir / INPUT_NAME)
         edit, _plan = build_job(state.worker.runner.spec, state.worker.defaults, options, job_dir, state.limits)
+        stored = "the edit cannot be queued"
         state.store.submit(
             options.model_dump(exclude_none=True),
             state.limits.max_queue,
             job_id=job_id,
             total=edit.num_inference_steps,
         )
-    except QueueFull as exc:
+    except Exception as exc:  # nothing half-stored: no folder (and the queue's transaction rolled back)
         shutil.rmtree(job_dir, ignore_errors=True)
-        raise HTTPException(429, str(exc), headers={"Retry-After": "10"}) from None
-    except UserError as exc:
-        shutil.rmtree(job_dir, ignore_errors=True)
-        raise HTTPException(422, state.worker.public_error(exc)) from None
+        answer = _submit_error(state, exc, stored)
+        if answer is exc:
+            raise
+        raise answer from None
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
+    state.worker.disk_full = False
     state.worker.wake()
     return describe_job(state, find_job(state, job_id)) | {"settings": resolved_settings(edit)}
+
+
+def _submit_error(state: ServerState, exc: Exception, stored: str) -> Exception:
+    """What a failed submission answers: 507 for a full disk, 429 for a full queue, 422 for a user error; anything
+    else is raised as it is (a bug)."""
+    if is_disk_full(exc):
+        state.worker.disk_full = True
+        return HTTPException(507, f"the server's disk is full: {stored}; try again later")
+    if isinstance(exc, QueueFull):
+        return HTTPException(429, str(exc), headers={"Retry-After": "10"})
+    if isinstance(exc, UserError):
+        return HTTPException(422, state.worker.public_error(exc))
+    return exc
 
 
 def find_job(state: ServerState, job_id: str) -> Job:
@@ -319,8 +337,58 @@ def describe_job(state: ServerState, job: Job) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _file(path: Path) -> FileResponse:
-    if not path.is_file():
+def job_file(results_dir: Path, job_id: str, name: str) -> FileResponse:
+    """The response for one file of a job's folder; 404 when it is missing, not a regular file, or reached through
+    a symbolic link (the job's folder or the file itself)."""
+    fd = open_job_file(results_dir, job_id, name)
+    if fd is None:
         raise HTTPException(404, "this file is no longer on the server")
-    return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix.lstrip("."), "application/octet-stream"),
-                        headers={"Cache-Control": "private, max-age=86400"})  # fmt: skip
+    path = results_dir / job_id / name
+    return OpenedFile(fd, path, media_type=MEDIA_TYPES.get(path.suffix.lstrip("."), "application/octet-stream"),
+                      headers={"Cache-Control": "private, max-age=86400"})  # fmt: skip
+
+
+def open_job_file(results_dir: Path, job_id: str, name: str) -> int | None:
+    """A read descriptor for ``results_dir/job_id/name``, opened without following symbolic links below the results
+    folder (each step opened relative to the last, so nothing can be swapped between a check and the open), or
+    None. A FIFO, device or folder is refused without blocking."""
+    if not JOB_ID.fullmatch(job_id) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        return None
+    nofollow = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    opened: list[int] = []
+    try:
+        opened.append(os.open(results_dir, os.O_RDONLY | os.O_DIRECTORY))
+        opened.append(os.open(job_id, nofollow | os.O_DIRECTORY, dir_fd=opened[-1]))
+        fd = os.open(name, nofollow | os.O_NONBLOCK, dir_fd=opened[-1])
+    except OSError:  # missing, a symbolic link (ELOOP), not a folder
+        return None
+    finally:
+        for folder in opened:
+            os.close(folder)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return fd
+
+
+class OpenedFile(FileResponse):
+    """starlette's FileResponse (ranges, ETag) over a file already opened and checked: what it sends is read from
+    that descriptor (starlette's ``_open_file`` hook; with a starlette without it the path is opened again), never
+    from whatever the path names by then."""
+
+    def __init__(self, fd: int, path: Path, **kwargs: Any) -> None:
+        self.handle = os.fdopen(fd, "rb")
+        super().__init__(path, stat_result=os.fstat(fd), **kwargs)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        extensions = {k: v for k, v in scope.get("extensions", {}).items() if k != "http.response.pathsend"}
+        try:  # no "pathsend": the server would open the path itself
+            await super().__call__({**scope, "extensions": extensions}, receive, send)
+        finally:
+            self.handle.close()
+
+    @contextlib.asynccontextmanager
+    async def _open_file(self) -> Any:
+        self.handle.seek(0)
+        yield anyio.wrap_file(self.handle)

@@ -20,10 +20,9 @@ from PIL import Image, ImageOps
 from .. import media
 from ..editing import Edit, EditSettings, ModelSpec, OutputPlan, resolve_edit, resolve_outputs
 from ..errors import UserError, one_line
-from ..media import OUTPUT_FORMATS
+from ..media import INPUT_FORMATS, OUTPUT_FORMATS
 from .options import EditOptions, Limits
 
-INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # what uploads may be (no EPS/PDF/ICO renderers)
 INPUT_NAME = "input.png"
 TRAJECTORY_NAME = "trajectory.mp4"
 SHEET_NAME = "trajectory.png"

@@ -7,7 +7,7 @@ Paths are never accepted from a client: the server names every file it reads or 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +54,7 @@ class Limits:
     max_steps: int = 100
     max_reasoning_steps: int = 100
     keep_results_hours: float | None = None  # finished jobs are deleted this long after they finish (None: kept)
+    read_timeout_s: float = 30.0  # for a request's headers, and for each piece of an upload (see serve.app)
 
     def check_steps(self, steps: int, reasoning_steps: int | None) -> None:
         """UserError when the resolved step counts are over the limits."""
@@ -63,3 +64,12 @@ class Limits:
         if reasoning_steps is not None and reasoning_steps > self.max_reasoning_steps:
             raise UserError(f"{{num_temporal_reasoning_steps}} {reasoning_steps} is over this server's limit of "
                             f"{self.max_reasoning_steps}", "num_temporal_reasoning_steps")  # fmt: skip
+
+
+def describe_validation(errors: Any) -> str:
+    """pydantic / FastAPI validation errors as one line: ``where: what; where: what``."""
+    parts = []
+    for error in errors:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
+    return " ".join("; ".join(parts).split()) or "invalid request"

@@ -3,11 +3,13 @@
 A job is ``queued`` -> ``running`` -> ``done`` | ``failed`` (or ``cancelled`` while still queued). Jobs run in
 submission order. Opening the store re-queues jobs that were ``running`` when the process died, so nothing is lost;
 queued and finished jobs simply stay. Every state change is one committed transaction (WAL journal, synchronous
-commits), so a kill at any moment leaves the queue consistent.
+commits), so a kill at any moment leaves the queue consistent. A row that cannot be read back (its JSON columns
+edited by hand or damaged) is failed with a message saying so, never run and never shown as an error of the server.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import secrets
 import sqlite3
@@ -19,11 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import hold_lock
+from ..errors import UserError, one_line
+from ..files import hold_lock, os_reason
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 MAX_ATTEMPTS = 3  # a job that was running when the process died this many times is failed, not run again
+JSON_COLUMNS = ("options", "files", "timings", "settings")  # each holds one JSON object
+UNREADABLE = "stored job could not be read"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -46,8 +51,12 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
 
 
-class StoreInUse(ValueError):
+class StoreInUse(UserError):
     """Another process has this queue open."""
+
+
+class UnreadableRow(ValueError):
+    """A stored job whose JSON columns do not decode to objects; its message names the column and why."""
 
 
 class QueueFull(Exception):
@@ -75,12 +84,55 @@ class Job:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
+        """The job a row stores; :class:`UnreadableRow` when one of its JSON columns does not decode."""
+        options, files, timings, settings = (_json_column(row, name) for name in JSON_COLUMNS)
         return cls(
-            id=row["id"], status=row["status"], options=json.loads(row["options"]), created_at=row["created_at"],
+            id=row["id"], status=row["status"], options=options, created_at=row["created_at"],
             started_at=row["started_at"], finished_at=row["finished_at"], step=row["step"], total=row["total"],
-            attempts=row["attempts"], error=row["error"], files=json.loads(row["files"]),
-            timings=json.loads(row["timings"]), settings=json.loads(row["settings"]),
+            attempts=row["attempts"], error=row["error"], files=files, timings=timings, settings=settings,
         )  # fmt: skip
+
+
+def _json_column(row: sqlite3.Row, name: str) -> dict[str, Any]:
+    """One JSON column of a row as a dict; :class:`UnreadableRow` naming the column otherwise."""
+    try:
+        value = json.loads(row[name])
+    except (TypeError, ValueError, RecursionError) as exc:  # NULL, not JSON, not UTF-8, nested too deep
+        raise UnreadableRow(f"{name}: {one_line(exc)}") from None
+    if not isinstance(value, dict):
+        raise UnreadableRow(f"{name}: not a JSON object")
+    return value
+
+
+def _unreadable_columns(row: sqlite3.Row) -> list[str]:
+    """The JSON columns of ``row`` that do not decode to objects."""
+    bad = []
+    for name in JSON_COLUMNS:
+        try:
+            _json_column(row, name)
+        except UnreadableRow:
+            bad.append(name)
+    return bad
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is the disk (or the database) being out of space: an OSError
+    ENOSPC / EDQUOT, or SQLite's SQLITE_FULL ("database or disk is full")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(seen, sqlite3.Error) and _sqlite_full(seen):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _sqlite_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_FULL
+    return "database or disk is full" in str(exc)
 
 
 def new_job_id() -> str:
@@ -92,13 +144,17 @@ class JobStore:
     """The queue in one SQLite file; every method is one transaction and may be called from any thread."""
 
     def __init__(self, path: str | Path) -> None:
+        """Open (or create) the queue at ``path``; one-line UserErrors when it cannot be: its folder or lock file
+        cannot be made, another server holds it (:class:`StoreInUse`), the database is read-only or damaged."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         lock = self.path.with_name(self.path.name + ".lock")  # two servers on one queue re-queue each other's jobs
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._owner = hold_lock(lock, f"another chronoedit serve is using the job queue {self.path}")
-        except ValueError as exc:
+        except OSError as exc:
+            raise UserError(f"cannot open the job queue {self.path}: {os_reason(exc, self.path)}") from None
+        except UserError as exc:
             raise StoreInUse(str(exc)) from None
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -106,9 +162,10 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise ValueError(f"job database {self.path} cannot be used: {exc}") from exc
-        self.requeued = self._requeue_running()
+            self.requeued = self._requeue_running()  # a write: a read-only database fails here, at start
+        except sqlite3.Error as exc:
+            self._owner.close()
+            raise UserError(f"job database {self.path} cannot be used: {one_line(exc)}") from None
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -116,10 +173,11 @@ class JobStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite already rolled back after some errors (SQLITE_FULL)
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _requeue_running(self) -> int:
         """Jobs left ``running`` by a process that died go back to the queue, in their original order; one that
@@ -153,18 +211,43 @@ class JobStore:
         return job
 
     def get(self, job_id: str) -> Job | None:
-        """The job with this id (with its queue position when queued), or None."""
+        """The job with this id (with its queue position when queued), or None. A row that cannot be read is failed
+        first (:meth:`fail_unreadable`)."""
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 return None
-            job = Job.from_row(row)
-            if job.status == QUEUED:
-                ahead = self._db.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE status=? AND seq<?", (QUEUED, row["seq"])
-                ).fetchone()[0]
-                job.position = ahead + 1
-        return job
+            try:
+                job = Job.from_row(row)
+            except UnreadableRow as exc:
+                problem = exc
+            else:
+                if job.status == QUEUED:
+                    ahead = self._db.execute(
+                        "SELECT COUNT(*) FROM jobs WHERE status=? AND seq<?", (QUEUED, row["seq"])
+                    ).fetchone()[0]
+                    job.position = ahead + 1
+                return job
+        return self.fail_unreadable(row, problem)
+
+    def fail_unreadable(self, row: sqlite3.Row, problem: UnreadableRow) -> Job:
+        """Mark a row that cannot be read failed (its unreadable columns emptied) and return it as now stored; when
+        that write fails too (a full disk), the failed job as it will be stored, so a reader never sees an error."""
+        try:
+            with self._transaction() as db:
+                self._mark_unreadable(db, row, problem)
+                row = db.execute("SELECT * FROM jobs WHERE seq=?", (row["seq"],)).fetchone()
+            return Job.from_row(row)
+        except sqlite3.Error:
+            return Job(id=row["id"], status=FAILED, options={}, created_at=row["created_at"],
+                       finished_at=time.time(), error=f"{UNREADABLE}: {problem}")  # fmt: skip
+
+    @staticmethod
+    def _mark_unreadable(db: sqlite3.Connection, row: sqlite3.Row, problem: UnreadableRow) -> None:
+        columns = _unreadable_columns(row)
+        sets = "".join(f", {name}='{{}}'" for name in columns)  # names from JSON_COLUMNS only
+        db.execute(f"UPDATE jobs SET status=?, finished_at=?, error=?{sets} WHERE seq=?",
+                   (FAILED, time.time(), f"{UNREADABLE}: {problem}", row["seq"]))  # fmt: skip
 
     def counts(self) -> dict[str, int]:
         """Number of jobs in each status."""
@@ -183,14 +266,21 @@ class JobStore:
 
     # ----- the worker's side --------------------------------------------------------------------------------
     def claim_next(self) -> Job | None:
-        """Mark the oldest queued job ``running`` and return it (None when the queue is empty)."""
+        """Mark the oldest queued job ``running`` and return it (None when the queue is empty). Queued rows that
+        cannot be read are failed on the way, not returned."""
         with self._transaction() as db:
-            row = db.execute(
-                "UPDATE jobs SET status=?, started_at=?, step=0, attempts=attempts+1 "
-                "WHERE seq=(SELECT seq FROM jobs WHERE status=? ORDER BY seq LIMIT 1) RETURNING *",
-                (RUNNING, time.time(), QUEUED),
-            ).fetchone()
-        return None if row is None else Job.from_row(row)
+            while True:
+                row = db.execute(
+                    "UPDATE jobs SET status=?, started_at=?, step=0, attempts=attempts+1 "
+                    "WHERE seq=(SELECT seq FROM jobs WHERE status=? ORDER BY seq LIMIT 1) RETURNING *",
+                    (RUNNING, time.time(), QUEUED),
+                ).fetchone()
+                if row is None:
+                    return None
+                try:
+                    return Job.from_row(row)
+                except UnreadableRow as exc:
+                    self._mark_unreadable(db, row, exc)
 
     def finish(self, job_id: str, files: dict[str, str], timings: dict[str, float], settings: dict[str, Any]) -> None:
         with self._transaction() as db:
@@ -229,4 +319,3 @@ class JobStore:
             db.execute(
                 "UPDATE jobs SET status=?, finished_at=?, error=? WHERE id=?", (FAILED, time.time(), error, job_id)
             )
-

@@ -2,32 +2,41 @@
 
 Progress of the running job is kept in memory (it changes every step and is worthless after a restart); states are in
 the store. A job whose outputs cannot be produced is marked failed with its error as one line; the worker goes on.
+A full disk fails the job it hits (health says so until a write succeeds again); an outcome the store cannot record
+(the database full or locked) is kept and recorded later, before the next job starts, so the worker never dies of it.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..editing import EditRunner, EditSettings, enhance, wants_trajectory, write_outputs
+from pydantic import ValidationError
+
+from ..editing import DECODE_STAGE, EditRunner, EditSettings, Report, enhance, wants_trajectory, write_outputs
 from ..errors import UserError, one_line
-from .editing import PROMPT_NAME, api_message, build_job, output_names, redact, resolved_settings
-from .options import EditOptions, Limits
+from .editing import INPUT_NAME, PROMPT_NAME, api_message, build_job, output_names, redact, resolved_settings
+from .options import EditOptions, Limits, describe_validation
 from .retention import Retention
-from .store import Job, JobStore
+from .store import UNREADABLE, Job, JobStore, is_disk_full
 
 log = logging.getLogger("chronoedit.serve")
 
 LOADING, READY, BROKEN, STOPPED = "loading", "ready", "error", "stopped"
+ENHANCING, DENOISING, DECODING, WRITING = "enhancing", "denoising", "decoding", "writing"
+DISK_FULL = "the server's disk is full; try again later"
 
 
 @dataclass
 class Progress:
-    """The running job's stage (``enhancing`` the prompt, ``denoising``) and denoising progress."""
+    """The running job's stage (``enhancing`` the prompt, ``denoising``, ``decoding`` the frames with the VAE,
+    ``writing`` its files) and denoising progress."""
 
     job_id: str
     step: int
@@ -58,6 +67,10 @@ class Worker:
         self.error: str | None = None
         self.progress: Progress | None = None
         self.jobs_run = 0
+        self.disk_full = False  # the last write (an upload, a job's outputs, the queue) failed for lack of space
+        self.retry_s = 5.0  # wait before trying the store again after it failed
+        self._unrecorded: list[tuple[str, Callable[[], None]]] = []  # (job id, the store call recording its outcome)
+        self._report = Report(stage=self._on_stage)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,58 +121,114 @@ class Worker:
             return
         self.state = READY
         try:
-            while not self._stop.is_set():
-                self.retention.maybe_sweep()
-                try:
-                    job = self.store.claim_next()
-                except Exception as exc:  # e.g. the disk is full: try again shortly
-                    log.error("chronoedit serve: cannot read the job queue: %s", one_line(exc))
-                    self._stop.wait(5.0)
-                    continue
-                if job is None:
-                    self._wake.wait(self.poll_s)
-                    self._wake.clear()
-                    continue
-                self.run_job(job)
+            self._loop()
         except BaseException as exc:  # never die silently: health shows it and submissions get 503
             self.state, self.error = BROKEN, self.public_error(exc)
             log.exception("chronoedit serve: the worker stopped")
             return
         self.state = STOPPED
 
+    def _loop(self) -> None:
+        """Run queued jobs until stopped; outcomes not yet recorded go first."""
+        while not self._stop.is_set():
+            self.retention.maybe_sweep()
+            if not self.record_outcomes():
+                self._stop.wait(self.retry_s)
+                continue
+            try:
+                job = self.store.claim_next()
+            except Exception as exc:  # e.g. the disk is full: try again shortly
+                self.disk_full = self.disk_full or is_disk_full(exc)
+                log.error("chronoedit serve: cannot read the job queue: %s", one_line(exc))
+                self._stop.wait(self.retry_s)
+                continue
+            if job is None:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+                continue
+            self.run_job(job)
+        if not self.record_outcomes():
+            ids = ", ".join(job_id for job_id, _ in self._unrecorded)
+            log.error("chronoedit serve: job(s) %s stay running in the queue; they run again after a restart", ids)
+
     def run_job(self, job: Job) -> None:
-        """Run one claimed job to ``done`` or ``failed`` (or back to ``queued`` when the server stops)."""
+        """Run one claimed job to ``done`` or ``failed`` (or back to ``queued`` when the server stops), and record
+        that in the store (later, when the store cannot take it now)."""
         try:
-            files, timings, settings = self._edit(job)
-        except Interrupted:
-            self.store.requeue(job.id)
-            log.info("chronoedit serve: job %s interrupted by shutdown; it runs again after a restart", job.id)
-        except UserError as exc:
-            log.warning("chronoedit serve: job %s failed: %s", job.id, one_line(exc))
-            self.store.fail(job.id, self.public_error(exc))
-        except Exception as exc:  # a bug: logged with its traceback; the worker goes on with the next job
-            log.exception("chronoedit serve: job %s failed with an internal error", job.id)
-            self.store.fail(job.id, self.public_error(exc))
-        else:
-            self.store.finish(job.id, files, timings, settings)
+            record = self._run(job)
         finally:
             self.progress = None
             self.jobs_run += 1
+        self._unrecorded.append((job.id, record))
+        self.record_outcomes()
+
+    def _run(self, job: Job) -> Callable[[], None]:
+        """Run one job; the store call that records how it ended."""
+        try:
+            files, timings, settings = self._edit(job)
+        except Interrupted:
+            log.info("chronoedit serve: job %s interrupted by shutdown; it runs again after a restart", job.id)
+            return lambda: self.store.requeue(job.id)
+        except Exception as exc:  # the worker goes on with the next job
+            error = self._job_error(job, exc)
+            self._discard_outputs(job.id)
+            return lambda: self.store.fail(job.id, error)
+        self.disk_full = False  # its outputs were written
+        return lambda: self.store.finish(job.id, files, timings, settings)
+
+    def _job_error(self, job: Job, exc: Exception) -> str:
+        """A failed job's error as clients see it, logged: a full disk and user errors as one line, a bug with its
+        traceback."""
+        if is_disk_full(exc):
+            self.disk_full = True
+            log.warning("chronoedit serve: job %s failed, the disk is full: %s", job.id, one_line(exc))
+            return self.public_error(exc) if isinstance(exc, UserError) else DISK_FULL
+        if isinstance(exc, UserError):
+            log.warning("chronoedit serve: job %s failed: %s", job.id, one_line(exc))
+        else:
+            log.exception("chronoedit serve: job %s failed with an internal error", job.id)
+        return self.public_error(exc)
+
+    def _discard_outputs(self, job_id: str) -> None:
+        """Delete what a failed job wrote beside its input (no link reaches it; on a full disk it is space)."""
+        folder = self.results_dir / job_id
+        try:
+            leftovers = [p for p in folder.iterdir() if p.name != INPUT_NAME and not p.is_dir()]
+            for path in leftovers:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("chronoedit serve: cannot delete the partial outputs of job %s: %s", job_id, one_line(exc))
+
+    def record_outcomes(self) -> bool:
+        """Record the outcomes of finished jobs in the store, oldest first; False when the store refuses (they are
+        tried again before the next job; a job the process leaves ``running`` is re-queued at the next start)."""
+        while self._unrecorded:
+            job_id, record = self._unrecorded[0]
+            try:
+                record()
+            except (sqlite3.Error, OSError) as exc:
+                self.disk_full = self.disk_full or is_disk_full(exc)
+                log.error("chronoedit serve: cannot record the end of job %s (trying again in %g s): %s", job_id,
+                          self.retry_s, one_line(exc))  # fmt: skip
+                return False
+            self._unrecorded.pop(0)
+        return True
 
     def _edit(self, job: Job) -> tuple[dict[str, str], dict[str, float], dict[str, Any]]:
         """Enhance (if asked), edit and write one job; its files, timings and settings."""
         t0 = time.perf_counter()
-        options = EditOptions.model_validate(job.options)
+        options = stored_options(job)
         edit, plan = build_job(self.runner.spec, self.defaults, options, self.results_dir / job.id, self.limits)
-        self.progress = Progress(job.id, 0, edit.num_inference_steps, "enhancing")
+        self.progress = Progress(job.id, 0, edit.num_inference_steps, ENHANCING)
         if options.enhance_prompt:
             if self.enhancer is None:
                 raise UserError("this server has no prompt enhancer (start it with --prompt-enhancer-base-url)")
             edit = enhance(edit, self.enhancer)
-        self.progress.stage = "denoising"
+        self.progress.stage = DENOISING
         t1 = time.perf_counter()
-        out = self.runner.run(edit, wants_trajectory(edit, plan), on_step=self._on_step)
+        out = self.runner.run(edit, wants_trajectory(edit, plan), on_step=self._on_step, report=self._report)
         t2 = time.perf_counter()
+        self.progress.stage = WRITING
         write_outputs(edit, plan, out)
         t3 = time.perf_counter()
         timings = {"prepare_s": t1 - t0, "generate_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0}
@@ -172,6 +241,21 @@ class Worker:
         if self.progress is not None:
             self.progress.step, self.progress.total = step, total
 
+    def _on_stage(self, message: str) -> None:
+        """The application layer's stage lines: the one before the VAE decode sets the job's stage."""
+        if self.progress is not None and message == DECODE_STAGE:
+            self.progress.stage = DECODING
+
     def describe(self) -> dict[str, Any]:
         """The worker's state for ``/v1/health``."""
-        return {"state": self.state, "error": self.error, "alive": self.alive, "jobs_run": self.jobs_run}
+        return {"state": self.state, "error": self.error, "alive": self.alive, "jobs_run": self.jobs_run,
+                "disk_full": self.disk_full}  # fmt: skip
+
+
+def stored_options(job: Job) -> EditOptions:
+    """A queued job's options, validated again (the row may have been edited); a UserError saying the stored job
+    cannot be read otherwise."""
+    try:
+        return EditOptions.model_validate(job.options)
+    except ValidationError as exc:
+        raise UserError(f"{UNREADABLE}: options: {describe_validation(exc.errors())}") from None
