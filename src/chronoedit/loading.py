@@ -133,6 +133,9 @@ def iter_safetensors(path: Path, device: str | torch.device = "cpu") -> Iterator
         raise UserError(f"cannot read weights {path}: truncated or corrupt safetensors file ({err})") from err
 
 
+STORED_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # kept as stored by keep_stored_dtype
+
+
 def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     """float32 for the islands that stay fp32 in reduced precision, else ``dtype``."""
     return torch.float32 if keeps_fp32(name) else dtype
@@ -206,6 +209,8 @@ def load_transformer(
     device: str | torch.device = "cpu",
     config: TransformerConfig | None = None,
     quantized: str = "keep",
+    keep_stored_dtype: bool = False,
+    mmap: bool = False,
 ) -> ChronoEditTransformer3DModel:
     """Build our transformer from a diffusers-layout folder (whatever class name its config carries), a single
     safetensors file with diffusers or original Wan/ComfyUI names (fp8 / fp8-scaled included) or a GGUF file.
@@ -214,7 +219,12 @@ def load_transformer(
     ``quantized="keep"`` (default): Linear weights stored quantized (fp8, GGUF Q8_0/Q4_K/...) stay quantized in
     memory as :class:`~chronoedit.quant.QuantizedLinear` layers, dequantized to the compute dtype per layer as it
     runs; every other tensor (norms, modulation tables, the patch embedding, biases, F16/BF16/F32 tensors) is
-    dequantized to its target dtype at load. ``"dequantize"``: everything dequantized at load (dense model)."""
+    dequantized to its target dtype at load. ``"dequantize"``: everything dequantized at load (dense model).
+
+    ``keep_stored_dtype``: floating tensors keep the file's dtype (bf16 stays bf16 under an fp32 ``torch_dtype``; the
+    float32 islands are float32 as always) for a model whose blocks are cast while they run
+    (:func:`chronoedit.streaming.stream_blocks`). ``mmap`` (safetensors files): tensors kept in the file's dtype
+    are views of the memory-mapped file rather than copies (:mod:`chronoedit.mapped`)."""
     if quantized not in QUANTIZED_MODES:
         raise UserError(f"quantized must be one of {QUANTIZED_MODES}, got {quantized!r}")
     source = transformer_source(path, subfolder, config)
@@ -224,14 +234,17 @@ def load_transformer(
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     seen: set[str] = set()
     for file in source.files:
-        for key, tensor in iter_weights(file, device):
+        for key, tensor in iter_weights(file, device, mmap):
             name = source.our_name(key)
             if name is None and not key.endswith(FP8_SCALE_SUFFIXES) and key not in FP8_MARKERS:
                 raise UserError(f"unexpected key {key!r} in {file}: no ChronoEdit weight has this original name")
             if name is None or any(part in IGNORED_KEYS for part in name.split(".")):
                 continue
             check_tensor(name, tensor, expected, file)
-            place_weight(model, name, as_qtensor(tensor, source.scales.get(name)), target_dtype(name, dtype), quantized)
+            wanted = target_dtype(name, dtype)
+            if keep_stored_dtype and not keeps_fp32(name) and tensor.dtype in STORED_FLOAT_DTYPES:
+                wanted = tensor.dtype
+            place_weight(model, name, as_qtensor(tensor, source.scales.get(name)), wanted, quantized)
             seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
@@ -241,12 +254,18 @@ def load_transformer(
     return model.eval().requires_grad_(False)
 
 
-def iter_weights(path: Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor | QTensor]]:
-    """(key, tensor) from a safetensors file; (key, QTensor) from a GGUF file (raw blocks, not dequantized)."""
+def iter_weights(path: Path, device: str | torch.device = "cpu",
+                 mmap: bool = False) -> Iterator[tuple[str, torch.Tensor | QTensor]]:  # fmt: skip
+    """(key, tensor) from a safetensors file (views of the mapped file with ``mmap`` on the CPU); (key, QTensor) from
+    a GGUF file (raw blocks, not dequantized)."""
     if path.suffix.lower() == GGUF_SUFFIX:
         from .quant.gguf import iter_gguf
 
         yield from iter_gguf(path, device)
+    elif mmap and torch.device(device).type == "cpu":
+        from .mapped import mapped_tensors
+
+        yield from mapped_tensors(path)
     else:
         yield from iter_safetensors(path, device)
 

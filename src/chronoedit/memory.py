@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .streaming import is_streamed
+
 CPU = torch.device("cpu")
 
 
@@ -47,8 +49,9 @@ def make_room(device: torch.device, needed: int, evictable: list[torch.nn.Module
 
 @contextmanager
 def resident(module: torch.nn.Module | None, device: torch.device, offload: bool) -> Iterator[None]:
-    """Put ``module`` on ``device`` for the block; with ``offload`` send it back to the CPU afterwards."""
-    if module is None:
+    """Put ``module`` on ``device`` for the block; with ``offload`` send it back to the CPU afterwards. A module whose
+    blocks are streamed (:mod:`chronoedit.streaming`) is left where it is: its blocks come and go by themselves."""
+    if module is None or is_streamed(module):
         yield
         return
     module.to(device)
