@@ -561,27 +561,33 @@ def test_torn_last_log_line_is_dropped_when_resuming(two_step_run, tiny_ckpt, pa
         train_loop.truncate_log(log, 3)
 
 
-def test_batches_of_samples_of_different_sizes_are_refused_before_the_first_step(tiny_ckpt, tmp_path, capsys):
-    """batch_size 2 with each sample at its own aspect ratio (no --height/--width): the cached latents show it before
-    training starts, naming two rows of different size."""
+def test_samples_of_different_sizes_train_in_batches_of_one_bucket(tiny_ckpt, tmp_path, monkeypatch):
+    """batch_size 2 with each sample at its own bucket (no --height/--width): 3 square pairs and 1 wide one make 2
+    square batches (the last filled up with a square sample) and 1 wide batch (the wide pair twice) per epoch."""
     data = tmp_path / "mixed"
     data.mkdir()
     lines = ["key,prompt,source,target"]
-    for key, size in (("a", (32, 32)), ("b", (32, 32)), ("w", (48, 32))):
+    for key, size in (("a", (32, 32)), ("b", (32, 32)), ("c", (32, 32)), ("w", (64, 32))):
         Image.new("RGB", size, (200, 0, 0)).save(data / f"{key}_s.png")
         Image.new("RGB", size, (0, 200, 0)).save(data / f"{key}_t.png")
         lines.append(f"{key},make it green,{key}_s.png,{key}_t.png")
     (data / "metadata.csv").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "out"
-    args = train_args(tiny_ckpt, data, out, tmp_path / "cache", "--batch-size", "2", "--max-steps", "4")
-    args = [a for a in args if a not in ("--height", "--width", "32")] + ["--max-area", "1024"]
-    code = cli.main(args)
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("chronoedit:")]
-    assert code == 2 and len(err) == 1, err
-    assert "batch_size 2 needs samples of one size" in err[0]
-    assert "row 2 (key 'a') is 32x32 (2 latent frames) and row 4 (key 'w') 32x16 (2 latent frames)" in err[0]
-    assert "--height and --width" in err[0]
-    assert not (out / "train_log.jsonl").exists() and not (out / "checkpoints").exists()
+    shapes: list[set[tuple[int, ...]]] = []
+    original = train_loop.collate
+
+    def recording(items):
+        shapes.append({tuple(item["latents"].shape) for item in items})
+        return original(items)
+
+    monkeypatch.setattr(train_loop, "collate", recording)
+    settings = {**FAST, "height": None, "width": None, "max_area": 64 * 32, "batch_size": 2, "max_steps": 6,
+                "checkpoint_every": 0, "learning_rate": 1e-3}  # fmt: skip
+    result = train(TrainConfig(model_path=str(tiny_ckpt), dataset=str(data), output_dir=str(tmp_path / "out"),
+                               **settings), log=lambda _: None)  # fmt: skip
+    assert result.step == 6 and all(np.isfinite(result.losses))
+    assert all(len(batch) == 1 for batch in shapes)  # one bucket per batch
+    kinds = [next(iter(batch))[-1] for batch in shapes]  # latent width: 4 square, 8 wide
+    assert sorted(kinds[:3]) == [4, 4, 8] and sorted(kinds[3:]) == [4, 4, 8]  # per epoch: 2 square, 1 wide
 
 
 # ---------------------------------------------------------------------------------------------------- cache keys

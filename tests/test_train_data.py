@@ -13,7 +13,7 @@ from chronoedit import cli
 from chronoedit.errors import UserError
 from chronoedit.media import save_video
 from chronoedit.train.config import build_config, read_config_file
-from chronoedit.train.data import check_dataset, clip_frames, fit, load_frames, prepared_frames, read_dataset
+from chronoedit.train.data import check_dataset, clips, fit, load_frames, prepared_frames, read_dataset
 
 
 def block(color: tuple[int, int, int], corner: int, size: tuple[int, int] = (32, 32)) -> Image.Image:
@@ -55,14 +55,14 @@ def test_nvidia_layout_with_a_reasoning_video(tmp_path):
     write_csv(tmp_path, ["key,video,prompt", "r,r.mp4,the block slides"])
     (spec,) = read_dataset(tmp_path)
     loaded = load_frames(spec)
-    assert len(loaded) == 29 and len(clip_frames(loaded)) == 29
+    assert len(loaded) == 29 and [len(clip) for clip in clips(loaded)] == [25, 5]
 
 
 def test_simple_layout_pair_becomes_source_then_target_four_times(pair):
     csv = write_csv(pair, ["source,target,prompt", "s.png,t.png,move the block"], name="pairs.csv")
     (spec,) = read_dataset(csv)
     assert spec.key == "row2"
-    clip = clip_frames(load_frames(spec))
+    (clip,) = clips(load_frames(spec))
     assert len(clip) == 5 and clip[1:] == [clip[1]] * 4 and clip[0] is not clip[1]
 
 

@@ -18,9 +18,11 @@ if TYPE_CHECKING:
 EPILOG = """\
 dataset: a folder with metadata.csv (or a CSV file), paths relative to it, one of
   key,video,prompt,source_image,target_image   (chronoedit label; the images are used when given)
-  key,video,prompt                             (NVIDIA/DiffSynth; 2-frame video = pair, 29-frame = reasoning video)
+  key,video,prompt                             (NVIDIA/DiffSynth; 2-frame video = pair, 26 or 29 = reasoning video)
   source,target,prompt
-A pair trains as [source, target x 4] (2 latent frames), a reasoning video as itself (29 frames: 8 latent frames).
+A pair trains as [source, target x 4] (2 latent frames); a reasoning video (26 frames as NVIDIA's: 25 trajectory
+frames then the target; or 29, the target last) as 8 latent frames: those of its first 25 frames, then the edit
+latent of [source, target x 4], as NVIDIA trained.
 
 config file (TOML or JSON, same names as the flags with underscores), e.g. train.toml:
   model_path = "ChronoEdit-14B-Diffusers"
@@ -31,7 +33,9 @@ config file (TOML or JSON, same names as the flags with underscores), e.g. train
   validation_every = 250
 
 results: OUTPUT_DIR/lora.safetensors (diffusers layout: chronoedit edit --lora-path, diffusers' load_lora_weights)
-or OUTPUT_DIR/transformer/ (--mode full: chronoedit edit --transformer); train_log.jsonl (step, loss, lr, seconds);
+and lora_comfyui.safetensors (Wan names, lora_A/lora_B: NVIDIA's DiffSynth inference, ComfyUI, diffusers), or
+OUTPUT_DIR/transformer/ (--mode full: chronoedit edit --transformer; the base model's dtype unless --save-fp32);
+train_log.jsonl (step, loss, lr, seconds);
 checkpoints/checkpoint-N (resumed automatically: --resume auto; --resume previous goes back one, e.g. when the latest
 is damaged); validation/step_N_KEY.png (source | edit | target). A checkpoint holds only tensors and plain data
 (safetensors, torch.save tables loaded with weights_only, JSON): a file that would need other objects is refused.

@@ -11,7 +11,10 @@ Layouts (``detect_layout``), all converted to one form keyed by our module names
 
 Every tensor read is checked: NaN/Inf values, an alpha that is not one finite number and a lora_A/lora_B that is not
 a matrix of rank >= 1 are refused with one line naming the file and the key (:func:`check_values` checks a
-:class:`LoraFile` built in memory). Writing (:func:`write_lora`) covers the ``diffusers`` and ``wan`` layouts.
+:class:`LoraFile` built in memory). Writing (:func:`write_lora`) covers the ``diffusers`` and ``wan`` layouts, and
+``wan_ab``: Wan names with ``lora_A``/``lora_B`` and alpha folded into ``lora_B`` (``.alpha`` = rank), the one file
+DiffSynth's ``load_lora`` (which matches ``.lora_B.`` keys and ignores ``.alpha``), ComfyUI and diffusers all read
+alike.
 Attaching a LoRA to the model is :mod:`chronoedit.lora.adapters`; saving an adapter of a model,
 :func:`chronoedit.lora.saving.save_lora`.
 """
@@ -37,7 +40,7 @@ from ..keymap import IN_BLOCK, TOP_LEVEL, is_original_layout, original_to_ours, 
 from ..loading import iter_safetensors
 
 LAYOUTS = ("diffusers", "wan", "diffsynth", "musubi")
-WRITABLE_LAYOUTS = ("diffusers", "wan")
+WRITABLE_LAYOUTS = ("diffusers", "wan", "wan_ab")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers/peft: LoraConfig kwargs as JSON in the safetensors header
 # The leaf of a file key -> what it holds. ``up_bias`` is peft's lora_B bias (scaled by alpha/r like the weights).
 LEAVES = {
@@ -335,8 +338,8 @@ def write_lora(
     source: LoraFile | Mapping[str, LoraModule], path: str | os.PathLike[str], layout: str = "diffusers"
 ) -> Path:
     """Write a LoRA (a :class:`LoraFile` or modules by our names) as safetensors in the ``diffusers`` layout (alpha
-    in diffusers' header metadata) or the ``wan`` (ComfyUI) layout. An adapter of a model:
-    :func:`chronoedit.lora.save_lora`."""
+    in diffusers' header metadata), the ``wan`` (ComfyUI) layout, or ``wan_ab`` (Wan names, ``lora_A``/``lora_B``,
+    alpha folded into ``lora_B``). An adapter of a model: :func:`chronoedit.lora.save_lora`."""
     from safetensors.torch import save_file
 
     from ..files import atomic_path
@@ -344,8 +347,8 @@ def write_lora(
     modules = dict(source.modules if isinstance(source, LoraFile) else source)
     if layout == "diffusers":
         tensors, metadata = _to_diffusers(modules)
-    elif layout == "wan":
-        tensors, metadata = _to_wan(modules), None
+    elif layout in ("wan", "wan_ab"):
+        tensors, metadata = _to_wan(modules, fold_alpha=layout == "wan_ab"), None
     else:
         raise UserError(f"LoRA layout {layout!r} cannot be written: not one of {WRITABLE_LAYOUTS}")
     path = Path(path)
@@ -395,14 +398,20 @@ def _to_diffusers(modules: Mapping[str, LoraModule]) -> tuple[dict[str, torch.Te
     return tensors, {"format": "pt", METADATA_KEY: json.dumps(header, sort_keys=True)}
 
 
-def _to_wan(modules: Mapping[str, LoraModule]) -> dict[str, torch.Tensor]:
-    """``diffusion_model.<original>.lora_down/lora_up.weight``, ``.alpha``, ``.diff_b``, ``.diff`` (ComfyUI)."""
+def _to_wan(modules: Mapping[str, LoraModule], fold_alpha: bool = False) -> dict[str, torch.Tensor]:
+    """``diffusion_model.<original>.lora_down/lora_up.weight``, ``.alpha``, ``.diff_b``, ``.diff`` (ComfyUI);
+    ``fold_alpha``: ``lora_A``/``lora_B`` instead, ``lora_B`` times alpha/rank and ``.alpha`` = rank (scale 1 for
+    loaders that read ``.alpha``; the same delta for those that ignore it)."""
+    down_leaf, up_leaf = ("lora_A", "lora_B") if fold_alpha else ("lora_down", "lora_up")
     tensors = {}
     for name, m in modules.items():
         base = "diffusion_model." + (ours_to_original(name) or name)
         if m.has_lora:
-            tensors[f"{base}.lora_down.weight"], tensors[f"{base}.lora_up.weight"] = m.down, m.up
-            tensors[f"{base}.alpha"] = torch.tensor(m.alpha_value, dtype=torch.float32)
+            up, alpha = m.up, m.alpha_value
+            if fold_alpha and alpha != m.rank:
+                up, alpha = (up.float() * (alpha / m.rank)).to(up.dtype), float(m.rank)
+            tensors[f"{base}.{down_leaf}.weight"], tensors[f"{base}.{up_leaf}.weight"] = m.down, up
+            tensors[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         for part in ("diff_b", "diff"):
             if getattr(m, part) is not None:
                 tensors[f"{base}.{part}"] = getattr(m, part)

@@ -23,7 +23,9 @@ def save_lora(
     adapter_name: str | None = None,
 ) -> Path:
     """Write a LoRA (an adapter of a transformer, default its only one; a :class:`LoraFile`; or modules by our
-    names) as safetensors in the ``diffusers`` layout (alpha in diffusers' header metadata) or the ``wan``
-    (ComfyUI) layout, with its diff/diff_b deltas (``wan`` only)."""
+    names) as safetensors in the ``diffusers`` layout (alpha in diffusers' header metadata), the ``wan`` (ComfyUI)
+    layout, or ``wan_ab``: Wan names with ``lora_A``/``lora_B``, alpha folded into ``lora_B`` and ``.alpha`` = rank,
+    which NVIDIA's DiffSynth inference, ComfyUI and diffusers all load alike (``wan``/``wan_ab`` also hold diff/diff_b
+    deltas)."""
     modules = adapter_modules(source, adapter_name) if isinstance(source, nn.Module) else source
     return write_lora(modules, path, layout)

@@ -8,9 +8,10 @@ output is a file named by a hash of that stage's own inputs, so a change redoes 
   text encoder and its dtype (rewording a prompt re-runs UMT5 for that prompt only);
 - ``image/KEY.safetensors`` image_embeds [257, image_dim]: CLIP of the source image (a video's first frame) sized
   for training, from its file's content, the size rule and the image encoder;
-- ``latents/KEY.safetensors`` latents [16, F_lat, h, w] (the clip [source, target x 4] or the reasoning video) and
-  condition [16, F_lat, h, w] (the source followed by black frames, as the pipeline builds it), both normalised VAE
-  posterior means: from every file's content, the size rule and the VAE.
+- ``latents/KEY.safetensors`` latents [16, F_lat, h, w] (a pair: the clip [source, target x 4], 2 latent frames; a
+  reasoning video: its first 25 frames' 7 latent frames, then the clip's last one, 8 in all) and condition
+  [16, F_lat, h, w] (the source followed by black frames, 5 or 29 frames, as the pipeline builds it), both
+  normalised VAE posterior means: from every file's content, the size rule and the VAE.
 
 The size rule is height and width when given (max_area then plays no part), else max_area. An encoder is known by its
 config files' contents and its other files' names and content hashes (remembered per machine, see
@@ -37,10 +38,10 @@ from ..errors import UserError
 from ..files import os_reason as reason
 from ..files import writing
 from ..latents import encode_condition, encode_video, image_to_tensor
-from .data import SampleSpec, clip_frames, prepared_frames
+from .data import SampleSpec, clips, prepared_frames
 from .digests import file_digest, remembered_digests
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: reasoning videos encoded as NVIDIA's training does (trajectory + edit latent)
 STAGES = ("text", "image", "latents")
 ENCODERS = {  # the checkpoint components behind each stage
     "text": ("tokenizer", "text_encoder"),
@@ -76,13 +77,14 @@ class CacheSettings:
     max_area: int
     text_dtype: str  # the text encoder's dtype name ("float32", "bfloat16")
     show_progress: bool = False  # a bar per stage (samples encoded / to encode); not part of any key
+    buckets: bool = False  # sizes from the aspect-ratio buckets at max_area
 
     @property
     def size_rule(self) -> dict[str, int]:
         """What sizes a sample: height and width when given, else max_area."""
         if self.height is not None and self.width is not None:
             return {"height": self.height, "width": self.width}
-        return {"max_area": self.max_area}
+        return {"max_area": self.max_area, "buckets": True} if self.buckets else {"max_area": self.max_area}
 
 
 # ------------------------------------------------------------------------------------------------------ identity
@@ -221,17 +223,22 @@ def _bar(todo: list[CacheEntry], desc: str, settings: CacheSettings) -> Any:
 
 
 def _frames(entry: CacheEntry, settings: CacheSettings) -> list[Any]:
-    return prepared_frames(entry.spec, settings.height, settings.width, settings.max_area)
+    return prepared_frames(entry.spec, settings.height, settings.width, settings.max_area, settings.buckets)
 
 
 @torch.no_grad()
 def _encode_latents(vae: torch.nn.Module, frames: list[Any]) -> dict[str, torch.Tensor]:
-    """latents of the training clip and the first-frame condition, each [16, F_lat, h, w] float32."""
+    """latents and the first-frame condition, each [16, F_lat, h, w] float32: a pair's clip (2 latent frames), or a
+    reasoning video's trajectory latents followed by its edit latent (7 + 1 = 8), as NVIDIA's training builds them
+    (``cat(VAE(frames[:25]), VAE([src, tgt x 4])[:, :, 1:])``); the condition spans the same pixel frames (5 or 29)."""
     width, height = frames[0].size
-    clip = clip_frames(frames)
-    video = torch.stack([image_to_tensor(f, width, height)[0] for f in clip], dim=1).unsqueeze(0)  # [1, 3, F, H, W]
-    latents = encode_video(vae, video)[0]
-    condition = encode_condition(vae, image_to_tensor(frames[0], width, height), len(clip))[0]
+    parts = []
+    for clip in clips(frames):
+        video = torch.stack([image_to_tensor(f, width, height)[0] for f in clip], dim=1)[None]  # [1, 3, F, H, W]
+        parts.append(encode_video(vae, video)[0])  # [16, (F - 1) // 4 + 1, h, w]
+    latents = torch.cat([parts[0], *[part[:, 1:] for part in parts[1:]]], dim=1)  # [16, 2 or 8, h, w]
+    pixel_frames = 4 * (latents.shape[1] - 1) + 1  # 5 or 29
+    condition = encode_condition(vae, image_to_tensor(frames[0], width, height), pixel_frames)[0]
     return {"latents": latents, "condition": condition}
 
 
@@ -299,7 +306,7 @@ def pad_tokens(embeds: torch.Tensor) -> torch.Tensor:
 
 
 def entry_frames(entry: CacheEntry) -> int:
-    """Latent frames of a cached sample (2 for a pair, 8 for a 29-frame video)."""
+    """Latent frames of a cached sample (2 for a pair, 8 for a reasoning video)."""
     return latent_shape(entry)[1]
 
 

@@ -32,9 +32,9 @@ SET_ASIDE = ".skipped"  # suffix of a checkpoint --resume previous went back fro
 # size, order and batching) and the optimizer's hyper-parameters (restored from the checkpoint, so a new value would
 # be silently ignored). The rest may change: max_steps (to extend a run), the LR schedule, the loss settings,
 # checkpoint, log and validation settings, precision, the paths of the model and the cache.
-MUST_MATCH = ("mode", "lora_rank", "lora_alpha", "lora_targets", "dataset", "height", "width", "max_area", "batch_size",
-              "gradient_accumulation_steps", "seed", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay",
-              "adam_epsilon")  # fmt: skip
+MUST_MATCH = ("mode", "lora_rank", "lora_alpha", "lora_targets", "dataset", "height", "width", "max_area", "buckets",
+              "batch_size", "gradient_accumulation_steps", "seed", "learning_rate", "adam_beta1", "adam_beta2",
+              "adam_weight_decay", "adam_epsilon")  # fmt: skip
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -160,7 +160,7 @@ def check_resume_settings(folder: Path, config: TrainConfig, hint: str = "") -> 
             check_type(name, saved[name], types[name])
         except UserError as err:
             raise UserError(f"resume: {path} is corrupt: {err}{hint}", "resume") from None
-    old = TrainConfig(**{k: v for k, v in saved.items() if k in types})
+    old = TrainConfig(**{"buckets": False, **{k: v for k, v in saved.items() if k in types}})  # earlier: no buckets
     changes = []
     lora = old.mode == config.mode == "lora"  # else the mode differs, or no LoRA settings count
     for name in (n for n in MUST_MATCH if lora or not n.startswith("lora_")):
@@ -186,7 +186,7 @@ def check_resume_settings(folder: Path, config: TrainConfig, hint: str = "") -> 
 def _effective(config: TrainConfig, name: str) -> Any:
     """The value that counts: max_area only without height/width, defaults applied, the dataset as its CSV's
     absolute path, LoRA targets as the layers they select."""
-    if name == "max_area" and config.height is not None:
+    if name in ("max_area", "buckets") and config.height is not None:
         return None
     if name == "dataset":
         return _dataset_file(config.dataset)

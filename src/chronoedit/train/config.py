@@ -19,7 +19,8 @@ from ..files import os_reason as reason
 
 MODES = ("lora", "full")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+TIMESTEP_SAMPLING = ("uniform_steps", "uniform", "logit_normal")
+LOSS_WEIGHTING = ("bell", "uniform")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 # NVIDIA's (DiffSynth's) LoRA targets in original Wan names; ours in :data:`chronoedit.train.lora.SHORT_TARGETS`.
 DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
@@ -37,7 +38,8 @@ class TrainConfig:
     # data
     height: int | None = None
     width: int | None = None
-    max_area: int = 480 * 832
+    max_area: int = 720 * 1280
+    buckets: bool = True
     cache_dir: str | None = None
     # LoRA
     lora_rank: int = 32
@@ -57,12 +59,15 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
+    save_fp32: bool = False
     seed: int = 0
     # flow matching
     flow_shift: float = 5.0
-    timestep_sampling: str = "uniform"
+    timestep_sampling: str | None = None
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    loss_weighting: str | None = None
+    caption_dropout: float | None = None
     loss_on_first_frame: bool = True
     # checkpoints, logs, validation
     checkpoint_every: int = 500
@@ -81,6 +86,28 @@ class TrainConfig:
         if self.learning_rate is not None:
             return self.learning_rate
         return 1e-4 if self.mode == "lora" else 1e-5
+
+    @property
+    def sampling(self) -> str:
+        """How σ is drawn: as given, else ``uniform_steps`` for LoRA (DiffSynth's recipe, NVIDIA's LoRAs) and
+        ``logit_normal`` for full fine-tuning (how the base model was trained)."""
+        if self.timestep_sampling is not None:
+            return self.timestep_sampling
+        return "uniform_steps" if self.mode == "lora" else "logit_normal"
+
+    @property
+    def weighting(self) -> str:
+        """The loss weight over σ: as given, else ``bell`` for LoRA (DiffSynth's) and ``uniform`` for full."""
+        if self.loss_weighting is not None:
+            return self.loss_weighting
+        return "bell" if self.mode == "lora" else "uniform"
+
+    @property
+    def dropout(self) -> float:
+        """The share of captions replaced by the empty prompt: as given, else 0 for LoRA and 0.2 for full."""
+        if self.caption_dropout is not None:
+            return float(self.caption_dropout)
+        return 0.0 if self.mode == "lora" else 0.2
 
     @property
     def alpha(self) -> float:
@@ -106,7 +133,10 @@ HELP = {
     "mode": "lora (default) or full fine-tuning",
     "height": "training height, a multiple of 16 (with --width); default: each sample at --max-area",
     "width": "training width, a multiple of 16 (with --height)",
-    "max_area": "pixel area of each sample when no --height/--width, aspect ratio kept (default 480*832)",
+    "max_area": "pixel area of each sample when no --height/--width, aspect ratio kept; smaller images are not "
+    "upscaled (default 720*1280, NVIDIA's training and inference area)",
+    "buckets": "size each sample as the aspect-ratio bucket nearest its own (a fixed set at max_area, 1:2 to 2:1, "
+    "multiples of 16); batches are drawn from one bucket at a time (default on; off: each its own aspect ratio)",
     "cache_dir": "cache of text/CLIP embeddings and VAE latents (default OUTPUT_DIR/cache)",
     "lora_rank": "LoRA rank (default 32)",
     "lora_alpha": "LoRA alpha (default: the rank, scale 1)",
@@ -114,7 +144,8 @@ HELP = {
     "learning_rate": "learning rate (default 1e-4 for LoRA, 1e-5 for full)",
     "max_steps": "optimizer steps to train (default 1000)",
     "gradient_accumulation_steps": "micro-batches per optimizer step (default 1)",
-    "batch_size": "samples per micro-batch and process (default 1; > 1 needs one size for all samples)",
+    "batch_size": "samples per micro-batch and process (default 1); each batch holds samples of one size and frame "
+    "count (a bucket), a bucket's last batch filled up with its own samples",
     "lr_scheduler": "constant, constant_with_warmup, linear or cosine (default constant)",
     "lr_warmup_steps": "warm-up steps (default 0)",
     "adam_beta1": "AdamW beta1 (0.9)",
@@ -124,11 +155,19 @@ HELP = {
     "max_grad_norm": "gradient clipping norm, 0 = off (default 1.0)",
     "mixed_precision": "no, bf16 (default) or fp16; with LoRA the frozen weights are stored in this dtype",
     "gradient_checkpointing": "recompute each block in the backward pass (default on)",
+    "save_fp32": "full fine-tuning: save the transformer in float32 rather than the base checkpoint's dtype (bf16 for "
+    "NVIDIA's, with its float32 islands as loaded; default off)",
     "seed": "seed of sample order, noise and timesteps (default 0)",
     "flow_shift": "timestep shift: sigma' = s*sigma / (1 + (s-1)*sigma) (default 5.0, as at inference)",
-    "timestep_sampling": "uniform (default) or logit_normal sigma before the shift",
+    "timestep_sampling": "uniform_steps (one of the 1000 shifted training timesteps, uniformly: DiffSynth's; default "
+    "for LoRA), logit_normal (sigma before the shift; the base model's full training; default for full) or uniform "
+    "(continuous sigma before the shift)",
     "logit_mean": "mean of logit_normal sampling (0)",
     "logit_std": "std of logit_normal sampling (1)",
+    "loss_weighting": "bell (DiffSynth's: exp(-2((t-500)/1000)^2) over the shifted timesteps, shifted to 0 at sigma=1, "
+    "mean 1; default for LoRA) or uniform (default for full, as the base model was trained)",
+    "caption_dropout": "share of samples whose caption is replaced by the empty prompt's embedding (image condition "
+    "and CLIP tokens kept; default 0.2 for full, as the base model was trained, 0 for LoRA)",
     "loss_on_first_frame": "include latent frame 0 (the input, denoised at inference too) in the loss (default on)",
     "checkpoint_every": "save a resumable checkpoint every N steps (default 500; 0 = only at the end)",
     "checkpoints_total_limit": "keep at most N checkpoints (default 3)",
@@ -267,7 +306,8 @@ def check_config(c: TrainConfig) -> None:
             raise UserError(f"{name} must be at most {MAX_INT}, got {shown(value)}", name)
     _choice("mode", c.mode, MODES)
     _choice("mixed_precision", c.mixed_precision, MIXED_PRECISION)
-    _choice("timestep_sampling", c.timestep_sampling, TIMESTEP_SAMPLING)
+    _choice("timestep_sampling", c.sampling, TIMESTEP_SAMPLING)
+    _choice("loss_weighting", c.weighting, LOSS_WEIGHTING)
     _choice("lr_scheduler", c.lr_scheduler, LR_SCHEDULERS)
     if (c.height is None) != (c.width is None):
         raise UserError("give both height and width, or neither (then each sample is sized to max_area)", "height",
@@ -318,6 +358,8 @@ def _check_ranges(c: TrainConfig) -> None:
         value = getattr(c, name)
         if not math.isfinite(value) or value < 0:
             raise UserError(f"{name} must be a finite number >= 0, got {value}", name)
+    if not 0 <= c.dropout <= 1:
+        raise UserError(f"caption_dropout must be a number from 0 to 1, got {c.caption_dropout}", "caption_dropout")
     if not math.isfinite(c.logit_mean):
         raise UserError(f"logit_mean must be a finite number, got {c.logit_mean}", "logit_mean")
 

@@ -4,20 +4,25 @@ Accepted layouts (paths relative to the CSV's folder; extra columns are ignored)
 
 - ``key,video,prompt,source_image,target_image`` (``chronoedit label``'s ``metadata.csv``): the two images when both
   are given, else the video;
-- ``key,video,prompt`` (NVIDIA / DiffSynth): a 2-frame video is a pair; a 4k+1-frame video (>= 9, e.g. 29) is a
-  reasoning video: source, in-between frames, target;
+- ``key,video,prompt`` (NVIDIA / DiffSynth): a 2-frame video is a pair; a 26-frame video (NVIDIA's: 25 trajectory
+  frames, then the target) or a 29-frame one (the target last) is a reasoning video;
 - ``source,target,prompt`` (or ``source_image,target_image,prompt``), ``key`` optional.
 
 A pair trains as the 5-frame clip [source, target x 4] (2 latent frames, the target fills the last one, as NVIDIA
-trained); a reasoning video as itself (29 frames -> 8 latent frames). Every sample is sized to the training size:
-resized to cover it and center-cropped (aspect kept). A pair whose source and target differ in size is an error: the
-edit must be pixel-aligned with its input, and a silent resize would teach the model to move the content.
+trained). A reasoning video trains as NVIDIA's full training builds it (``chronoedit/_src/models/
+chronoedit_14b_edit_model.py``, ``get_data_and_condition``): 8 latent frames, the 7 of its first 25 frames (the
+trajectory) followed by the last latent frame of its pair's clip [source, target x 4] (the edit latent, the same one
+a pair trains and the pipeline decodes as the edit); other lengths are refused. Every sample is sized to the
+training size: resized to cover it and center-cropped (aspect kept). A pair whose source and target differ in size
+is an error: the edit must be pixel-aligned with its input, and a silent resize would teach the model to move the
+content.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +34,9 @@ from ..files import os_reason as reason
 
 METADATA_NAME = "metadata.csv"
 PAIR_FRAMES = 5  # [source, target x 4]
-MIN_VIDEO_FRAMES = 9  # 3 latent frames: at least one in-between latent frame
+TRAJECTORY_FRAMES = 25  # a reasoning video's frames encoded as one clip (7 latent frames); the edit latent follows
+REASONING_FRAMES = (26, 29)  # NVIDIA's reasoning videos (25 + the target); the pipeline's reasoning length
+SIZE_MULTIPLE = 16  # training sizes are multiples of 16 (the VAE's 8 x the patch's 2)
 VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif"}
 
 
@@ -135,10 +142,10 @@ def load_frames(spec: SampleSpec) -> list[Image.Image]:
         frames = [media.load_image(spec.source), media.load_image(spec.target)] if spec.video is None else _video(spec)
     except (OSError, ValueError) as err:
         raise UserError(f"{spec.where}: {err}", "dataset") from None
-    if len(frames) != 2 and (len(frames) < MIN_VIDEO_FRAMES or (len(frames) - 1) % 4):
+    if len(frames) != 2 and len(frames) not in REASONING_FRAMES:
         raise UserError(
-            f"{spec.where}: video {spec.video} has {len(frames)} frames; use 2 (an edit pair) or 4k+1 >= "
-            f"{MIN_VIDEO_FRAMES} (a reasoning video, e.g. 29)",
+            f"{spec.where}: video {spec.video} has {len(frames)} frames; use 2 (an edit pair), 26 (a reasoning video "
+            "as NVIDIA's: 25 trajectory frames, then the target) or 29 (the target last; frames 26-28 unused)",
             "dataset",
         )
     sizes = {f.size for f in frames}
@@ -164,11 +171,31 @@ def _video(spec: SampleSpec) -> list[Image.Image]:
     return [media.to_rgb(Image.fromarray(frame)) for frame in array]
 
 
-def training_size(size: tuple[int, int], height: int | None, width: int | None, max_area: int) -> tuple[int, int]:
-    """(width, height) to train a sample of ``size`` at: the given size, else its aspect ratio at ``max_area``."""
+def training_size(size: tuple[int, int], height: int | None, width: int | None, max_area: int,
+                  buckets: bool = False) -> tuple[int, int]:  # fmt: skip
+    """(width, height) to train a sample of ``size`` at: the given size; else, with ``buckets``, the bucket of
+    :func:`bucket_sizes` nearest its aspect ratio, without, its own aspect ratio at ``max_area``. An image smaller
+    than ``max_area`` keeps its size, cut down to multiples of 16 (never upscaled: NVIDIA's
+    ``ImageCropAndResize.get_height_width``)."""
     if height is not None and width is not None:
         return width, height
+    if size[0] * size[1] <= max_area:
+        w, h = (max(SIZE_MULTIPLE, side // SIZE_MULTIPLE * SIZE_MULTIPLE) for side in size)
+        return w, h
+    if buckets:
+        aspect = math.log(size[0] / size[1])
+        return min(bucket_sizes(max_area), key=lambda b: abs(math.log(b[0] / b[1]) - aspect))
     return sizing.auto_size(*size, max_area=max_area)
+
+
+# Aspect ratios (width:height) of the buckets, from 1:2 to 2:1.
+BUCKET_ASPECTS = ((1, 2), (9, 16), (2, 3), (3, 4), (4, 5), (1, 1), (5, 4), (4, 3), (3, 2), (16, 9), (2, 1))
+
+
+def bucket_sizes(max_area: int) -> list[tuple[int, int]]:
+    """The fixed (width, height) buckets at ``max_area``: each of :data:`BUCKET_ASPECTS` sized as inference sizes an
+    image (:func:`chronoedit.sizing.auto_size`, multiples of 16); 720x1280's area gives 1280x720 for 16:9."""
+    return sorted({sizing.auto_size(w, h, max_area=max_area) for w, h in BUCKET_ASPECTS})
 
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -183,15 +210,24 @@ def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     return resized.crop((left, top, left + width, top + height))
 
 
-def clip_frames(frames: list[Image.Image]) -> list[Image.Image]:
-    """The clip the VAE encodes: a pair becomes [source, target x 4] (5 frames); a video stays as it is."""
-    return [frames[0], *[frames[1]] * (PAIR_FRAMES - 1)] if len(frames) == 2 else frames
+def pair_clip(frames: list[Image.Image]) -> list[Image.Image]:
+    """The edit clip of a pair or a reasoning video: [source, target x 4] (5 frames, 2 latent frames)."""
+    return [frames[0], *[frames[-1]] * (PAIR_FRAMES - 1)]
 
 
-def prepared_frames(spec: SampleSpec, height: int | None, width: int | None, max_area: int) -> list[Image.Image]:
+def clips(frames: list[Image.Image]) -> list[list[Image.Image]]:
+    """The clips the VAE encodes, each on its own: a pair's [source, target x 4]; a reasoning video's first 25 frames
+    (7 latent frames) and its [source, target x 4] (of which the last latent frame, the edit latent, is kept)."""
+    if len(frames) == 2:
+        return [pair_clip(frames)]
+    return [frames[:TRAJECTORY_FRAMES], pair_clip(frames)]
+
+
+def prepared_frames(spec: SampleSpec, height: int | None, width: int | None, max_area: int,
+                    buckets: bool = False) -> list[Image.Image]:  # fmt: skip
     """The row's frames read, checked and fitted to the training size."""
     frames = load_frames(spec)
-    w, h = training_size(frames[0].size, height, width, max_area)
+    w, h = training_size(frames[0].size, height, width, max_area, buckets)
     return [fit(f, w, h) for f in frames]
 
 

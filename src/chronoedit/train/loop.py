@@ -22,7 +22,7 @@ from ..devices import torch_dtype
 from ..errors import UserError
 from ..files import atomic_path, writing
 from ..files import write_json as _write_json
-from .cache import CacheSettings, build_cache, negative_file
+from .cache import CacheSettings, build_cache, load_negative, negative_file
 from .checkpoints import (
     check_no_later_checkpoints,
     check_resume_settings,
@@ -34,7 +34,8 @@ from .checkpoints import (
 )
 from .config import TrainConfig
 from .data import check_dataset, read_dataset
-from .dataset import StepDataset, check_batch_shapes, collate
+from .dataset import Noising, StepDataset, collate
+from .export import base_dtype, cast_for_saving
 from .flow import flow_matching_loss
 from .lora import add_lora, count, lora_modules_from_state, trainable_parameters
 from .state import Saved, TrainState, apply_state, is_sharded, read_state, register_lora_hooks
@@ -42,7 +43,9 @@ from .state import Saved, TrainState, apply_state, is_sharded, read_state, regis
 LOG_NAME = "train_log.jsonl"
 LOCK_NAME = ".chronoedit-train.lock"
 LORA_OUTPUT = "lora.safetensors"
-COMFYUI_LORA_OUTPUT = "lora_comfyui.safetensors"  # the same LoRA with the original Wan names (ComfyUI's loaders)
+# The same LoRA with the original Wan names and lora_A/lora_B, alpha folded into lora_B: NVIDIA's DiffSynth inference
+# (its load_lora matches ".lora_B." keys under Wan module names and ignores ".alpha"), ComfyUI and diffusers load it.
+COMFYUI_LORA_OUTPUT = "lora_comfyui.safetensors"
 TRANSFORMER_OUTPUT = "transformer"
 _DTYPE_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # mixed_precision -> the weights' dtype
 
@@ -87,7 +90,6 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         settings = cache_settings(config, accelerator.device, show_progress=accelerator.is_main_process)
         with accelerator.main_process_first():
             entries = build_cache(specs, config.cache, settings, accelerator.device, log)
-        check_batch_shapes(entries, config.batch_size)
         run = setup(config, accelerator, entries, log)
         resumed = resume(run, saved, log)
         losses, seconds = loop(run)
@@ -149,7 +151,7 @@ def cache_settings(config: TrainConfig, device: torch.device, show_progress: boo
     """UMT5 runs in bf16 on a GPU with bf16 training (fp32 UMT5-XXL is 22 GB), else in fp32."""
     text_dtype = "bfloat16" if device.type == "cuda" and config.mixed_precision == "bf16" else "float32"
     return CacheSettings(config.model_path, config.height, config.width, config.max_area, text_dtype,
-                         show_progress=show_progress and not config.quiet)  # fmt: skip
+                         show_progress=show_progress and not config.quiet, buckets=config.buckets)  # fmt: skip
 
 
 def build_transformer(config: TrainConfig, log: Callable[[str], None]) -> torch.nn.Module:
@@ -192,8 +194,8 @@ def setup(config: TrainConfig, accelerator: Any, entries: list[Any], log: Callab
         num_training_steps=config.max_steps * world,
     )
     per_step = config.gradient_accumulation_steps * config.batch_size * world
-    dataset = StepDataset(entries, config.max_steps * per_step, config.seed, config.flow_shift,
-                          config.timestep_sampling, config.logit_mean, config.logit_std)  # fmt: skip
+    dataset = StepDataset(entries, config.max_steps * per_step, config.seed, noising(config, accelerator.device),
+                          config.batch_size)  # fmt: skip
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, collate_fn=collate)
     transformer, optimizer, loader, scheduler = accelerator.prepare(transformer, optimizer, loader, scheduler)
     state = TrainState()
@@ -202,6 +204,14 @@ def setup(config: TrainConfig, accelerator: Any, entries: list[Any], log: Callab
     run = Run(config, accelerator, transformer, optimizer, scheduler, loader, state)
     run.validator = make_validator(config, accelerator, entries)
     return run
+
+
+def noising(config: TrainConfig, device: torch.device) -> Noising:
+    """σ sampling and caption dropout as configured (the empty prompt read from the cache when captions drop)."""
+    empty = None
+    if config.dropout > 0:
+        empty = load_negative(negative_file(config.cache, cache_settings(config, device)))
+    return Noising(config.flow_shift, config.sampling, config.logit_mean, config.logit_std, config.dropout, empty)
 
 
 def make_validator(config: TrainConfig, accelerator: Any, entries: list[Any]) -> Any:
@@ -226,7 +236,7 @@ def make_validator(config: TrainConfig, accelerator: Any, entries: list[Any]) ->
         steps=config.validation_steps,
         guidance_scale=config.validation_guidance_scale,
         flow_shift=config.flow_shift,
-        size=(config.height, config.width, config.max_area),
+        size=(config.height, config.width, config.max_area, config.buckets),
         device=accelerator.device,
     )
 
@@ -281,7 +291,8 @@ def train_micro_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     acc = run.accelerator
     with acc.accumulate(run.transformer):
         with acc.autocast():
-            loss = flow_matching_loss(run.transformer, batch, run.config.loss_on_first_frame)
+            loss = flow_matching_loss(run.transformer, batch, run.config.loss_on_first_frame, run.config.weighting,
+                                      run.config.flow_shift)  # fmt: skip
         if not torch.isfinite(loss):
             raise UserError(f"the loss is {loss.item()} at step {run.state.step + 1} (lower the learning rate?)",
                             "learning_rate")  # fmt: skip
@@ -311,8 +322,8 @@ def after_step(run: Run, loss: float, seconds: float) -> None:
 
 
 def save_result(run: Run) -> Path:
-    """The LoRA (diffusers layout, plus a copy with the original Wan / ComfyUI names) or the full transformer
-    (diffusers folder), written atomically."""
+    """The LoRA (diffusers layout, plus a copy with Wan names and lora_A/lora_B that DiffSynth, ComfyUI and
+    diffusers load) or the full transformer (diffusers folder), written atomically."""
     from ..lora import save_lora
     from ..saving import save_transformer
 
@@ -326,12 +337,14 @@ def save_result(run: Run) -> Path:
             with writing(path):
                 save_lora(modules, path)
             with writing(output / COMFYUI_LORA_OUTPUT):
-                save_lora(modules, output / COMFYUI_LORA_OUTPUT, layout="wan")
+                save_lora(modules, output / COMFYUI_LORA_OUTPUT, layout="wan_ab")
     else:
         path = output / TRANSFORMER_OUTPUT
         if acc.is_main_process:
             tmp = output / f".tmp-{TRANSFORMER_OUTPUT}"
             shutil.rmtree(tmp, ignore_errors=True)
+            if not run.config.save_fp32:  # the base checkpoint's dtype (fp32 master weights trained)
+                state = cast_for_saving(state, base_dtype(run.config.model_path))
             save_transformer(acc.unwrap_model(run.transformer), tmp, state_dict=state)  # UserError when it cannot
             with writing(path):
                 if path.exists():

@@ -18,7 +18,7 @@ from PIL import Image
 from ..files import writing
 from ..pipeline import ChronoEditPipeline, Conditioning
 from .cache import CacheEntry, load_entry, load_negative
-from .data import prepared_frames
+from .data import PAIR_FRAMES, TRAJECTORY_FRAMES, prepared_frames
 
 
 class CachedConditioningPipeline(ChronoEditPipeline):
@@ -47,7 +47,7 @@ class Validator:
     steps: int
     guidance_scale: float
     flow_shift: float
-    size: tuple[int | None, int | None, int]  # height, width, max_area
+    size: tuple[int | None, int | None, int, bool]  # height, width, max_area, buckets
     device: torch.device
     _pipe: CachedConditioningPipeline | None = None
 
@@ -83,7 +83,7 @@ class Validator:
 
         tensors = load_entry(entry)
         frames = prepared_frames(entry.spec, *self.size)
-        num_frames = 5 if len(frames) == 2 else len(frames)
+        num_frames = PAIR_FRAMES if len(frames) == 2 else TRAJECTORY_FRAMES + PAIR_FRAMES - 1  # 5, or 29 (8 latent)
         pipe.cached_image_embeds = tensors["image_embeds"][None]
         out = pipe(
             image=frames[0],
