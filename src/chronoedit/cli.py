@@ -11,7 +11,7 @@ import sys
 import traceback
 
 from . import __version__
-from .commands import batch, convert, edit, enhance, label, serve, train
+from .commands import batch, convert, edit, enhance, eval, label, serve, train
 from .commands.flags import flag_word
 from .errors import UserError, one_line
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     enhance.register(subparsers)
     label.register(subparsers)
     train.register(subparsers)
+    eval.register(subparsers)
     return parser
 
 
