@@ -200,5 +200,36 @@ def test_a_streamed_pipeline_edits_exactly_like_the_upcast_one(bf16_checkpoint, 
         got = stored(generator=torch.Generator().manual_seed(3), **args).frames
     expected = upcast(generator=torch.Generator().manual_seed(3), **args).frames
     assert np.array_equal(got, expected)
-    assert len(loaded) == 2 * 3 * len(stored.transformer.blocks)  # two CFG passes per step, every block
+    assert len(loaded) == 3 * len(stored.transformer.blocks)  # every block once a step (CFG branches in one batch)
     assert stored.transformer.blocks[0].ffn.net[2].weight.dtype == torch.bfloat16
+
+
+def test_a_mapped_text_encoder_equals_the_one_transformers_loads(bf16_checkpoint):
+    from transformers import UMT5EncoderModel
+
+    mapped = loading.load_text_encoder_mapped(bf16_checkpoint)
+    loaded = UMT5EncoderModel.from_pretrained(bf16_checkpoint / "text_encoder", dtype=torch.bfloat16).eval()
+    assert mapped.encoder.embed_tokens.weight is mapped.shared.weight
+    assert {k: v.dtype for k, v in mapped.state_dict().items()} == {k: v.dtype for k, v in loaded.state_dict().items()}
+    ids = torch.randint(0, mapped.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(mapped(input_ids=ids).last_hidden_state, loaded(input_ids=ids).last_hidden_state)
+
+
+def test_the_offload_blocks_flag_edits_like_the_resident_model(bf16_checkpoint, tmp_path, capsys):
+    """``chronoedit edit --offload blocks:2`` on a bf16 checkpoint (kept bf16, fp32 compute) writes the same image as
+    the edit that upcasts the checkpoint at load; bad values are one line before anything loads."""
+    from PIL import Image
+
+    from chronoedit import cli
+
+    Image.new("RGB", (48, 32), (30, 160, 90)).save(tmp_path / "in.png")
+    common = ["edit", "-i", str(tmp_path / "in.png"), "-p", "add snow", "--model-path", str(bf16_checkpoint),
+              "--height", "32", "--width", "48", "--num-inference-steps", "2", "--dtype", "fp32", "--quiet"]  # fmt: skip
+    assert cli.main([*common, "-o", str(tmp_path / "resident.png")]) == 0
+    assert cli.main([*common, "-o", str(tmp_path / "streamed.png"), "--offload", "blocks:2"]) == 0
+    resident, streamed = (np.asarray(Image.open(tmp_path / n)) for n in ("resident.png", "streamed.png"))
+    assert np.array_equal(resident, streamed)
+    capsys.readouterr()
+    assert cli.main([*common, "-o", str(tmp_path / "x.png"), "--offload", "blocks:0"]) == 2
+    assert capsys.readouterr().err == "chronoedit: error: --offload blocks:K needs K from 1 to 64, got 0\n"

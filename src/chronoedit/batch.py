@@ -35,8 +35,8 @@ from .media import OUTPUT_FORMATS
 INT_FIELDS = ("seed", "num_inference_steps", "num_temporal_reasoning_steps", "height", "width", "max_area",
               "num_frames")  # fmt: skip
 FLOAT_FIELDS = ("guidance_scale",)
-BOOL_FIELDS = ("enable_temporal_reasoning",)
-TEXT_FIELDS = ("negative_prompt", "output_format", "preset")
+BOOL_FIELDS = ("enable_temporal_reasoning", "cfg_batch")
+TEXT_FIELDS = ("negative_prompt", "output_format", "preset", "cache")
 KNOWN_FIELDS = {"id", "input", "image", "prompt", *INT_FIELDS, *FLOAT_FIELDS, *BOOL_FIELDS, *TEXT_FIELDS}
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 LOCK_NAME = ".chronoedit-batch.lock"
@@ -225,7 +225,7 @@ def _text(name: str, value: Any) -> str:
 
 
 _CONVERT = {**dict.fromkeys(INT_FIELDS, _int), **dict.fromkeys(FLOAT_FIELDS, _float),
-            **dict.fromkeys(BOOL_FIELDS, _bool), "negative_prompt": _text, "preset": _text}  # fmt: skip
+            **dict.fromkeys(BOOL_FIELDS, _bool), "negative_prompt": _text, "preset": _text, "cache": _text}  # fmt: skip
 
 
 def output_format(row: Row, default: str) -> str:

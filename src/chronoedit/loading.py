@@ -422,6 +422,30 @@ def _text_encoder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     return UMT5EncoderModel.from_pretrained(folder, dtype=dtype).eval().requires_grad_(False)
 
 
+def load_text_encoder_mapped(path_or_repo_id: str | os.PathLike[str]) -> torch.nn.Module:
+    """UMT5 with every tensor a view of its memory-mapped safetensors files, in the dtype they are stored in (for
+    :func:`chronoedit.streaming.stream_blocks`): nothing is copied into process memory at load."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .mapped import mapped_tensors
+
+    folder = component_dir(resolve_checkpoint(path_or_repo_id), "text_encoder")
+    config = UMT5Config.from_dict(read_json(folder / "config.json"))
+    index = folder / "model.safetensors.index.json"
+    files = sorted({folder / name for name in read_json(index).get("weight_map", {}).values()}) \
+        if index.is_file() else [folder / "model.safetensors"]  # fmt: skip
+    state = {key: tensor for file in files for key, tensor in mapped_tensors(file)}
+    state.setdefault("encoder.embed_tokens.weight", state.get("shared.weight"))
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    missing = sorted(set(model.state_dict()) - {k for k, v in state.items() if v is not None})
+    if missing:
+        raise UserError(f"text encoder weights in {folder} lack {len(missing)} key(s), e.g. {missing[0]!r}")
+    model.load_state_dict({k: state[k] for k in model.state_dict()}, assign=True)
+    model.encoder.embed_tokens.weight = model.shared.weight  # tied: one table, looked up by both names
+    return model.eval().requires_grad_(False)
+
+
 def _image_encoder(folder: Path) -> torch.nn.Module:
     from transformers import CLIPVisionModel
 

@@ -7,7 +7,8 @@ denoise (dropping the reasoning frames at their step) -> decode -> postprocess.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from .latents import decode_latents, encode_condition, first_frame_mask, image_t
 from .memory import CPU, make_room, module_bytes, resident
 from .model import ChronoEditTransformer3DModel
 from .request import EditRequest, check_inputs
+from .speed.caches import cache_config
+from .speed.guidance import Conditioning, FlowPredictor
 
 
 @dataclass
@@ -38,15 +41,6 @@ class ChronoEditPipelineOutput:
 
     def __getitem__(self, index: int) -> Any:
         return (self.frames, self.trajectory)[index]
-
-
-@dataclass
-class Conditioning:
-    """Everything the transformer is conditioned on, for the positive and (with CFG) the negative pass."""
-
-    prompt_embeds: torch.Tensor  # [B, 512, text_dim]
-    negative_prompt_embeds: torch.Tensor | None  # [B, 512, text_dim] or None without guidance
-    image_embeds: torch.Tensor  # [B, 257, image_dim]
 
 
 @dataclass
@@ -78,6 +72,8 @@ class ChronoEditPipeline:
         self.offload_encoders = True  # UMT5 and CLIP never stay on the device while denoising
         self._progress: dict[str, Any] = {}
         self._interrupt = False
+        self.reuse_context_kv = True  # cross-attention keys/values of the text and CLIP tokens once per edit (exact)
+        self.transformer_calls = 0  # transformer forwards of the last call
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, torch_dtype: torch.dtype = torch.float32, **components: Any):
@@ -102,6 +98,24 @@ class ChronoEditPipeline:
         self.device = torch.device(device)
         for module in (self.transformer, self.vae, self.text_encoder, self.image_encoder):
             module.to(CPU)
+        return self
+
+    def enable_group_offload(
+        self,
+        onload_device: str | torch.device = "cuda",
+        num_blocks_per_group: int = 1,
+        use_stream: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> ChronoEditPipeline:
+        """Block streaming (diffusers' name): the transformer's and UMT5's blocks stay where and as they are stored
+        (e.g. bf16, memory-mapped) and come to ``onload_device`` in ``compute_dtype`` (default: fp32 on the CPU, else
+        bf16) ``num_blocks_per_group`` at a time while they run, the next group prefetched on a CUDA side stream
+        with ``use_stream``. See :mod:`chronoedit.streaming`."""
+        from .streaming import stream_components
+
+        self.device = torch.device(onload_device)
+        dtype = compute_dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        stream_components(self.transformer, self.text_encoder, self.device, dtype, num_blocks_per_group, use_stream)
         return self
 
     def set_flow_shift(self, flow_shift: float) -> None:
@@ -203,9 +217,15 @@ class ChronoEditPipeline:
         enable_temporal_reasoning: bool = False,
         num_temporal_reasoning_steps: int | None = None,
         return_trajectory: bool = False,
+        cfg_batch: bool = True,
+        cache: Any = None,
     ) -> ChronoEditPipelineOutput | tuple[Any, ...]:
         """Edit ``image`` as ``prompt`` says. Sizes default to the 720x1280 area at the image's aspect ratio;
-        ``num_frames`` to 5 (29 with temporal reasoning); ``num_temporal_reasoning_steps`` to all steps."""
+        ``num_frames`` to 5 (29 with temporal reasoning); ``num_temporal_reasoning_steps`` to all steps.
+
+        Speed (see :mod:`chronoedit.speed`): ``cfg_batch`` runs both CFG branches in one forward (same numbers);
+        ``cache`` a step cache for this call: a name (``"first-block:0.05"``, ``"taylorseer:5"``) or a diffusers
+        cache config (``FirstBlockCacheConfig(...)``, ``MagCacheConfig(...)``, ...); each branch keeps its own."""
         req = check_inputs(  # 1. one clear error per bad argument, before any model runs
             self, image=image, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -216,9 +236,11 @@ class ChronoEditPipeline:
             max_sequence_length=max_sequence_length, enable_temporal_reasoning=enable_temporal_reasoning,
             num_temporal_reasoning_steps=num_temporal_reasoning_steps, return_trajectory=return_trajectory,
         )  # fmt: skip
+        config = self.check_speed_options(cfg_batch, cache)
         cond = self.encode_conditioning(req)  # 2. UMT5 text (and negative) embeddings, CLIP image tokens
         latents, condition = self.prepare_latents(req)  # 3. noise; first-frame mask + input image latents
-        result = self.denoise(req, cond, latents, condition)  # 4. sampling; reasoning frames dropped at their step
+        with self.step_cache(config):  # 4. sampling; reasoning frames dropped at their step
+            result = self.denoise(req, cond, latents, condition, cfg_batch)
         frames, trajectory = self.decode(req, result)  # 5. VAE decode and postprocess (or latents as they are)
         output = ChronoEditPipelineOutput(frames=frames, trajectory=trajectory)
         return output if return_dict else (frames,) if trajectory is None else (frames, trajectory)
@@ -265,21 +287,28 @@ class ChronoEditPipeline:
         return latents, torch.cat([mask, image_latents.expand(batch, -1, -1, -1, -1)], dim=1)
 
     def denoise(
-        self, req: EditRequest, cond: Conditioning, latents: torch.Tensor, condition: torch.Tensor
-    ) -> DenoiseResult:
-        """The sampling loop; the reasoning frames leave latents, condition and solver history at the drop step."""
+        self, req: EditRequest, cond: Conditioning, latents: torch.Tensor, condition: torch.Tensor,
+        cfg_batch: bool = True,
+    ) -> DenoiseResult:  # fmt: skip
+        """The sampling loop; the reasoning frames leave latents, condition and solver history at the drop step (and
+        the step caches forget what they kept: the token count changed)."""
         plan = req.reasoning
         self.scheduler.set_timesteps(req.num_inference_steps, device=self.device)
         timesteps = self.scheduler.timesteps
         trajectory_latents = None
         self._interrupt = False
+        predict = FlowPredictor(self.transformer, req.guidance_scale, cfg_batch, self.reuse_context_kv,
+                                req.attention_kwargs)  # fmt: skip
+        predict.reset()
         with resident(self.transformer, self.device, self.offload_models), self.progress_bar(len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 if self._interrupt:
                     break
                 if i == plan.drop_step:
                     latents, condition = reasoning.drop_reasoning_frames(latents, condition, self.scheduler)
-                flow = self.predict_flow(latents, condition, t, cond, req)
+                    predict.reset()
+                model_input = torch.cat([latents, condition], dim=1).to(self.transformer.dtype)  # [B, 36, F, h, w]
+                flow = predict(model_input, t, i, cond)
                 if i == plan.capture_step and req.return_trajectory:
                     trajectory_latents = reasoning.clean_prediction(latents, flow, self.scheduler.sigmas[i])
                 latents = self.scheduler.step(flow, t, latents, return_dict=False)[0]
@@ -287,25 +316,31 @@ class ChronoEditPipeline:
                 if req.callback is not None:
                     latents, cond = self.run_callback(req, i, t, latents, cond)
                 bar.update()
+        predict.reset()
+        self.transformer_calls = predict.calls
         return DenoiseResult(latents=latents, trajectory_latents=trajectory_latents)
 
-    def predict_flow(
-        self, latents: torch.Tensor, condition: torch.Tensor, t: torch.Tensor, cond: Conditioning, req: EditRequest
-    ) -> torch.Tensor:
-        """One model evaluation, with classifier-free guidance when guidance_scale > 1: [B, 16, F, h, w]."""
-        model_input = torch.cat([latents, condition], dim=1).to(self.transformer.dtype)  # [B, 36, F, h, w]
-        timestep = t.expand(latents.shape[0])
+    # ----- speed -----------------------------------------------------------------------------------------------
+    def check_speed_options(self, cfg_batch: Any, cache: Any) -> Any:
+        """The diffusers cache config ``cache`` names (None for none); UserErrors for bad values."""
+        if not isinstance(cfg_batch, bool):
+            raise UserError(f"{{cfg_batch}} must be True or False, got {cfg_batch!r}", field="cfg_batch")
+        config = cache_config(cache)
+        if config is not None and getattr(self.transformer, "is_cache_enabled", False):
+            raise UserError("{cache}: the transformer already has a step cache (disable_cache() it first)", "cache")
+        return config
 
-        def run(text: torch.Tensor) -> torch.Tensor:
-            return self.transformer(
-                model_input, timestep, text, cond.image_embeds, return_dict=False, attention_kwargs=req.attention_kwargs
-            )[0]
-
-        flow = run(cond.prompt_embeds)
-        if req.do_cfg:
-            uncond = run(cond.negative_prompt_embeds)
-            flow = uncond + req.guidance_scale * (flow - uncond)
-        return flow
+    @contextmanager
+    def step_cache(self, config: Any) -> Iterator[None]:
+        """``config`` hooked onto the transformer for the duration (nothing when None)."""
+        if config is None:
+            yield
+            return
+        self.transformer.enable_cache(config)
+        try:
+            yield
+        finally:
+            self.transformer.disable_cache()
 
     def decode(self, req: EditRequest, result: DenoiseResult) -> tuple[Any, Any]:
         """Latents -> frames (and the trajectory) in ``output_type``. A never-dropped reasoning video decodes as the

@@ -15,9 +15,11 @@ from ..editing import (
     EditSettings,
     ModelSpec,
     parse_lora,
+    parse_offload,
     resolve_model,
 )
 from ..presets import PRESETS
+from ..speed.caches import CACHE_NAMES
 
 # Fields whose flag is not simply --field-name.
 _FLAG_WORDS = {
@@ -34,7 +36,7 @@ def flag_word(field: str) -> str:
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """Steps, guidance, flow shift, output size and seed."""
+    """Steps, guidance, flow shift, output size and seed; the speed options of an edit."""
     group = parser.add_argument_group("sampling")
     group.add_argument("--num-inference-steps", type=int, metavar="N", default=None,
                        help=f"denoising steps (default {DEFAULT_STEPS}; {DEMO_STEPS} with the demo model)")
@@ -46,6 +48,15 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                        help="pixel area for automatic sizing that keeps the aspect ratio "
                        "(default 720*1280; 256*256 with the demo model)")
     group.add_argument("--seed", type=int, metavar="N", default=None, help="random seed (default 0)")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--cache", metavar="NAME[:VALUE]", default=None,
+                       help=f"step cache ({', '.join(CACHE_NAMES)}): first-block[:THRESHOLD] (default 0.05) skips "
+                       "the other blocks while the first block's output barely changes; taylorseer[:INTERVAL] "
+                       "(default 5) runs the model every INTERVAL steps and extrapolates between. Faster, not "
+                       "identical; each CFG branch keeps its own cache")
+    speed.add_argument("--no-cfg-batch", dest="cfg_batch", action="store_false", default=None,
+                       help="run the two CFG branches as two forwards instead of one batch of two (same result, "
+                       "less activation memory)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +76,10 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
                        help="model dtype (default: bf16 on GPU, fp32 on CPU and for the demo model)")
     group.add_argument("--offload_model", "--offload-model", dest="offload_model", action="store_true",
                        help="keep components on the CPU and move each to the GPU only while it runs")
+    group.add_argument("--offload", metavar="MODE", default=None,
+                       help="model (as --offload_model) or blocks[:K]: the transformer's and UMT5's weights stay as "
+                       "stored (bf16, memory-mapped) and K blocks at a time (default 1) are cast to --dtype on the "
+                       "device while they run: the real 14B in a few GB")
     group.add_argument("--quiet", action="store_true", help="no progress bar or stage messages")
 
 
@@ -86,9 +101,11 @@ def add_lora_args(parser: argparse.ArgumentParser) -> None:
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The model the flags name, checked (see :func:`chronoedit.editing.resolve_model`)."""
+    offload_model, offload_blocks = parse_offload(args.offload) if args.offload else (False, 0)
     return resolve_model(
         model_path=args.model_path, transformer=args.transformer, device=args.device, dtype=args.dtype,
-        offload_model=args.offload_model, loras=[parse_lora(text, args.lora_scale) for text in args.lora_path],
+        offload_model=args.offload_model or offload_model, offload_blocks=offload_blocks,
+        loras=[parse_lora(text, args.lora_scale) for text in args.lora_path],
         lora_strict=not args.lora_allow_unmatched, lora_scale=args.lora_scale,
     )  # fmt: skip
 
@@ -96,7 +113,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 def edit_settings(args: argparse.Namespace) -> EditSettings:
     """The edit settings the flags give (those a command does not have stay unset)."""
     names = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "flow_shift", "height", "width",
-             "max_area", "num_frames", "seed", "num_temporal_reasoning_steps", "preset")
+             "max_area", "num_frames", "seed", "num_temporal_reasoning_steps", "preset", "cache", "cfg_batch")
     values = {name: getattr(args, name, None) for name in names}  # fmt: skip
     return EditSettings(**values, enable_temporal_reasoning=bool(getattr(args, "enable_temporal_reasoning", False)),
                         enhance_prompt=bool(getattr(args, "use_prompt_enhancer", False)))  # fmt: skip

@@ -11,6 +11,7 @@ from .resolve import (
     check_lora,
     has_trajectory,
     parse_lora,
+    parse_offload,
     read_input,
     resolve_edit,
     resolve_model,
@@ -49,7 +50,8 @@ __all__ = [
     "DECODE_STAGE", "DEFAULT_STEPS", "DEMO", "DEMO_MAX_AREA", "DEMO_PROMPT", "DEMO_STEPS", "MODEL_PATH_ENV", "QUIET",
     "VIDEO_FPS",
     "Edit", "EditRunner", "EditSettings", "LoraSpec", "ModelSpec", "OutputPlan", "Report", "check_lora",
-    "checkpoint_path", "enhance", "generate", "has_trajectory", "load_pipeline", "parse_lora", "read_input",
+    "checkpoint_path", "enhance", "generate", "has_trajectory", "load_pipeline", "parse_lora", "parse_offload",
+    "read_input",
     "resolve_edit", "resolve_model", "resolve_outputs", "resolve_sampling", "run_edit", "wants_trajectory",
     "write_outputs",
 ]  # fmt: skip

@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..loading import looks_like_repo_id
 from ..lora import check_scale
 from ..presets import Preset, find_preset_loras, get_preset
+from ..speed.caches import parse_cache
 from .settings import (
     DEFAULT_FLOW_SHIFT,
     DEFAULT_GUIDANCE,
@@ -50,6 +51,7 @@ def resolve_model(
     loras: Sequence[LoraSpec] = (),
     lora_strict: bool = True,
     lora_scale: float = 1.0,
+    offload_blocks: int = 0,
 ) -> ModelSpec:
     """The model to load, checked: the checkpoint (``model_path``, else ``$CHRONOEDIT_MODEL_PATH``, else the demo
     model), the transformer file, the device (default cuda when available), the dtype (bf16 on GPU, fp32 on the CPU
@@ -67,10 +69,36 @@ def resolve_model(
         device=device,
         dtype=dtype or default_dtype(device, demo=path == DEMO),
         offload_model=offload_model and device != "cpu",
+        offload_blocks=_check_offload_blocks(offload_blocks, offload_model),
         loras=tuple(check_lora(lora) for lora in loras),
         lora_strict=lora_strict,
         lora_scale=check_lora_scale(lora_scale, "LoRAs given without a scale"),
     )
+
+
+MAX_BLOCKS_PER_GROUP = 64
+
+
+def parse_offload(text: str) -> tuple[bool, int]:
+    """``model`` -> (True, 0); ``blocks`` / ``blocks:K`` -> (False, K) (K blocks at a time, 1 by default)."""
+    mode, _, count = text.strip().partition(":")
+    if mode == "model" and not count:
+        return True, 0
+    if mode == "blocks" and (not count or count.isdigit()):
+        blocks = int(count or 1)
+        if blocks < 1:
+            raise UserError(f"{{offload}} blocks:K needs K from 1 to {MAX_BLOCKS_PER_GROUP}, got {blocks}", "offload")
+        return False, blocks
+    raise UserError(f"{{offload}} must be model, blocks or blocks:K (K blocks at a time), got {text!r}", "offload")
+
+
+def _check_offload_blocks(blocks: int, offload_model: bool) -> int:
+    """Block streaming's group size: 0 (off) to :data:`MAX_BLOCKS_PER_GROUP`, not with model offload."""
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or not 0 <= blocks <= MAX_BLOCKS_PER_GROUP:
+        raise UserError(f"{{offload}} blocks:K needs K from 1 to {MAX_BLOCKS_PER_GROUP}, got {blocks!r}", "offload")
+    if blocks and offload_model:
+        raise UserError("{offload} blocks and model offload are two ways of doing one thing: choose one", "offload")
+    return blocks
 
 
 def _check_transformer(path: str | Path | None) -> Path | None:
@@ -125,6 +153,8 @@ class Sampling:
     size: tuple[int, int] | None  # (width, height) when fixed, else automatic at max_area
     max_area: int
     loras: tuple[LoraSpec, ...]
+    cache: str | None = None
+    cfg_batch: bool = True
 
 
 def resolve_sampling(settings: EditSettings, model: ModelSpec) -> Sampling:
@@ -146,7 +176,23 @@ def resolve_sampling(settings: EditSettings, model: ModelSpec) -> Sampling:
                                           DEMO_MAX_AREA if demo else sizing.DEFAULT_MAX_AREA))  # fmt: skip
     return Sampling(num_inference_steps=steps, guidance_scale=guidance, flow_shift=flow_shift, seed=seed,
                     num_frames=num_frames, num_temporal_reasoning_steps=reasoning_steps, size=size,
-                    max_area=max_area, loras=_edit_loras(model, preset))  # fmt: skip
+                    max_area=max_area, loras=_edit_loras(model, preset), cache=check_cache(settings.cache),
+                    cfg_batch=check_cfg_batch(settings.cfg_batch))  # fmt: skip
+
+
+def check_cache(cache: object) -> str | None:
+    """A step cache name, ``NAME[:VALUE]``, normalised (``first-block`` -> ``first-block:0.05``); None for none."""
+    spec = parse_cache(cache)
+    return None if spec is None else str(spec)
+
+
+def check_cfg_batch(cfg_batch: object) -> bool:
+    """Whether both CFG branches run in one forward (default: yes)."""
+    if cfg_batch is None:
+        return True
+    if not isinstance(cfg_batch, bool):
+        raise UserError(f"{{cfg_batch}} must be true or false, got {cfg_batch!r}", "cfg_batch")
+    return cfg_batch
 
 
 def resolve_edit(settings: EditSettings, model: ModelSpec, image: str | Path | Image.Image | None = None) -> Edit:
@@ -167,7 +213,7 @@ def resolve_edit(settings: EditSettings, model: ModelSpec, image: str | Path | I
         guidance_scale=values.guidance_scale, flow_shift=values.flow_shift, seed=values.seed,
         enable_temporal_reasoning=settings.enable_temporal_reasoning,
         num_temporal_reasoning_steps=values.num_temporal_reasoning_steps, preset=settings.preset,
-        enhance_prompt=settings.enhance_prompt, loras=values.loras,
+        enhance_prompt=settings.enhance_prompt, loras=values.loras, cache=values.cache, cfg_batch=values.cfg_batch,
     )  # fmt: skip
 
 

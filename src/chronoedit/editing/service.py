@@ -68,25 +68,38 @@ def load_pipeline(spec: ModelSpec, report: Report = QUIET) -> ChronoEditPipeline
     report.stage(f"loading model from {path} ({spec.dtype}, {spec.device})")
     _quiet_libraries()
     dtype = torch_dtype(spec.dtype)
-    transformer = None
-    if spec.transformer is not None:
-        from ..loading import load_transformer
-
-        report.stage(f"loading transformer from {spec.transformer}")
-        transformer = load_transformer(spec.transformer, torch_dtype=dtype)
-    pipe = ChronoEditPipeline.from_pretrained(path, torch_dtype=dtype, transformer=transformer)
+    pipe = ChronoEditPipeline.from_pretrained(path, torch_dtype=dtype, **_stored_components(spec, path, report))
     names = []
     for lora in spec.loras:
         report.stage(f"loading LoRA {lora.path} (scale {lora.scale:g})")
         names.append(pipe.load_lora_weights(str(lora.path), scale=lora.scale, strict=spec.lora_strict))
     if names:
         pipe.set_adapters(names, [lora.scale for lora in spec.loras])
-    if spec.offload_model:
+    if spec.offload_blocks:
+        pipe.enable_group_offload(spec.device, num_blocks_per_group=spec.offload_blocks, compute_dtype=dtype)
+    elif spec.offload_model:
         pipe.enable_model_cpu_offload(device=spec.device)
     else:
         pipe.to(spec.device)
     pipe.set_progress_bar_config(disable=not report.progress_bar)
     return pipe
+
+
+def _stored_components(spec: ModelSpec, path: str, report: Report) -> dict[str, Any]:
+    """The components loaded here rather than by the pipeline: ``spec``'s transformer file, and with block streaming
+    the transformer and UMT5 kept in their stored dtype, memory-mapped (cast block by block while they run)."""
+    from ..loading import load_text_encoder_mapped, load_transformer
+
+    streamed = bool(spec.offload_blocks)
+    components: dict[str, Any] = {}
+    if spec.transformer is not None or streamed:
+        source, subfolder = (spec.transformer, None) if spec.transformer is not None else (path, "transformer")
+        report.stage(f"loading transformer from {source}" + (" (kept as stored, streamed)" if streamed else ""))
+        components["transformer"] = load_transformer(source, subfolder=subfolder, torch_dtype=torch_dtype(spec.dtype),
+                                                     keep_stored_dtype=streamed, mmap=streamed)  # fmt: skip
+    if streamed:
+        components["text_encoder"] = load_text_encoder_mapped(path)
+    return components
 
 
 def _quiet_libraries() -> None:
@@ -132,6 +145,7 @@ def generate(pipe: Any, edit: Edit, return_trajectory: bool = False, on_step: On
 
     reasoning = f", temporal reasoning for {edit.num_temporal_reasoning_steps} steps" \
         if edit.enable_temporal_reasoning else ""  # fmt: skip
+    reasoning += f", step cache {edit.cache}" if edit.cache else ""
     report.stage(f"editing {edit.input_name} at {edit.width}x{edit.height}: {edit.num_inference_steps} steps, "
                  f"{edit.num_frames} frames{reasoning}")  # fmt: skip
     out = pipe(
@@ -140,12 +154,23 @@ def generate(pipe: Any, edit: Edit, return_trajectory: bool = False, on_step: On
         guidance_scale=edit.guidance_scale, generator=torch.Generator(device="cpu").manual_seed(edit.seed),
         output_type="np", enable_temporal_reasoning=edit.enable_temporal_reasoning,
         num_temporal_reasoning_steps=edit.num_temporal_reasoning_steps, return_trajectory=return_trajectory,
-        callback_on_step_end=callback,
+        callback_on_step_end=callback, **speed_options(edit),
     )  # fmt: skip
     media.check_finite(out.frames)
     if getattr(out, "trajectory", None) is not None:
         media.check_finite(out.trajectory, "trajectory")
     return out
+
+
+def speed_options(edit: Edit) -> dict[str, Any]:
+    """The pipeline's speed arguments for the edit, only those away from their defaults (so a pipeline without
+    them, such as a test's stand-in, runs default edits)."""
+    options: dict[str, Any] = {}
+    if edit.cache is not None:
+        options["cache"] = edit.cache
+    if not edit.cfg_batch:
+        options["cfg_batch"] = False
+    return options
 
 
 # ------------------------------------------------------------------------------------------------------------ writing

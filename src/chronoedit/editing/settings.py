@@ -48,6 +48,7 @@ class ModelSpec:
     device: str = "cpu"
     dtype: str = "fp32"
     offload_model: bool = False
+    offload_blocks: int = 0  # block streaming, this many blocks at a time (0: off); weights kept as stored
     loras: tuple[LoraSpec, ...] = ()
     lora_strict: bool = True
     lora_scale: float = 1.0  # the scale of a preset's LoRAs taken from the checkpoint's lora/ folder
@@ -81,6 +82,8 @@ class EditSettings:
     num_temporal_reasoning_steps: int | None = None
     preset: str | None = None
     enhance_prompt: bool = False
+    cache: str | None = None  # a step cache, NAME[:VALUE] (chronoedit.speed.caches); "none" for none
+    cfg_batch: bool | None = None  # both CFG branches in one forward (default on)
 
     def overlay(self, changes: dict[str, Any]) -> EditSettings:
         """These settings (a batch's flags, a server's defaults) with one edit's own values on top.
@@ -143,6 +146,8 @@ class Edit:
     preset: str | None
     enhance_prompt: bool
     loras: tuple[LoraSpec, ...] = ()
+    cache: str | None = None  # normalised NAME:VALUE, None for no cache
+    cfg_batch: bool = True
 
     def replace(self, **changes: Any) -> Edit:
         return dataclasses.replace(self, **changes)
@@ -151,4 +156,5 @@ class Edit:
         """The exact values the edit runs with (recorded beside results)."""
         names = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "flow_shift", "width",
                  "height", "num_frames", "enable_temporal_reasoning", "num_temporal_reasoning_steps", "preset")
-        return {name: getattr(self, name) for name in names}  # fmt: skip
+        values = {name: getattr(self, name) for name in names}  # fmt: skip
+        return values | ({"cache": self.cache} if self.cache is not None else {})  # changes the output when set

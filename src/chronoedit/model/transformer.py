@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .cache_hooks import CacheHooks
 from .config import TransformerConfig
+from .context_cache import ContextCache, ContextKV, CrossKV, LazyKV, weights_fingerprint
 from .rope import RotaryEmbedding, apply_rotary
 
 TEXT_TOKENS = 512  # the UMT5 context length; image tokens are the ones before the last 512
@@ -115,17 +117,34 @@ class CrossAttention(Attention):
             self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
             self.norm_added_k = nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, D], context: [B, T, D] (image tokens first, then 512 text tokens) -> [B, L, D]."""
+    def kv_modules(self) -> list[nn.Module]:
+        """The layers that make the keys and values from the context."""
+        names = ("to_k", "to_v", "norm_k") + (("add_k_proj", "add_v_proj", "norm_added_k") if self.has_image_kv else ())
+        return [getattr(self, name) for name in names]
+
+    def project(self, context: torch.Tensor) -> CrossKV:
+        """context: [B, T, D] (image tokens first, then 512 text tokens) -> keys and values, heads split."""
         split = context.shape[1] - TEXT_TOKENS if self.has_image_kv else 0
         image_ctx, text_ctx = context[:, :split], context[:, split:]
-        q = self.split_heads(self.norm_q(self.to_q(x)))  # [B, L, heads, hd]
-        k = self.split_heads(self.norm_k(self.to_k(text_ctx)))  # [B, 512, heads, hd]
-        out = attention(q, k, self.split_heads(self.to_v(text_ctx))).type_as(q)  # [B, L, D]
+        kv = CrossKV(
+            key=self.split_heads(self.norm_k(self.to_k(text_ctx))),  # [B, 512, heads, hd]
+            value=self.split_heads(self.to_v(text_ctx)),
+        )
         if self.has_image_kv:
-            k_img = self.split_heads(self.norm_added_k(self.add_k_proj(image_ctx)))  # [B, N, heads, hd]
-            v_img = self.split_heads(self.add_v_proj(image_ctx))
-            out = out + attention(q, k_img, v_img).type_as(q)
+            kv.image_key = self.split_heads(self.norm_added_k(self.add_k_proj(image_ctx)))  # [B, N, heads, hd]
+            kv.image_value = self.split_heads(self.add_v_proj(image_ctx))
+        return kv
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | CrossKV | LazyKV) -> torch.Tensor:
+        """x: [B, L, D]; context: [B, T, D] or its keys and values from :meth:`project` (made now if not yet)
+        -> [B, L, D]."""
+        if isinstance(context, LazyKV):
+            context = context.get(self.project)
+        kv = context if isinstance(context, CrossKV) else self.project(context)
+        q = self.split_heads(self.norm_q(self.to_q(x)))  # [B, L, heads, hd]
+        out = attention(q, kv.key, kv.value).type_as(q)  # [B, L, D]
+        if kv.image_key is not None:
+            out = out + attention(q, kv.image_key, kv.image_value).type_as(q)
         return self.to_out[0](out)
 
 
@@ -144,14 +163,21 @@ class TransformerBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, t_mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | CrossKV | LazyKV,
+        temb: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """x: [B, L, D], context: [B, T, D], t_mod: [B, 6, D] -> [B, L, D]."""
+        """hidden_states x: [B, L, D]; encoder_hidden_states: context [B, T, D] or its cross-attention keys and
+        values; temb (the modulation t_mod): [B, 6, D]; rotary_emb: (cos, sin) -> [B, L, D]. Argument names as
+        diffusers' blocks have them: its cache hooks find ``hidden_states`` by name."""
+        x, t_mod = hidden_states, temb
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + t_mod.float()).chunk(6, dim=1)
         h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self.attn1(h, rope) * gate).type_as(x)
+        x = (x.float() + self.attn1(h, rotary_emb) * gate).type_as(x)
         h = self.norm2(x.float()).type_as(x)
-        x = x + self.attn2(h, context)  # no gate, no upcast: as the reference
+        x = x + self.attn2(h, encoder_hidden_states)  # no gate, no upcast: as the reference
         h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
 
@@ -172,13 +198,28 @@ class ConditionEmbedder(nn.Module):
         self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """timestep: [B]; text: [B, 512, text_dim]; image: [B, N, image_dim] | None."""
-        freqs = sinusoidal_embedding(timestep, self.freq_dim)  # [B, freq_dim] fp32
-        temb = self.time_embedder(freqs.to(self.time_embedder.linear_1.weight.dtype)).type_as(text)  # [B, D]
-        t_mod = self.time_proj(F.silu(temb))  # [B, 6D]
+        temb, t_mod = self.embed_time(timestep, text.dtype)
         text = self.text_embedder(text)  # [B, 512, D]
         if image is not None and self.image_embedder is not None:
             image = self.image_embedder(image)  # [B, N, D]
         return temb, t_mod, text, image
+
+    def embed_time(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestep: [B] -> temb [B, D] and t_mod [B, 6D] in ``dtype`` (the sinusoid and time MLP input in fp32)."""
+        freqs = sinusoidal_embedding(timestep, self.freq_dim)  # [B, freq_dim] fp32
+        temb = self.time_embedder(freqs.to(self.time_embedder.linear_1.weight.dtype)).to(dtype)  # [B, D]
+        return temb, self.time_proj(F.silu(temb))
+
+    def embed_context(self, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        """text: [B, 512, text_dim], image: [B, N, image_dim] | None -> context [B, N + 512, D] (image first)."""
+        context = self.text_embedder(text)  # [B, 512, D]
+        if image is not None and self.image_embedder is not None:
+            context = torch.cat([self.image_embedder(image), context], dim=1)  # [B, N + 512, D]
+        return context
+
+    def context_modules(self) -> list[nn.Module]:
+        """The layers that make the context."""
+        return [m for m in (self.text_embedder, self.image_embedder) if m is not None]
 
 
 class _TwoLayer(nn.Module):
@@ -213,11 +254,13 @@ class TransformerOutput:
         return (self.sample,)[index]
 
 
-class ChronoEditTransformer3DModel(nn.Module):
+class ChronoEditTransformer3DModel(nn.Module, CacheHooks):
     """The ChronoEdit DiT. ``forward`` takes the same arguments as diffusers' model of the same name.
 
-    Pure model code: no ``from_pretrained`` here. ``chronoedit.ChronoEditTransformer3DModel`` (defined in
-    :mod:`chronoedit.loading`) is this class with diffusers' ``from_pretrained``; checkpoints load as that class."""
+    Step caches: diffusers' cache configs through ``enable_cache`` / ``disable_cache`` / ``cache_context`` (see
+    :mod:`.cache_hooks`). Pure model code: no ``from_pretrained`` here. ``chronoedit.ChronoEditTransformer3DModel``
+    (defined in :mod:`chronoedit.loading`) is this class with diffusers' ``from_pretrained``; checkpoints load as
+    that class."""
 
     def __init__(self, config: TransformerConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
@@ -261,11 +304,14 @@ class ChronoEditTransformer3DModel(nn.Module):
         encoder_hidden_states_image: torch.Tensor | None = None,
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
+        context_cache: ContextCache | None = None,
     ) -> TransformerOutput | tuple[torch.Tensor]:
         """hidden_states: [B, C_in, F, H, W]; timestep: [B]; encoder_hidden_states: [B, 512, text_dim];
         encoder_hidden_states_image: [B, N, image_dim] -> sample [B, C_out, F, H, W].
 
-        ``attention_kwargs`` is accepted for diffusers compatibility and unused: LoRA scales live on the adapters."""
+        ``attention_kwargs`` is accepted for diffusers compatibility and unused: LoRA scales live on the adapters.
+        ``context_cache``: keep the cross-attention keys and values of these embeddings there and reuse them on the
+        next call with the same embedding tensors (see :mod:`.context_cache`; not while autograd records)."""
         self.check_context(encoder_hidden_states, encoder_hidden_states_image)
         batch, _, frames, height, width = hidden_states.shape
         pt, ph, pw = self.config.patch_size
@@ -273,14 +319,11 @@ class ChronoEditTransformer3DModel(nn.Module):
         rope = self.rope(grid, hidden_states.device)  # cos, sin: [1, L, 1, hd/2] fp32
 
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # [B, L, D]
-        temb, t_mod, context, image_ctx = self.condition_embedder(
-            timestep, encoder_hidden_states, encoder_hidden_states_image
-        )
+        temb, t_mod = self.condition_embedder.embed_time(timestep, encoder_hidden_states.dtype)
         t_mod = t_mod.unflatten(1, (6, -1))  # [B, 6, D]
-        if image_ctx is not None:
-            context = torch.cat([image_ctx, context], dim=1)  # [B, N + 512, D]
+        contexts = self.block_contexts(encoder_hidden_states, encoder_hidden_states_image, context_cache)
 
-        for block in self.blocks:
+        for block, context in zip(self.blocks, contexts, strict=True):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, context, t_mod, rope, use_reentrant=False)
             else:
@@ -291,6 +334,28 @@ class ChronoEditTransformer3DModel(nn.Module):
         x = self.proj_out(x)  # [B, L, C_out * pt * ph * pw]
         out = self.unpatchify(x, batch, grid)
         return TransformerOutput(sample=out) if return_dict else (out,)
+
+    def block_contexts(
+        self, text: torch.Tensor, image: torch.Tensor | None, cache: ContextCache | None
+    ) -> list[torch.Tensor] | list[LazyKV]:
+        """What each block's cross-attention attends to: the context [B, T, D] (the same for all blocks), or with
+        a cache its per-block keys and values, projected once for these embeddings and these weights (each inside
+        its block's first forward, so block streaming finds the block's weights in place)."""
+        if cache is None or torch.is_grad_enabled():
+            return [self.condition_embedder.embed_context(text, image)] * len(self.blocks)
+        cache.check_weights(self.context_fingerprint())
+        kvs = cache.lookup(text, image)
+        if kvs is None:
+            kvs = ContextKV(self.condition_embedder.embed_context(text, image), [None] * len(self.blocks))  # [B,T,D]
+            cache.store(text, image, kvs)
+        return [kvs.block(index) for index in range(len(self.blocks))]
+
+    def context_fingerprint(self) -> tuple[Any, ...]:
+        """Changes whenever the weights that make the cross-attention keys and values may have changed."""
+        modules = self.condition_embedder.context_modules()
+        for block in self.blocks:
+            modules.extend(block.attn2.kv_modules())
+        return weights_fingerprint(modules)
 
     def check_context(self, text: torch.Tensor, image: torch.Tensor | None) -> None:
         """The cross-attention splits image from text tokens by position: the text must be exactly 512 tokens."""

@@ -119,7 +119,7 @@ def api_message(exc: UserError) -> str:
 def job_settings(defaults: EditSettings, options: EditOptions) -> EditSettings:
     """One job's settings: the server's with the options the client set on top."""
     names = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "preset",
-             "enable_temporal_reasoning", "num_temporal_reasoning_steps", "enhance_prompt")
+             "enable_temporal_reasoning", "num_temporal_reasoning_steps", "enhance_prompt", "cache", "cfg_batch")
     changes = {name: value for name in names if (value := getattr(options, name)) is not None}
     return defaults.overlay(changes)  # fmt: skip
 

@@ -42,6 +42,14 @@ class EditOptions(BaseModel):
         default=False,
         description="rewrite the prompt with the server's prompt enhancer (a VLM) into ChronoEdit's dense form first",
     )
+    cache: str | None = Field(
+        default=None, max_length=40, pattern=r"^[A-Za-z0-9_.:-]*$",
+        description="step cache NAME[:VALUE]: first-block[:threshold], taylorseer[:interval] or none (faster, not "
+        "identical)",
+    )  # fmt: skip
+    cfg_batch: bool | None = Field(
+        default=None, description="both guidance branches in one forward (default true; same result)"
+    )
 
 
 @dataclass(frozen=True)

@@ -237,6 +237,8 @@ function buildOptions() {
     if ($("keep-trajectory").checked) options.return_trajectory = true;
   }
   if (config.prompt_enhancer && $("enhance-prompt").checked) options.enhance_prompt = true;
+  put("cache", $("cache").value);
+  if ($("no-cfg-batch").checked) options.cfg_batch = false;
   options.output_format = $("output-format").value;
   return options;
 }
@@ -478,6 +480,7 @@ function renderDetails(job) {
     ["Size", settings.width ? `${settings.width}×${settings.height}` : undefined],
     ["Reasoning", options.enable_temporal_reasoning ? plural(reasoningSteps, "step") : "off"],
     ["Negative prompt", options.negative_prompt],
+    ["Step cache", options.cache],
     ["Time", job.timings?.total_s != null ? `${job.timings.total_s.toFixed(2)} s` : undefined],
   ];
   const list = $("job-details");
@@ -506,6 +509,8 @@ async function reuseJob(fromResult) {
   $("reasoning-steps").value = options.num_temporal_reasoning_steps ?? "";
   $("keep-trajectory").checked = Boolean(options.return_trajectory);
   $("enhance-prompt").checked = Boolean(options.enhance_prompt);
+  $("cache").value = options.cache ?? "";
+  $("no-cfg-batch").checked = options.cfg_batch === false;
   updateStepHints();
   const role = fromResult ? "result" : "input";
   try {
