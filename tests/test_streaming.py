@@ -225,7 +225,8 @@ def test_the_offload_blocks_flag_edits_like_the_resident_model(bf16_checkpoint, 
 
     Image.new("RGB", (48, 32), (30, 160, 90)).save(tmp_path / "in.png")
     common = ["edit", "-i", str(tmp_path / "in.png"), "-p", "add snow", "--model-path", str(bf16_checkpoint),
-              "--height", "32", "--width", "48", "--num-inference-steps", "2", "--dtype", "fp32", "--quiet"]  # fmt: skip
+              "--height", "32", "--width", "48", "--num-inference-steps", "2", "--dtype", "fp32",
+              "--quiet"]  # fmt: skip
     assert cli.main([*common, "-o", str(tmp_path / "resident.png")]) == 0
     assert cli.main([*common, "-o", str(tmp_path / "streamed.png"), "--offload", "blocks:2"]) == 0
     resident, streamed = (np.asarray(Image.open(tmp_path / n)) for n in ("resident.png", "streamed.png"))

@@ -20,7 +20,9 @@ from ..errors import UserError
 from ..loading import looks_like_repo_id
 from ..lora import check_scale
 from ..presets import Preset, find_preset_loras, get_preset
+from ..speed.attention import check_attention
 from ..speed.caches import parse_cache
+from ..speed.compile import check_compile
 from .settings import (
     DEFAULT_FLOW_SHIFT,
     DEFAULT_GUIDANCE,
@@ -52,10 +54,13 @@ def resolve_model(
     lora_strict: bool = True,
     lora_scale: float = 1.0,
     offload_blocks: int = 0,
+    attention: str | None = None,
+    compile: bool = False,
 ) -> ModelSpec:
     """The model to load, checked: the checkpoint (``model_path``, else ``$CHRONOEDIT_MODEL_PATH``, else the demo
     model), the transformer file, the device (default cuda when available), the dtype (bf16 on GPU, fp32 on the CPU
-    and for the demo) and the LoRA files. Offloading is dropped on the CPU, where it does nothing."""
+    and for the demo), the attention backend (its package and device), compiling (its compiler) and the LoRA files.
+    Offloading is dropped on the CPU, where it does nothing."""
     path = model_path or os.environ.get(MODEL_PATH_ENV) or DEMO
     if path != DEMO and not Path(path).expanduser().exists() and not looks_like_repo_id(path):
         raise UserError(f"model folder not found: {path} (point {{model_path}} or {MODEL_PATH_ENV} at a ChronoEdit "
@@ -73,6 +78,8 @@ def resolve_model(
         loras=tuple(check_lora(lora) for lora in loras),
         lora_strict=lora_strict,
         lora_scale=check_lora_scale(lora_scale, "LoRAs given without a scale"),
+        attention=check_attention(attention, device),
+        compile=_check_compile(compile, device),
     )
 
 
@@ -99,6 +106,13 @@ def _check_offload_blocks(blocks: int, offload_model: bool) -> int:
     if blocks and offload_model:
         raise UserError("{offload} blocks and model offload are two ways of doing one thing: choose one", "offload")
     return blocks
+
+
+def _check_compile(compile: bool, device: str) -> bool:
+    """``--compile``: its compiler there when on."""
+    if compile:
+        check_compile(device)
+    return bool(compile)
 
 
 def _check_transformer(path: str | Path | None) -> Path | None:

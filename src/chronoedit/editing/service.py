@@ -75,12 +75,21 @@ def load_pipeline(spec: ModelSpec, report: Report = QUIET) -> ChronoEditPipeline
         names.append(pipe.load_lora_weights(str(lora.path), scale=lora.scale, strict=spec.lora_strict))
     if names:
         pipe.set_adapters(names, [lora.scale for lora in spec.loras])
+    if spec.attention != "sdpa":
+        from ..speed.attention import dispatcher_backend
+
+        pipe.transformer.set_attention_backend(dispatcher_backend(spec.attention))
     if spec.offload_blocks:
         pipe.enable_group_offload(spec.device, num_blocks_per_group=spec.offload_blocks, compute_dtype=dtype)
     elif spec.offload_model:
         pipe.enable_model_cpu_offload(device=spec.device)
     else:
         pipe.to(spec.device)
+    if spec.compile:
+        from ..speed.compile import compile_blocks
+
+        report.stage("compiling the transformer blocks (torch.compile, on the first step)")
+        compile_blocks(pipe.transformer)
     pipe.set_progress_bar_config(disable=not report.progress_bar)
     return pipe
 

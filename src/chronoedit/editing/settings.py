@@ -40,8 +40,9 @@ class LoraSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     """What to load and how: the checkpoint (a folder, a hub id or ``demo``), an optional transformer file or folder
-    in its place (safetensors, fp8 or GGUF: the quantization is the file's), device, dtype, offloading, and the LoRAs
-    loaded with the model. Built by :func:`chronoedit.editing.resolve_model`, which checks all of it."""
+    in its place (safetensors, fp8 or GGUF: the quantization is the file's), device, dtype, offloading, the attention
+    backend and the LoRAs loaded with the model. Built by :func:`chronoedit.editing.resolve_model`, which checks all
+    of it."""
 
     model_path: str = DEMO
     transformer: Path | None = None
@@ -52,6 +53,8 @@ class ModelSpec:
     loras: tuple[LoraSpec, ...] = ()
     lora_strict: bool = True
     lora_scale: float = 1.0  # the scale of a preset's LoRAs taken from the checkpoint's lora/ folder
+    attention: str = "sdpa"  # attention backend (chronoedit.speed.attention): sdpa, flash, sage, ...
+    compile: bool = False  # torch.compile each transformer block (chronoedit.speed.compile)
 
     @property
     def is_demo(self) -> bool:

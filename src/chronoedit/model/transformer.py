@@ -73,10 +73,17 @@ def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q: [B, Lq, heads, hd], k/v: [B, Lk, heads, hd] -> [B, Lq, heads * hd]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """q: [B, Lq, heads, hd], k/v: [B, Lk, heads, hd] -> [B, Lq, heads * hd].
+
+    ``backend``: None for PyTorch's SDPA called directly, else a backend of diffusers' attention dispatcher
+    (``AttentionBackendName`` value, e.g. ``"flash"``, ``"sage"``), which takes the same [B, L, heads, hd] layout."""
+    if backend is None:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).flatten(2)
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    return dispatch_attention_fn(q, k, v, backend=AttentionBackendName(backend)).flatten(2)  # [B, Lq, heads * hd]
 
 
 class Attention(nn.Module):
@@ -85,6 +92,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float) -> None:
         super().__init__()
         self.heads = heads
+        self.attention_backend: str | None = None  # diffusers' dispatcher backend (None: SDPA directly)
         self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.norm_q = nn.RMSNorm(dim, eps=eps)
@@ -103,7 +111,7 @@ class SelfAttention(Attention):
         q = apply_rotary(self.split_heads(self.norm_q(self.to_q(x))), *rope)  # [B, L, heads, hd]
         k = apply_rotary(self.split_heads(self.norm_k(self.to_k(x))), *rope)
         v = self.split_heads(self.to_v(x))
-        return self.to_out[0](attention(q, k, v).type_as(q))
+        return self.to_out[0](attention(q, k, v, self.attention_backend).type_as(q))
 
 
 class CrossAttention(Attention):
@@ -139,13 +147,20 @@ class CrossAttention(Attention):
         """x: [B, L, D]; context: [B, T, D] or its keys and values from :meth:`project` (made now if not yet)
         -> [B, L, D]."""
         if isinstance(context, LazyKV):
-            context = context.get(self.project)
+            context = _fetch_kv(context, self.project)
         kv = context if isinstance(context, CrossKV) else self.project(context)
         q = self.split_heads(self.norm_q(self.to_q(x)))  # [B, L, heads, hd]
-        out = attention(q, kv.key, kv.value).type_as(q)  # [B, L, D]
+        out = attention(q, kv.key, kv.value, self.attention_backend).type_as(q)  # [B, L, D]
         if kv.image_key is not None:
-            out = out + attention(q, kv.image_key, kv.image_value).type_as(q)
+            out = out + attention(q, kv.image_key, kv.image_value, self.attention_backend).type_as(q)
         return self.to_out[0](out)
+
+
+@torch.compiler.disable
+def _fetch_kv(lazy: LazyKV, project: Any) -> CrossKV:
+    """The block's cached keys and values (projected now if not yet), always run eagerly: under ``torch.compile``
+    the cache lookup (which block, filled or not) would otherwise be guarded on and compile once per block."""
+    return lazy.get(project)
 
 
 class TransformerBlock(nn.Module):
@@ -289,6 +304,25 @@ class ChronoEditTransformer3DModel(nn.Module, CacheHooks):
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
+
+    def set_attention_backend(self, backend: str | None) -> None:
+        """Route every attention through diffusers' attention dispatcher with ``backend`` (an
+        ``AttentionBackendName`` value, e.g. ``"flash"``, ``"sage"``; ``"native"`` or None: PyTorch's SDPA called
+        directly, the default). As diffusers' ``ModelMixin.set_attention_backend``; the backend's package and
+        device are the caller's to check (``chronoedit.speed.attention.check_attention``)."""
+        if backend is not None and backend != "native":
+            from diffusers.models.attention_dispatch import AttentionBackendName
+
+            backend = AttentionBackendName(backend).value  # a ValueError for an unknown name
+        else:
+            backend = None
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.attention_backend = backend
+
+    def reset_attention_backend(self) -> None:
+        """Back to PyTorch's SDPA called directly."""
+        self.set_attention_backend(None)
 
     def cast_to(self, dtype: torch.dtype) -> ChronoEditTransformer3DModel:
         """Cast to ``dtype`` keeping the float32 islands (time embedder, scale-shift tables, affine norms) in fp32."""
