@@ -314,6 +314,8 @@ def test_bad_benchmarks_are_one_line_before_anything_runs(capsys, tmp_path):
     assert "benchmark not found" in bad(capsys, tmp_path / "nope.jsonl", "--out", out, "--no-judge")
     (tmp_path / "b1.jsonl").write_text('{"id": "a", "image": "images/a.png", "prompt": "p"}\n{"id": \n')
     assert "b1.jsonl: cannot parse line 2" in bad(capsys, tmp_path / "b1.jsonl", "--out", out, "--no-judge")
+    (tmp_path / "b5.csv").write_text("id,image,prompt,prompt\na,images/a.png,p,q\n")  # the manifests' CSV rules
+    assert "names column 'prompt' more than once" in bad(capsys, tmp_path / "b5.csv", "--out", out, "--no-judge")
     write_jsonl(tmp_path / "b2.jsonl", [{"id": "a", "image": "images/missing.png", "prompt": "p"}])
     assert "input image of item 'a' not found" in bad(capsys, tmp_path / "b2.jsonl", "--out", out, "--no-judge")
     write_jsonl(tmp_path / "b3.jsonl", [{"id": "a", "image": "images/a.png", "prompt": "p", "colour": "red"}])

@@ -13,8 +13,6 @@ Exit codes: 0 when no row failed, 1 when some row failed, 2 for a bad manifest o
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
 import os
@@ -31,6 +29,7 @@ from . import __version__, files
 from .editing import Edit, EditRunner, EditSettings, ModelSpec, OutputPlan, resolve_edit, write_outputs
 from .errors import UserError, one_line
 from .media import OUTPUT_FORMATS
+from .records import csv_records, jsonl_records
 
 INT_FIELDS = ("seed", "num_inference_steps", "num_temporal_reasoning_steps", "height", "width", "max_area",
               "num_frames")  # fmt: skip
@@ -90,7 +89,8 @@ def read_manifest(path: str | Path) -> list[Row]:
         raise ManifestError(f"cannot read manifest {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ManifestError(f"cannot read manifest {path}: {files.os_reason(exc, path)}") from exc
-    records = _csv_records(text, path) if path.suffix.lower() == ".csv" else _jsonl_records(text, path)
+    reader = csv_records if path.suffix.lower() == ".csv" else jsonl_records
+    records = reader(text, path, ManifestError)
     if not records:
         raise ManifestError(f"manifest {path} is empty: no rows")
     rows = [_make_row(line, record, path) for line, record in records]
@@ -104,53 +104,6 @@ def read_manifest(path: str | Path) -> list[Row]:
             )
         seen[key] = row
     return rows
-
-
-def _jsonl_records(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
-    records = []
-    # Lines end at "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() would split at.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path}: cannot parse line {number}: {exc.msg} (column {exc.colno})") from exc
-        if not isinstance(record, dict):
-            raise ManifestError(f"{path}: line {number} is not a JSON object")
-        records.append((number, record))
-    return records
-
-
-def _csv_records(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line where the record starts, its non-empty cells by column) for each CSV record after the header."""
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header, records, start = None, [], 1
-    try:
-        for cells in reader:
-            line, start = start, reader.line_num + 1  # a quoted cell may span lines: a record starts after the last
-            if not any(cell.strip() for cell in cells):
-                continue
-            if header is None:
-                header = _csv_header(cells, path)
-                continue
-            if len(cells) > len(header):
-                raise ManifestError(f"{path}: line {line} has more cells than the header")
-            values = {name: cell.strip() for name, cell in zip(header, cells, strict=False) if name and cell.strip()}
-            if values:
-                records.append((line, values))
-    except csv.Error as exc:
-        raise ManifestError(f"{path}: cannot parse the record starting at line {start}: {exc}") from exc
-    return records
-
-
-def _csv_header(cells: list[str], path: Path) -> list[str]:
-    """The header's column names; ManifestError when a name appears twice (one column would be lost)."""
-    names = [cell.strip() for cell in cells]
-    twice = sorted({name for name in names if name and names.count(name) > 1})
-    if twice:
-        raise ManifestError(f"{path}: the header names column {', '.join(map(repr, twice))} more than once")
-    return names
 
 
 def _make_row(line: int, record: dict[str, Any], path: Path) -> Row:

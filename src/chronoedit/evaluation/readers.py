@@ -13,7 +13,6 @@ Every problem is one :class:`BenchmarkError` line naming the file and the record
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import re
@@ -23,6 +22,7 @@ from typing import Any
 
 from .. import files
 from ..errors import UserError
+from ..records import csv_records, jsonl_records
 from .items import FORMATS, GEDIT, GENERIC, ID_PATTERN, IMGEDIT, Benchmark, EvalItem
 
 IMGEDIT_FILE = "basic_edit.json"
@@ -98,7 +98,7 @@ def _records(path: Path) -> dict[str, Any] | list[tuple[int, dict[str, Any]]]:
     text = _text(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _csv_records(text, path)
+        return csv_records(text, path, _bench_error)
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -109,28 +109,11 @@ def _records(path: Path) -> dict[str, Any] | list[tuple[int, dict[str, Any]]]:
         if isinstance(data, list) and all(isinstance(record, dict) for record in data):
             return [(number, record) for number, record in enumerate(data, start=1)]
         raise BenchmarkError(f"{path}: expected a JSON object ({IMGEDIT_FILE}) or an array of objects", "bench")
-    records = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BenchmarkError(f"{path}: cannot parse line {number}: {exc.msg} (column {exc.colno})",
-                                 "bench") from None  # fmt: skip
-        if not isinstance(record, dict):
-            raise BenchmarkError(f"{path}: line {number} is not a JSON object", "bench")
-        records.append((number, record))
-    return records
+    return jsonl_records(text, path, _bench_error)
 
 
-def _csv_records(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-    try:
-        return [(reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k and v})
-                for row in reader if any((v or "").strip() for v in row.values() if isinstance(v, str))]  # fmt: skip
-    except csv.Error as exc:
-        raise BenchmarkError(f"{path}: cannot parse CSV near line {reader.line_num}: {exc}", "bench") from None
+def _bench_error(message: str) -> BenchmarkError:
+    return BenchmarkError(message, "bench")
 
 
 def _string(record: dict[str, Any], name: str, where: str, required: bool = True) -> str | None:
