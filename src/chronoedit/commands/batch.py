@@ -13,7 +13,7 @@ from pathlib import Path
 from ..editing import resolve_sampling
 from ..media import OUTPUT_FORMATS
 from .edit import console_report
-from .flags import add_lora_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
+from .flags import add_lora_args, add_reasoning_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
 
 EPILOG = """\
 manifest: JSONL (one JSON object a line) or CSV (.csv, with a header row). Fields: input (or image), prompt, and
@@ -44,11 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="png, jpg or webp for rows that do not say (png)")
     parser.add_argument("--negative-prompt", metavar="TEXT", default=None, help="negative prompt (default: empty)")
     add_sampling_args(parser)
-    group = parser.add_argument_group("temporal reasoning (defaults for every row)")
-    group.add_argument("--enable-temporal-reasoning", action="store_true", help="reason in time for every row")
-    group.add_argument("--num-temporal-reasoning-steps", type=int, metavar="N", default=None,
-                       help="steps that keep the reasoning frames (default: all steps)")  # fmt: skip
-    group.add_argument("--num-frames", type=int, metavar="N", default=None, help="frames with reasoning, 4k+1 (29)")
+    add_reasoning_args(parser, "temporal reasoning (defaults for every row)", "every row")
     add_runtime_args(parser)
     add_lora_args(parser)
     parser.set_defaults(handler=handle)

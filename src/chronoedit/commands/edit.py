@@ -12,9 +12,8 @@ from pathlib import Path
 
 from .. import editing
 from ..editing import Edit, ModelSpec, OutputPlan, Report
-from ..rules import PLAIN_EDIT_FRAMES, REASONING_FRAMES
 from .enhance import add_enhancer_args, enhancer_config
-from .flags import add_lora_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
+from .flags import add_lora_args, add_reasoning_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
 
 DEFAULT_OUTPUT = Path("outputs/edit.png")
 
@@ -95,13 +94,7 @@ def _add_io_args(edit: argparse.ArgumentParser) -> None:
 
 def _add_reasoning_args(edit: argparse.ArgumentParser) -> None:
     """Temporal reasoning, frame count and trajectory outputs."""
-    group = edit.add_argument_group("temporal reasoning")
-    group.add_argument("--enable-temporal-reasoning", action="store_true",
-                       help="imagine the edit as a video first (29 frames) for more physically plausible edits")
-    group.add_argument("--num-temporal-reasoning-steps", type=int, metavar="N", default=None,
-                       help="steps that keep the reasoning frames (default: all steps)")
-    group.add_argument("--num-frames", type=int, metavar="N", default=None,
-                       help=f"frames, 4k+1 (default {REASONING_FRAMES} with reasoning, {PLAIN_EDIT_FRAMES} without)")
+    group = add_reasoning_args(edit)
     group.add_argument("--trajectory", type=Path, metavar="PATH", help="write the reasoning trajectory video (.mp4)")
     group.add_argument("--trajectory-sheet", type=Path, metavar="PATH", default=None,
                        help="write the reasoning trajectory as a contact sheet image (.png)")

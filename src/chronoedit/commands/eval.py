@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..vlm.cli import add_vlm_args, vlm_config_from_args
 from .enhance import add_enhancer_args, enhancer_config
-from .flags import add_lora_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
+from .flags import add_lora_args, add_reasoning_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
 
 USAGE = "chronoedit eval BENCH --out DIR [options]\n       chronoedit eval compare RUN_A RUN_B [--out FILE]"
 EPILOG = """\
@@ -69,11 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     judge.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (2000)")
     add_vlm_args(parser, group=judge)
     add_sampling_args(parser)
-    reasoning = parser.add_argument_group("temporal reasoning")
-    reasoning.add_argument("--enable-temporal-reasoning", action="store_true", help="reason in time for every item")
-    reasoning.add_argument("--num-temporal-reasoning-steps", type=int, metavar="N", default=None,
-                           help="steps that keep the reasoning frames (default: all steps)")  # fmt: skip
-    reasoning.add_argument("--num-frames", type=int, metavar="N", default=None, help="frames with reasoning (29)")
+    add_reasoning_args(parser, what="every item")
     add_runtime_args(parser)
     add_lora_args(parser)
     add_enhancer_args(parser)

@@ -19,6 +19,7 @@ from ..editing import (
     resolve_model,
 )
 from ..presets import PRESETS
+from ..rules import PLAIN_EDIT_FRAMES, REASONING_FRAMES
 from ..speed.attention import ATTENTION_NAMES
 from ..speed.caches import CACHE_NAMES
 
@@ -58,6 +59,20 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--no-cfg-batch", dest="cfg_batch", action="store_false", default=None,
                        help="run the two CFG branches as two forwards instead of one batch of two (same result, "
                        "less activation memory)")
+
+
+def add_reasoning_args(parser: argparse.ArgumentParser, title: str = "temporal reasoning",
+                       what: str = "the edit") -> argparse._ArgumentGroup:  # fmt: skip
+    """Temporal reasoning, its steps and the frame count (``what``: whom the switch applies to, for the help)."""
+    group = parser.add_argument_group(title)
+    group.add_argument("--enable-temporal-reasoning", action="store_true",
+                       help=f"imagine {what} as a video first ({REASONING_FRAMES} frames) for more physically "
+                       "plausible edits")  # fmt: skip
+    group.add_argument("--num-temporal-reasoning-steps", type=int, metavar="N", default=None,
+                       help="steps that keep the reasoning frames (default: all steps)")
+    group.add_argument("--num-frames", type=int, metavar="N", default=None,
+                       help=f"frames, 4k+1 (default {REASONING_FRAMES} with reasoning, {PLAIN_EDIT_FRAMES} without)")
+    return group
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
