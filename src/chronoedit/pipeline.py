@@ -74,6 +74,7 @@ class ChronoEditPipeline:
         self._interrupt = False
         self.reuse_context_kv = True  # cross-attention keys/values of the text and CLIP tokens once per edit (exact)
         self.transformer_calls = 0  # transformer forwards of the last call
+        self.parallel: Any = None  # a chronoedit.parallel.ContextParallel: this edit runs on several ranks
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, torch_dtype: torch.dtype = torch.float32, **components: Any):
@@ -118,6 +119,31 @@ class ChronoEditPipeline:
         stream_components(self.transformer, self.text_encoder, self.device, dtype, num_blocks_per_group, use_stream)
         return self
 
+    def enable_parallelism(
+        self, ulysses_degree: int | None = None, ring_degree: int | None = None, cfg_parallel: bool = False
+    ) -> Any:
+        """Run each edit on all ranks of the running ``torch.distributed`` default process group (context
+        parallelism; call on every rank, after ``init_process_group``): with ``cfg_parallel`` the two guidance
+        branches on the two halves of the ranks, and each branch's token sequence split over its ranks, Ulysses
+        (all-to-all over the heads, ``ulysses_degree`` must divide them) times ring (``ring_degree``). Unset degrees
+        are chosen. Every rank returns the same output; only rank 0 shows progress. Returns the
+        :class:`~chronoedit.parallel.Layout`. See :mod:`chronoedit.parallel`."""
+        import torch.distributed as dist
+
+        from .parallel import ContextParallel, choose_layout
+
+        if not dist.is_initialized():
+            raise UserError("enable_parallelism needs torch.distributed initialised first (launch with torchrun)")
+        heads = self.transformer.config.num_attention_heads
+        layout = choose_layout(dist.get_world_size(), heads, cfg_parallel, ulysses_degree, ring_degree)
+        self.parallel = ContextParallel(layout, self.device.type)
+        if layout.sequence > 1:
+            self.transformer.enable_parallelism(self.parallel)
+        else:
+            self.transformer.disable_parallelism()
+        self.set_progress_bar_config(**self._progress)
+        return layout
+
     def set_flow_shift(self, flow_shift: float) -> None:
         """Rebuild the scheduler with another flow shift (5.0 by default; 2.0 for the 8-step distilled LoRA).
         UniPC / DPM-Solver call it ``flow_shift``, FlowMatchEuler ``shift``."""
@@ -130,6 +156,8 @@ class ChronoEditPipeline:
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         self._progress = kwargs
+        if self.parallel is not None and self.parallel.rank != 0:  # only rank 0 shows progress
+            self._progress["disable"] = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -280,6 +308,8 @@ class ChronoEditPipeline:
             latents = randn_tensor(shape, generator=req.generator, device=self.device, dtype=torch.float32)
         else:
             latents = req.latents.to(self.device, torch.float32)
+        if self.parallel is not None:
+            latents = self.parallel.broadcast(latents.contiguous())  # the same noise on every rank, seeded or not
         with resident(self.vae, self.device, self.offload_models):
             image = image_to_tensor(req.image, req.width, req.height)
             image_latents = encode_condition(self.vae, image, req.num_frames).to(self.device)
@@ -298,7 +328,7 @@ class ChronoEditPipeline:
         trajectory_latents = None
         self._interrupt = False
         predict = FlowPredictor(self.transformer, req.guidance_scale, cfg_batch, self.reuse_context_kv,
-                                req.attention_kwargs)  # fmt: skip
+                                req.attention_kwargs, branches=self.parallel)  # fmt: skip
         predict.reset()
         with resident(self.transformer, self.device, self.offload_models), self.progress_bar(len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
@@ -326,6 +356,10 @@ class ChronoEditPipeline:
         if not isinstance(cfg_batch, bool):
             raise UserError(f"{{cfg_batch}} must be True or False, got {cfg_batch!r}", field="cfg_batch")
         config = cache_config(cache)
+        if config is not None and self.parallel is not None and self.parallel.layout.sequence > 1:
+            raise UserError("{cache}: step caches do not run with the token sequence split over ranks yet (each rank "
+                            "would decide on its own tokens); split the guidance branches instead, or run without",
+                            "cache")  # fmt: skip
         if config is not None and getattr(self.transformer, "is_cache_enabled", False):
             raise UserError("{cache}: the transformer already has a step cache (disable_cache() it first)", "cache")
         return config

@@ -13,7 +13,15 @@ from pathlib import Path
 from .. import editing
 from ..editing import Edit, ModelSpec, OutputPlan, Report
 from .enhance import add_enhancer_args, enhancer_config
-from .flags import add_lora_args, add_reasoning_args, add_runtime_args, add_sampling_args, edit_settings, model_spec
+from .flags import (
+    add_lora_args,
+    add_parallel_args,
+    add_reasoning_args,
+    add_runtime_args,
+    add_sampling_args,
+    edit_settings,
+    model_spec,
+)
 
 DEFAULT_OUTPUT = Path("outputs/edit.png")
 
@@ -29,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_sampling_args(edit)
     _add_reasoning_args(edit)
     add_runtime_args(edit)
+    add_parallel_args(edit)
     add_lora_args(edit)
     add_enhancer_args(edit)
     edit.set_defaults(handler=handle)

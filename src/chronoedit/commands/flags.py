@@ -106,6 +106,27 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bar or stage messages")
 
 
+def add_parallel_args(parser: argparse.ArgumentParser, switch: str | None = None) -> None:
+    """Context parallel over the processes of a ``torchrun`` launch. ``switch``: the help of a ``--context-parallel``
+    flag that turns it on (batch); without one it is on whenever there are several processes (edit)."""
+    group = parser.add_argument_group(
+        "several GPUs (torchrun --nproc_per_node=N -m chronoedit ...)",
+        "one edit over all N processes: the token sequence split over them (Ulysses all-to-all over the attention "
+        "heads, ring attention where the heads do not divide), optionally the two guidance branches on two halves; "
+        "unset degrees are chosen and the layout is printed",
+    )
+    if switch is not None:
+        group.add_argument("--context-parallel", action="store_true", default=False, help=switch)
+    else:
+        parser.set_defaults(context_parallel=None)
+    group.add_argument("--ulysses-degree", type=int, metavar="N", default=None,
+                       help="processes that split the attention heads (must divide the heads: 40 for the 14B)")
+    group.add_argument("--ring-degree", type=int, metavar="N", default=None,
+                       help="processes that pass keys and values around a ring")
+    group.add_argument("--cfg-parallel", action="store_true", default=False,
+                       help="run the conditional and unconditional guidance branches on two halves of the processes")
+
+
 def add_lora_args(parser: argparse.ArgumentParser) -> None:
     """LoRAs, each with its own scale, and the presets of NVIDIA's companion LoRAs."""
     group = parser.add_argument_group("LoRAs and presets")
@@ -131,6 +152,8 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         loras=[parse_lora(text, args.lora_scale) for text in args.lora_path],
         lora_strict=not args.lora_allow_unmatched, lora_scale=args.lora_scale,
         attention=getattr(args, "attention", None), compile=bool(getattr(args, "compile", False)),
+        context_parallel=getattr(args, "context_parallel", False), ulysses_degree=getattr(args, "ulysses_degree", None),
+        ring_degree=getattr(args, "ring_degree", None), cfg_parallel=bool(getattr(args, "cfg_parallel", False)),
     )  # fmt: skip
 
 

@@ -19,10 +19,12 @@ from ..devices import DTYPE_NAMES, default_dtype, resolve_device
 from ..errors import UserError
 from ..loading import looks_like_repo_id
 from ..lora import check_scale
+from ..parallel.layout import check_guidance
 from ..presets import Preset, find_preset_loras, get_preset
 from ..speed.attention import check_attention
 from ..speed.caches import parse_cache
 from ..speed.compile import check_compile
+from .parallel import rank_device, resolve_layout
 from .settings import (
     DEFAULT_FLOW_SHIFT,
     DEFAULT_GUIDANCE,
@@ -56,21 +58,29 @@ def resolve_model(
     offload_blocks: int = 0,
     attention: str | None = None,
     compile: bool = False,
+    context_parallel: bool | None = False,
+    ulysses_degree: int | None = None,
+    ring_degree: int | None = None,
+    cfg_parallel: bool = False,
 ) -> ModelSpec:
     """The model to load, checked: the checkpoint (``model_path``, else ``$CHRONOEDIT_MODEL_PATH``, else the demo
     model), the transformer file, the device (default cuda when available), the dtype (bf16 on GPU, fp32 on the CPU
     and for the demo), the attention backend (its package and device), compiling (its compiler) and the LoRA files.
-    Offloading is dropped on the CPU, where it does nothing."""
+    Offloading is dropped on the CPU, where it does nothing. Context parallel (``context_parallel``: None for
+    "whenever launched on several ranks") gets its layout (:func:`~.parallel.resolve_layout`) and this rank's
+    device."""
     path = model_path or os.environ.get(MODEL_PATH_ENV) or DEMO
     if path != DEMO and not Path(path).expanduser().exists() and not looks_like_repo_id(path):
         raise UserError(f"model folder not found: {path} (point {{model_path}} or {MODEL_PATH_ENV} at a ChronoEdit "
                         "diffusers checkpoint folder, or use {model_path} demo)", "model_path")  # fmt: skip
-    device = resolve_device(device)
+    transformer = _check_transformer(transformer)
+    layout = resolve_layout(path, transformer, context_parallel, ulysses_degree, ring_degree, cfg_parallel)
+    device = resolve_device(rank_device(resolve_device(device), layout))
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise UserError(f"{{dtype}} must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}", "dtype")
     return ModelSpec(
         model_path=path,
-        transformer=_check_transformer(transformer),
+        transformer=transformer,
         device=device,
         dtype=dtype or default_dtype(device, demo=path == DEMO),
         offload_model=offload_model and device != "cpu",
@@ -80,6 +90,7 @@ def resolve_model(
         lora_scale=check_lora_scale(lora_scale, "LoRAs given without a scale"),
         attention=check_attention(attention, device),
         compile=_check_compile(compile, device),
+        layout=layout,
     )
 
 
@@ -217,6 +228,7 @@ def resolve_edit(settings: EditSettings, model: ModelSpec, image: str | Path | I
         raise UserError("{prompt} is required (it may only be left out with {model_path} demo)", "prompt",
                         ("model_path",))  # fmt: skip
     values = resolve_sampling(settings, model)
+    check_guidance(model.layout, values.guidance_scale)
     input_name, picture = read_input(image)
     width, height = values.size or sizing.auto_size(*picture.size, max_area=values.max_area)
     preset = get_preset(settings.preset) if settings.preset else None

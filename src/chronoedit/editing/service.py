@@ -85,6 +85,10 @@ def load_pipeline(spec: ModelSpec, report: Report = QUIET) -> ChronoEditPipeline
         pipe.enable_model_cpu_offload(device=spec.device)
     else:
         pipe.to(spec.device)
+    if spec.layout is not None:  # the process group runs (see parallel.ranks_of)
+        report.stage(spec.layout.describe())
+        layout = spec.layout
+        pipe.enable_parallelism(layout.ulysses, layout.ring, cfg_parallel=layout.cfg > 1)
     if spec.compile:
         from ..speed.compile import compile_blocks
 
@@ -221,7 +225,11 @@ def write_outputs(edit: Edit, plan: OutputPlan, out: Any, report: Report = QUIET
 
 def run_edit(spec: ModelSpec, edit: Edit, plan: OutputPlan, report: Report = QUIET) -> list[str]:
     """Load the model with the edit's LoRAs (its preset's too), run the edit, write the outputs; the ``wrote ...``
-    lines."""
-    pipe = load_pipeline(dataclasses.replace(spec, loras=edit.loras), report)
-    out = generate(pipe, edit, wants_trajectory(edit, plan), report=report)
-    return write_outputs(edit, plan, out, report)
+    lines. With a context-parallel layout every rank of the launch runs it and rank 0 reports and writes."""
+    from .parallel import ranks_of
+
+    with ranks_of(spec) as ranks:
+        report = report if ranks.is_main else QUIET  # the other ranks run the same stages silently
+        pipe = load_pipeline(dataclasses.replace(spec, loras=edit.loras), report)
+        out = generate(pipe, edit, wants_trajectory(edit, plan), report=report)
+        return write_outputs(edit, plan, out, report) if ranks.is_main else []

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import UserError
+from ..parallel.layout import Layout
 
 DEMO = "demo"
 DEMO_PROMPT = "put a red hat on the cup"
@@ -55,6 +56,7 @@ class ModelSpec:
     lora_scale: float = 1.0  # the scale of a preset's LoRAs taken from the checkpoint's lora/ folder
     attention: str = "sdpa"  # attention backend (chronoedit.speed.attention): sdpa, flash, sage, ...
     compile: bool = False  # torch.compile each transformer block (chronoedit.speed.compile)
+    layout: Layout | None = None  # context parallel: one edit over the ranks of a torchrun launch (None: one device)
 
     @property
     def is_demo(self) -> bool:

@@ -7,9 +7,10 @@ T context tokens (image tokens + 512 text tokens). Modulation, norms, RoPE and r
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | 
     return dispatch_attention_fn(q, k, v, backend=AttentionBackendName(backend)).flatten(2)  # [B, Lq, heads * hd]
 
 
+class SequenceSplit(Protocol):
+    """Context parallelism as the model sees it (implemented by :class:`chronoedit.parallel.ContextParallel`): the
+    token sequence is split over ranks after the patch embedding and joined after the output projection; only
+    self-attention needs the other ranks' tokens."""
+
+    def split(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x: [B, L, D], rope: [1, L, 1, hd/2] each -> this rank's shard of both."""
+        ...
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: Any) -> torch.Tensor:
+        """q/k/v: [B, Ls, heads, hd] (this rank's tokens) -> [B, Ls, heads * hd] over the whole sequence."""
+        ...
+
+    def join(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        """x: [B, Ls, C] -> [B, length, C]."""
+        ...
+
+
 class Attention(nn.Module):
     """Projections shared by both attentions: q/k/v/out over D, RMS norms of q and k across all heads."""
 
@@ -104,14 +125,21 @@ class Attention(nn.Module):
 
 
 class SelfAttention(Attention):
-    """Multi-head self-attention over video tokens with RoPE on q and k."""
+    """Multi-head self-attention over video tokens with RoPE on q and k (over all ranks' tokens when the sequence is
+    split: ``sequence_split``)."""
+
+    sequence_split: SequenceSplit | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: [B, L, D] -> [B, L, D]."""
         q = apply_rotary(self.split_heads(self.norm_q(self.to_q(x))), *rope)  # [B, L, heads, hd]
         k = apply_rotary(self.split_heads(self.norm_k(self.to_k(x))), *rope)
         v = self.split_heads(self.to_v(x))
-        return self.to_out[0](attention(q, k, v, self.attention_backend).type_as(q))
+        if self.sequence_split is None:
+            out = attention(q, k, v, self.attention_backend)  # [B, L, D]
+        else:
+            out = self.sequence_split.attention(q, k, v, functools.partial(attention, backend=self.attention_backend))
+        return self.to_out[0](out.type_as(q))
 
 
 class CrossAttention(Attention):
@@ -290,6 +318,7 @@ class ChronoEditTransformer3DModel(nn.Module, CacheHooks):
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.gradient_checkpointing = False
+        self.sequence_split: SequenceSplit | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -319,6 +348,21 @@ class ChronoEditTransformer3DModel(nn.Module, CacheHooks):
         for module in self.modules():
             if isinstance(module, Attention):
                 module.attention_backend = backend
+
+    def enable_parallelism(self, split: SequenceSplit) -> None:
+        """Split the token sequence over ranks as ``split`` says (context parallelism; see
+        :mod:`chronoedit.parallel`). Each rank gets the whole output."""
+        self.sequence_split = split
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.sequence_split = split
+
+    def disable_parallelism(self) -> None:
+        """Back to one device."""
+        self.sequence_split = None
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.sequence_split = None
 
     def reset_attention_backend(self) -> None:
         """Back to PyTorch's SDPA called directly."""
@@ -353,6 +397,9 @@ class ChronoEditTransformer3DModel(nn.Module, CacheHooks):
         rope = self.rope(grid, hidden_states.device)  # cos, sin: [1, L, 1, hd/2] fp32
 
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # [B, L, D]
+        length = x.shape[1]
+        if self.sequence_split is not None:
+            x, rope = self.sequence_split.split(x, rope)  # [B, L_rank, D]: this rank's tokens
         temb, t_mod = self.condition_embedder.embed_time(timestep, encoder_hidden_states.dtype)
         t_mod = t_mod.unflatten(1, (6, -1))  # [B, 6, D]
         contexts = self.block_contexts(encoder_hidden_states, encoder_hidden_states_image, context_cache)
@@ -366,6 +413,8 @@ class ChronoEditTransformer3DModel(nn.Module, CacheHooks):
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # each [B, 1, D] fp32
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x)  # [B, L, C_out * pt * ph * pw]
+        if self.sequence_split is not None:
+            x = self.sequence_split.join(x, length)  # [B, L_rank, ..] -> [B, L, ..]
         out = self.unpatchify(x, batch, grid)
         return TransformerOutput(sample=out) if return_dict else (out,)
 

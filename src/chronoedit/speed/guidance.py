@@ -5,6 +5,8 @@ numbers:
   (``cfg_batch``, the default), equal to two passes up to float rounding (fp32: ~1e-7);
 - **cross-attention keys and values once**: the text and CLIP tokens' keys and values are projected on the first
   step and reused (a :class:`~chronoedit.model.context_cache.ContextCache` per edit; exact);
+- **branches on separate ranks** (``branches``, context parallelism with ``cfg = 2``): each half of the ranks runs
+  one branch and the two flows are exchanged (:class:`chronoedit.parallel.ContextParallel`);
 - **step caches per branch**: with a diffusers cache hooked on the transformer each branch runs in its own cache
   context (``"cond"``, ``"uncond"``), so each keeps its own state and skip decisions; the branches then run as two
   passes (batched, one decision would serve both). :meth:`FlowPredictor.reset` forgets the states.
@@ -54,6 +56,7 @@ class FlowPredictor:
     reuse_context: bool = True
     attention_kwargs: dict[str, Any] | None = None
     context_cache: ContextCache | None = None
+    branches: Any = None  # a chronoedit.parallel.ContextParallel: with splits_cfg, this rank runs one branch
     calls: int = 0  # transformer forwards so far
 
     def __post_init__(self) -> None:
@@ -77,6 +80,12 @@ class FlowPredictor:
         """model_input: [B, 36, F, h, w] in the transformer's dtype; t: the step's timestep -> flow (guided)."""
         if not self.do_cfg:
             return self.forward(model_input, t, cond.prompt_embeds, cond.image_embeds, "cond", step)
+        if self.branches is not None and self.branches.splits_cfg:
+            mine = self.branches.branch  # 0: conditional, 1: unconditional
+            text = cond.negative_prompt_embeds if mine else cond.prompt_embeds
+            flow = self.forward(model_input, t, text, cond.image_embeds, ("cond", "uncond")[mine], step)
+            positive, negative = self.branches.exchange(flow)
+            return negative + self.guidance_scale * (positive - negative)
         if self.cfg_batch and not self.step_cache:
             text, image = cond.batched()
             both = self.forward(torch.cat([model_input, model_input]), t, text, image, None, step)  # [2B, ...]
