@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,11 +246,7 @@ def load_transformer(
                 wanted = tensor.dtype
             place_weight(model, name, as_qtensor(tensor, source.scales.get(name)), wanted, quantized)
             seen.add(name)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise UserError(
-            f"transformer weights in {path} lack {len(missing)} key(s) the config needs, e.g. {missing[0]!r}"
-        )
+    check_complete(expected, seen, path)
     return model.eval().requires_grad_(False)
 
 
@@ -337,6 +333,15 @@ def check_tensor(key: str, tensor: torch.Tensor, expected: dict[str, tuple[int, 
     if tuple(tensor.shape) != expected[key]:
         raise UserError(
             f"weight {key!r} in {file} has shape {tuple(tensor.shape)} but config.json implies {expected[key]}"
+        )
+
+
+def check_complete(expected: Iterable[str], seen: set[str], path: Any) -> None:
+    """Raise a UserError when the files of ``path`` lacked a weight the config needs."""
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise UserError(
+            f"transformer weights in {path} lack {len(missing)} key(s) the config needs, e.g. {missing[0]!r}"
         )
 
 

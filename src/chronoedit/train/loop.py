@@ -154,13 +154,18 @@ def cache_settings(config: TrainConfig, device: torch.device, show_progress: boo
                          show_progress=show_progress and not config.quiet, buckets=config.buckets)  # fmt: skip
 
 
-def build_transformer(config: TrainConfig, log: Callable[[str], None]) -> torch.nn.Module:
+def build_transformer(config: TrainConfig, log: Callable[[str], None], accelerator: Any = None) -> torch.nn.Module:
     """The transformer with its trainable part: a LoRA on a frozen base stored in the training precision, or every
-    weight (fp32 master weights; accelerate's autocast computes in bf16)."""
+    weight (fp32 master weights; accelerate's autocast computes in bf16). A full fine-tune under FSDP2 is loaded
+    sharded: each process reads only its own rows (:mod:`.sharded`)."""
     from ..loading import load_transformer
 
     base_dtype = torch_dtype(_DTYPE_NAMES[config.mixed_precision]) if config.mode == "lora" else torch.float32
-    transformer = load_transformer(config.model_path, subfolder="transformer", torch_dtype=base_dtype)
+    if config.mode == "full" and accelerator is not None and accelerator.is_fsdp2:
+        transformer = _load_sharded(config, accelerator)
+        log(f"loaded the transformer sharded over {accelerator.num_processes} processes (each reads its own rows)")
+    else:
+        transformer = load_transformer(config.model_path, subfolder="transformer", torch_dtype=base_dtype)
     if config.mode == "lora":
         modules = add_lora(transformer, config.lora_targets, config.lora_rank, config.alpha)
         log(f"training a rank-{config.lora_rank} LoRA (alpha {config.alpha:g}) on {len(modules)} layers")
@@ -173,12 +178,28 @@ def build_transformer(config: TrainConfig, log: Callable[[str], None]) -> torch.
     return transformer.train()
 
 
+def _load_sharded(config: TrainConfig, accelerator: Any) -> torch.nn.Module:
+    """The transformer sharded the way accelerate's FSDP2 would shard it (its mixed precision and resharding), so its
+    ``prepare`` keeps it as it is. Unverified here: FSDP through accelerate needs GPUs (tested with torch's FSDP2 on
+    CPU processes)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .sharded import load_sharded_transformer
+
+    plugin = accelerator.state.fsdp_plugin
+    fsdp: dict[str, Any] = {"reshard_after_forward": plugin.reshard_after_forward}
+    if plugin.mixed_precision_policy is not None:
+        fsdp["mp_policy"] = plugin.mixed_precision_policy
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    return load_sharded_transformer(config.model_path, mesh, dtype=torch.float32, **fsdp)
+
+
 def setup(config: TrainConfig, accelerator: Any, entries: list[Any], log: Callable[[str], None]) -> Run:
     """Model, optimizer, LR schedule and data stream, prepared by accelerate; checkpoint hooks registered."""
     from diffusers.optimization import get_scheduler
     from torch.utils.data import DataLoader
 
-    transformer = build_transformer(config, log)
+    transformer = build_transformer(config, log, accelerator)
     optimizer = torch.optim.AdamW(
         trainable_parameters(transformer),
         lr=config.lr,
