@@ -11,8 +11,10 @@ Every problem with the checkpoint (missing, mismatched or corrupt weights, missi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import torch
 from .errors import UserError
 from .files import check_regular, open_regular
 from .keymap import is_original_layout, original_to_ours, strip_prefix
+from .lazy import LazyComponent
 from .model import ChronoEditTransformer3DModel as PureTransformer
 from .model import TransformerConfig
 from .model.transformer import keeps_fp32
@@ -382,6 +385,50 @@ def load_pipeline_components(
     if unknown:
         raise UserError(f"unknown pipeline component(s): {sorted(unknown)}")
     return {name: given[name] if given.get(name) is not None else load() for name, load in loaders.items()}
+
+
+def component_bytes(path_or_repo_id: str | os.PathLike[str], torch_dtype: torch.dtype,
+                    mapped_transformer: bool = False) -> dict[str, int]:  # fmt: skip
+    """Bytes each weight-holding component takes once loaded (from the files' headers; the transformer and UMT5 in
+    ``torch_dtype``, CLIP and the VAE in float32); a memory-mapped transformer counts 0."""
+    root = resolve_checkpoint(path_or_repo_id)
+    sizes = {}
+    for name in ("transformer", "text_encoder", "image_encoder", "vae"):
+        dtype = torch_dtype if name in ("transformer", "text_encoder") else torch.float32
+        folder = root / name
+        sizes[name] = 0 if name == "transformer" and mapped_transformer else _numel(folder) * dtype.itemsize
+    return sizes
+
+
+LAZY_COMPONENTS = ("text_encoder", "image_encoder", "vae")  # what low-memory mode builds per stage
+
+
+def lazy_components(
+    path_or_repo_id: str | os.PathLike[str], torch_dtype: torch.dtype = torch.float32, names: Any = LAZY_COMPONENTS
+) -> dict[str, LazyComponent]:
+    """Low-memory mode's stand-ins for ``names`` (UMT5, CLIP, the VAE): each built from its folder when its stage
+    starts (dtypes as :func:`load_pipeline_components` loads them) and dropped when it ends; their configs and sizes
+    read now from the folders' headers, no weight loaded."""
+    root = resolve_checkpoint(path_or_repo_id)
+    out = {}
+    for name in names:
+        folder = component_dir(root, name)
+        dtype = torch_dtype if name == "text_encoder" else torch.float32
+        config = None
+        if name == "vae":
+            from diffusers import AutoencoderKLWan
+            from diffusers.configuration_utils import FrozenDict
+
+            config = FrozenDict(AutoencoderKLWan.load_config(folder))
+        out[name] = LazyComponent(name, functools.partial(load_component, root, name, dtype), config=config,
+                                  nbytes=_numel(folder) * dtype.itemsize, dtype=dtype)  # fmt: skip
+    return out
+
+
+def _numel(folder: Path) -> int:
+    """Elements of every tensor in a component folder's safetensors files (headers only)."""
+    files = sorted(folder.glob("*.safetensors"))
+    return sum(math.prod(shape) for file in files for shape in read_shapes(file).values())
 
 
 def load_component(path_or_repo_id: str | os.PathLike[str], name: str, torch_dtype: torch.dtype = torch.float32) -> Any:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .lazy import LazyComponent
 from .streaming import is_streamed
 
 CPU = torch.device("cpu")
@@ -24,11 +25,33 @@ def free_device_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def module_bytes(module: torch.nn.Module | None) -> int:
-    """Bytes of a module's parameters and buffers."""
+def module_bytes(module: torch.nn.Module | LazyComponent | None) -> int:
+    """Bytes of a module's parameters and buffers (a lazy component's estimate)."""
     if module is None:
         return 0
+    if isinstance(module, LazyComponent):
+        return module.nbytes
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def available_host_bytes() -> int | None:
+    """Memory the OS can give this process now (Linux ``MemAvailable``); None where it cannot tell."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+LOW_MEMORY_SHARE = 0.85  # components above this share of the available memory: one at a time
+
+
+def memory_is_short(component_bytes: int, available: int | None) -> bool:
+    """Whether loading every component at once would take more than :data:`LOW_MEMORY_SHARE` of ``available``."""
+    return available is not None and component_bytes > LOW_MEMORY_SHARE * available
 
 
 def make_room(device: torch.device, needed: int, evictable: list[torch.nn.Module]) -> None:
@@ -48,16 +71,29 @@ def make_room(device: torch.device, needed: int, evictable: list[torch.nn.Module
 
 
 @contextmanager
-def resident(module: torch.nn.Module | None, device: torch.device, offload: bool) -> Iterator[None]:
-    """Put ``module`` on ``device`` for the block; with ``offload`` send it back to the CPU afterwards. A module whose
-    blocks are streamed (:mod:`chronoedit.streaming`) is left where it is: its blocks come and go by themselves."""
-    if module is None or is_streamed(module):
-        yield
+def resident(
+    component: torch.nn.Module | LazyComponent | None, device: torch.device, offload: bool
+) -> Iterator[torch.nn.Module | None]:
+    """Put the module on ``device`` for the block and yield it; with ``offload`` send it back to the CPU afterwards.
+    A :class:`~chronoedit.lazy.LazyComponent` is built for the block and dropped after it (low-memory mode). A module
+    whose blocks are streamed (:mod:`chronoedit.streaming`) is left where it is: its blocks come and go by
+    themselves."""
+    if isinstance(component, LazyComponent):
+        module = component.acquire().to(device)
+        try:
+            yield module
+        finally:
+            del module
+            component.release()
+            free_device_cache(device)
         return
-    module.to(device)
+    if component is None or is_streamed(component):
+        yield component
+        return
+    component.to(device)
     try:
-        yield
+        yield component
     finally:
         if offload and device != CPU:
-            module.to(CPU)
+            component.to(CPU)
             free_device_cache(device)

@@ -77,13 +77,19 @@ class ChronoEditPipeline:
         self.parallel: Any = None  # a chronoedit.parallel.ContextParallel: this edit runs on several ranks
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str, torch_dtype: torch.dtype = torch.float32, **components: Any):
+    def from_pretrained(cls, path_or_repo_id: str, torch_dtype: torch.dtype = torch.float32, low_memory: bool = False,
+                        **components: Any):  # fmt: skip
         """Load a diffusers-layout ChronoEdit folder (or hub repo id); always builds *our* transformer.
 
         ``components`` (transformer=, vae=, text_encoder=, ...) replace what would be loaded from the folder.
+        ``low_memory``: UMT5, CLIP and the VAE (those not given) are each built when their stage starts and dropped
+        when it ends (:mod:`chronoedit.lazy`), so the peak memory is the largest stage's, not the sum.
         """
-        from .loading import load_pipeline_components
+        from .loading import LAZY_COMPONENTS, lazy_components, load_pipeline_components
 
+        if low_memory:
+            lazy = [name for name in LAZY_COMPONENTS if components.get(name) is None]
+            components.update(lazy_components(path_or_repo_id, torch_dtype, lazy))
         return cls(**load_pipeline_components(path_or_repo_id, torch_dtype, **components))
 
     # ----- placement -------------------------------------------------------------------------------------------
@@ -98,7 +104,8 @@ class ChronoEditPipeline:
         self.offload_models = True
         self.device = torch.device(device)
         for module in (self.transformer, self.vae, self.text_encoder, self.image_encoder):
-            module.to(CPU)
+            if isinstance(module, torch.nn.Module):  # not a low-memory stand-in (chronoedit.lazy)
+                module.to(CPU)
         return self
 
     def enable_group_offload(
@@ -278,15 +285,16 @@ class ChronoEditPipeline:
         batch = len(req.prompts) * req.num_videos_per_prompt
         evictable = [self.transformer, self.vae]  # after the first call they may sit on the device
         make_room(self.device, module_bytes(self.text_encoder) + module_bytes(self.image_encoder), evictable)
-        with resident(self.text_encoder, self.device, self.offload_encoders or self.offload_models):
-            positive = req.prompt_embeds
-            if positive is None:
-                positive = encode_text(self.tokenizer, self.text_encoder, req.prompts, req.max_sequence_length)
-            negative = req.negative_prompt_embeds
-            if req.do_cfg and negative is None:
-                negative = encode_text(self.tokenizer, self.text_encoder, req.negative_prompts, req.max_sequence_length)
-        with resident(self.image_encoder, self.device, self.offload_encoders or self.offload_models):
-            image_embeds = encode_image(self.image_processor, self.image_encoder, [req.image])
+        offload = self.offload_encoders or self.offload_models
+        positive, negative = req.prompt_embeds, req.negative_prompt_embeds
+        if positive is None or (req.do_cfg and negative is None):
+            with resident(self.text_encoder, self.device, offload) as text_encoder:
+                if positive is None:
+                    positive = encode_text(self.tokenizer, text_encoder, req.prompts, req.max_sequence_length)
+                if req.do_cfg and negative is None:
+                    negative = encode_text(self.tokenizer, text_encoder, req.negative_prompts, req.max_sequence_length)
+        with resident(self.image_encoder, self.device, offload) as image_encoder:
+            image_embeds = encode_image(self.image_processor, image_encoder, [req.image])
         dtype, device = self.transformer.dtype, self.device
         return Conditioning(
             prompt_embeds=expand(positive, req.num_videos_per_prompt).to(device, dtype),
@@ -310,9 +318,9 @@ class ChronoEditPipeline:
             latents = req.latents.to(self.device, torch.float32)
         if self.parallel is not None:
             latents = self.parallel.broadcast(latents.contiguous())  # the same noise on every rank, seeded or not
-        with resident(self.vae, self.device, self.offload_models):
+        with resident(self.vae, self.device, self.offload_models) as vae:
             image = image_to_tensor(req.image, req.width, req.height)
-            image_latents = encode_condition(self.vae, image, req.num_frames).to(self.device)
+            image_latents = encode_condition(vae, image, req.num_frames).to(self.device)
         mask = first_frame_mask(batch, frames, *shape[-2:], device=self.device)
         return latents, torch.cat([mask, image_latents.expand(batch, -1, -1, -1, -1)], dim=1)
 
@@ -384,16 +392,16 @@ class ChronoEditPipeline:
             if req.return_trajectory and trajectory is None:  # never dropped: the latents are the trajectory
                 trajectory = result.latents
             return result.latents, trajectory
-        with resident(self.vae, self.device, self.offload_models):
-            edit_video = decode_latents(self.vae, reasoning.keep_edit_frames(result.latents))  # [B, 3, 5, H, W]
+        with resident(self.vae, self.device, self.offload_models) as vae:
+            edit_video = decode_latents(vae, reasoning.keep_edit_frames(result.latents))  # [B, 3, 5, H, W]
             video = edit_video
             if result.latents.shape[2] > 2:
-                video = reasoning.join_trajectory(decode_latents(self.vae, result.latents[:, :, :-1]), edit_video)
+                video = reasoning.join_trajectory(decode_latents(vae, result.latents[:, :, :-1]), edit_video)
             trajectory = None
             if req.return_trajectory:  # never dropped: the video is the trajectory
                 trajectory = video
                 if result.trajectory_latents is not None:
-                    reasoning_video = decode_latents(self.vae, result.trajectory_latents[:, :, :-1])
+                    reasoning_video = decode_latents(vae, result.trajectory_latents[:, :, :-1])
                     trajectory = reasoning.join_trajectory(reasoning_video, edit_video)
         frames = postprocess(video, req.output_type)
         return frames, None if trajectory is None else postprocess(trajectory, req.output_type)

@@ -103,6 +103,9 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
                        help="torch.compile the transformer block (one compiled graph shared by all blocks): the "
                        "first step pays the compile time (~30 s on the CPU even for the demo model), later steps run "
                        "faster on GPU; same result within 1e-5")
+    group.add_argument("--low-memory", action="store_true", default=None,
+                       help="load UMT5, CLIP and the VAE only while their stage runs and free them after (the peak is "
+                       "the largest stage, not the sum); on by itself when the components would not fit in memory")
     group.add_argument("--quiet", action="store_true", help="no progress bar or stage messages")
 
 
@@ -154,6 +157,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         attention=getattr(args, "attention", None), compile=bool(getattr(args, "compile", False)),
         context_parallel=getattr(args, "context_parallel", False), ulysses_degree=getattr(args, "ulysses_degree", None),
         ring_degree=getattr(args, "ring_degree", None), cfg_parallel=bool(getattr(args, "cfg_parallel", False)),
+        low_memory=getattr(args, "low_memory", None),
     )  # fmt: skip
 
 

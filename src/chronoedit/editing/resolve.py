@@ -62,13 +62,14 @@ def resolve_model(
     ulysses_degree: int | None = None,
     ring_degree: int | None = None,
     cfg_parallel: bool = False,
+    low_memory: bool | None = None,
 ) -> ModelSpec:
     """The model to load, checked: the checkpoint (``model_path``, else ``$CHRONOEDIT_MODEL_PATH``, else the demo
     model), the transformer file, the device (default cuda when available), the dtype (bf16 on GPU, fp32 on the CPU
     and for the demo), the attention backend (its package and device), compiling (its compiler) and the LoRA files.
     Offloading is dropped on the CPU, where it does nothing. Context parallel (``context_parallel``: None for
     "whenever launched on several ranks") gets its layout (:func:`~.parallel.resolve_layout`) and this rank's
-    device."""
+    device. ``low_memory``: True, False, or None to decide at load from the memory available."""
     path = model_path or os.environ.get(MODEL_PATH_ENV) or DEMO
     if path != DEMO and not Path(path).expanduser().exists() and not looks_like_repo_id(path):
         raise UserError(f"model folder not found: {path} (point {{model_path}} or {MODEL_PATH_ENV} at a ChronoEdit "
@@ -91,6 +92,7 @@ def resolve_model(
         attention=check_attention(attention, device),
         compile=_check_compile(compile, device),
         layout=layout,
+        low_memory=low_memory,
     )
 
 

@@ -68,7 +68,9 @@ def load_pipeline(spec: ModelSpec, report: Report = QUIET) -> ChronoEditPipeline
     report.stage(f"loading model from {path} ({spec.dtype}, {spec.device})")
     _quiet_libraries()
     dtype = torch_dtype(spec.dtype)
-    pipe = ChronoEditPipeline.from_pretrained(path, torch_dtype=dtype, **_stored_components(spec, path, report))
+    low_memory = _low_memory(spec, path, report)
+    pipe = ChronoEditPipeline.from_pretrained(path, torch_dtype=dtype, low_memory=low_memory,
+                                              **_stored_components(spec, path, report, low_memory))  # fmt: skip
     names = []
     for lora in spec.loras:
         report.stage(f"loading LoRA {lora.path} (scale {lora.scale:g})")
@@ -98,18 +100,36 @@ def load_pipeline(spec: ModelSpec, report: Report = QUIET) -> ChronoEditPipeline
     return pipe
 
 
-def _stored_components(spec: ModelSpec, path: str, report: Report) -> dict[str, Any]:
+def _low_memory(spec: ModelSpec, path: str, report: Report) -> bool:
+    """``spec.low_memory`` if set, else whether all components at once would not fit in the memory available now."""
+    if spec.low_memory is not None:
+        return spec.low_memory
+    from ..loading import component_bytes
+    from ..memory import available_host_bytes, memory_is_short
+
+    sizes = component_bytes(path, torch_dtype(spec.dtype), mapped_transformer=bool(spec.offload_blocks))
+    available = available_host_bytes()
+    if not memory_is_short(sum(sizes.values()), available):
+        return False
+    report.note(f"the components take {sum(sizes.values()) / 2**30:.1f} GiB and {available / 2**30:.1f} GiB of memory "
+                "is available: loading UMT5, CLIP and the VAE only while their stage runs (--low-memory)")
+    return True
+
+
+def _stored_components(spec: ModelSpec, path: str, report: Report, low_memory: bool = False) -> dict[str, Any]:
     """The components loaded here rather than by the pipeline: ``spec``'s transformer file, and with block streaming
-    the transformer and UMT5 kept in their stored dtype, memory-mapped (cast block by block while they run)."""
+    the transformer and UMT5 kept in their stored dtype, memory-mapped (cast block by block while they run); in
+    low-memory mode the transformer's tensors that need no cast are views of the mapped files."""
     from ..loading import load_text_encoder_mapped, load_transformer
 
     streamed = bool(spec.offload_blocks)
     components: dict[str, Any] = {}
-    if spec.transformer is not None or streamed:
+    if spec.transformer is not None or streamed or low_memory:
         source, subfolder = (spec.transformer, None) if spec.transformer is not None else (path, "transformer")
         report.stage(f"loading transformer from {source}" + (" (kept as stored, streamed)" if streamed else ""))
         components["transformer"] = load_transformer(source, subfolder=subfolder, torch_dtype=torch_dtype(spec.dtype),
-                                                     keep_stored_dtype=streamed, mmap=streamed)  # fmt: skip
+                                                     keep_stored_dtype=streamed,
+                                                     mmap=streamed or low_memory)  # fmt: skip
     if streamed:
         components["text_encoder"] = load_text_encoder_mapped(path)
     return components

@@ -56,6 +56,7 @@ class ModelSpec:
     lora_scale: float = 1.0  # the scale of a preset's LoRAs taken from the checkpoint's lora/ folder
     attention: str = "sdpa"  # attention backend (chronoedit.speed.attention): sdpa, flash, sage, ...
     compile: bool = False  # torch.compile each transformer block (chronoedit.speed.compile)
+    low_memory: bool | None = None  # each of UMT5, CLIP, VAE loaded for its stage only (None: when memory is short)
     layout: Layout | None = None  # context parallel: one edit over the ranks of a torchrun launch (None: one device)
 
     @property

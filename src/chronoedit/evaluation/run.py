@@ -23,6 +23,7 @@ from typing import Any
 from .. import __version__, files
 from ..editing import EditRunner, EditSettings, ModelSpec
 from ..errors import UserError
+from ..lazy import materialize
 from ..vlm import VLM, VLMConfig
 from . import generate as gen
 from .aggregate import CONVENTIONS, Scored, aggregate
@@ -261,7 +262,8 @@ def _clip(editor: EditRunner | None, spec: ModelSpec | None, wanted: bool) -> Cl
         return None
     pipe = editor.pipe if editor is not None else None
     if pipe is not None and getattr(pipe, "image_encoder", None) is not None:
-        return ClipSimilarity(pipe.image_encoder, pipe.image_processor, f"{spec.model_path} image_encoder")
+        encoder = materialize(pipe.image_encoder)  # kept for the run, also in low-memory mode
+        return ClipSimilarity(encoder, pipe.image_processor, f"{spec.model_path} image_encoder")
     from ..editing import checkpoint_path
 
     folder = Path(checkpoint_path(spec))
