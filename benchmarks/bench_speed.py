@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     own.add_argument("--skip-exact", action="store_true")
     own.add_argument("--skip-caches", action="store_true")
     own.add_argument("--real-block", action="store_true", help="also time one real-width block (slow on a CPU)")
+    own.add_argument("--compile", action="store_true", help="also time --compile (compile time, then best run)")
     own.add_argument("--real-tokens", type=int, default=2 * 45 * 80)
     own.add_argument("--real-reps", type=int, default=1)
     own.add_argument("--cache-steps", type=int, default=50)
@@ -84,6 +85,8 @@ def bench_exact(ours: Any, ref: Any, args: argparse.Namespace, image: Any) -> No
             runs[name].append(one(name))
             print(f"  {name:<38} {runs[name][-1][0]:6.2f} s", flush=True)
     ours.reuse_context_kv = True
+    if args.compile:
+        compile_runs(ours, args, image, runs)
     ref_time, ref_frames = min(t for t, _ in runs["reference"]), runs["reference"][0][1]
     print(f"\nExact modes: {args.height}x{args.width}, 5 frames, {args.steps} steps, CFG {args.guidance_scale}; "
           f"best of {args.repeats}:\n")  # fmt: skip
@@ -93,6 +96,17 @@ def bench_exact(ours: Any, ref: Any, args: argparse.Namespace, image: Any) -> No
         best = min(t for t, _ in results)
         diff = max(float(np.abs(f - ref_frames).max()) for _, f in results)
         print(f"| {name} | {best:.2f} | {best / ref_time:.2f} | {diff:.2g} |")
+
+
+def compile_runs(ours: Any, args: argparse.Namespace, image: Any, runs: dict[str, list]) -> None:
+    """``--compile`` on top of the default modes: the first call pays the compile; then best of ``--repeats``."""
+    from chronoedit.speed.compile import compile_blocks
+
+    compile_blocks(ours.transformer)
+    first, _ = call(ours, args, image)
+    name = "ours: default + compile"
+    runs[name] = [call(ours, args, image) for _ in range(args.repeats)]
+    print(f"  {name:<38} first call (compiles) {first:6.2f} s, then {min(t for t, _ in runs[name]):6.2f} s")
 
 
 def bench_real_block(args: argparse.Namespace) -> None:
@@ -134,6 +148,17 @@ def bench_real_block(args: argparse.Namespace) -> None:
                     times.append(time.perf_counter() - start)
                 rows.append((name, mode, min(times)))
                 print(f"  real block {name} {mode}: {min(times):.2f} s", flush=True)
+        if args.compile:
+            compiled = torch.compile(ours)
+            start = time.perf_counter()
+            compiled(x, context, t_mod, rope_ours)
+            print(f"  real block ours compiled: first call (compiles) {time.perf_counter() - start:.2f} s", flush=True)
+            times = []
+            for _ in range(args.real_reps):
+                start = time.perf_counter()
+                compiled(x, context, t_mod, rope_ours)
+                times.append(time.perf_counter() - start)
+            rows.append(("ours, compiled", "cfg-batch (batch 2)", min(times)))
     print(f"\nOne block at real width (D {dim}, FFN {cfg.ffn_dim}), {tokens} video tokens, both CFG branches; "
           f"fp32 matmul {matmul:.1f} GFLOP/s:\n")  # fmt: skip
     print("| block | CFG | s | GFLOP/s | efficiency vs matmul |")

@@ -31,6 +31,7 @@ TWO_RANKS = {
     "cfg_parallel_reasoning_dropped": ({"cfg_parallel": True}, {**DROPPED, "guidance_scale": 5.0}),
     "cfg_parallel_first_block_cache": ({"cfg_parallel": True},
                                        {**PLAIN, "guidance_scale": 5.0, "cache": "first-block:0.5"}),
+    "streamed_blocks_reasoning_dropped": ({"stream_blocks": 1}, {**DROPPED, "guidance_scale": 5.0}),  # stays on: last
 }  # fmt: skip
 # 3 ranks and 2 heads: a ring of 3; at 32x32 pixels a latent frame has 2 x 2 = 4 tokens, 8 per edit: 3 does not
 # divide 8 (nor 32 with reasoning) -> padded and masked
@@ -65,6 +66,9 @@ def run_modes(ckpt: str, modes: dict) -> dict[str, tuple[str, dict[str, np.ndarr
     pipe.set_progress_bar_config(disable=True)
     results = {}
     for name, (parallel, call) in modes.items():
+        parallel = dict(parallel)
+        if "stream_blocks" in parallel:  # block streaming composes with the split (on from here on)
+            pipe.enable_group_offload("cpu", num_blocks_per_group=parallel.pop("stream_blocks"))
         layout = pipe.enable_parallelism(**parallel)
         results[name] = (layout.describe(), edit(pipe, call))
     pipe.enable_parallelism()
