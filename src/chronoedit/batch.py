@@ -7,6 +7,10 @@ bad values: a user error) gets ``DIR/ID.error.json`` and the batch goes on; anyt
 Every row's settings are the batch's with the row's values on top (:meth:`chronoedit.editing.EditSettings.overlay`),
 resolved by the application layer like any edit, and the model is loaded once (:class:`chronoedit.editing.EditRunner`).
 
+The same rows can run over the ranks of a ``torchrun`` (:mod:`chronoedit.batch_ranks`) or on Ray actors
+(:mod:`chronoedit.batch_ray`): both use this module's pieces (:func:`prepare`, :func:`batch_lock`, :func:`start_folder`,
+:func:`run_rows` / :func:`run_row_recorded`), so outputs, sidecars and resume rules are the same.
+
 Exit codes: 0 when no row failed, 1 when some row failed, 2 for a bad manifest or bad flags (before the model loads).
 """
 
@@ -20,6 +24,7 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +44,8 @@ TEXT_FIELDS = ("negative_prompt", "output_format", "preset", "cache")
 KNOWN_FIELDS = {"id", "input", "image", "prompt", *INT_FIELDS, *FLOAT_FIELDS, *BOOL_FIELDS, *TEXT_FIELDS}
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 LOCK_NAME = ".chronoedit-batch.lock"
+RANKS_LOCK_NAME = ".chronoedit-batch.ranks.lock"  # see batch_lock
+TICKETS_NAME = ".chronoedit-batch.tickets"  # the next row of a multi-process batch (chronoedit.batch_ranks)
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
@@ -243,13 +250,24 @@ def _file_key(path: Path) -> str | None:
 
 
 def batch_lock(out_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """One batch per output folder at a time (an flock, released by the OS even on SIGKILL)."""
-    return files.locked(out_dir / LOCK_NAME, f"another chronoedit batch is writing to {out_dir}")
+    """One batch per output folder at a time: an flock on the folder's lock file, and one on its ranks file (held
+    shared by every rank of a multi-process batch, :mod:`chronoedit.batch_ranks`, so the ranks of a run whose first
+    rank died still keep others out). The OS releases both even on SIGKILL."""
+    stack = contextlib.ExitStack()
+    busy = busy_message(out_dir)
+    stack.enter_context(files.locked(out_dir / LOCK_NAME, busy))
+    stack.enter_context(files.locked(out_dir / RANKS_LOCK_NAME, busy))
+    return stack
+
+
+def busy_message(out_dir: Path) -> str:
+    return f"another chronoedit batch is writing to {out_dir}"
 
 
 def remove_stale_temp_files(out_dir: Path) -> list[Path]:
-    """Temp files of atomic writes (and writability probes) left by a killed batch; call while holding the lock."""
-    stale = [p for p in out_dir.iterdir() if p.is_file() and files.is_temp_name(p.name)]
+    """Temp files of atomic writes (and writability probes) left by a killed batch, and a killed multi-process
+    batch's ticket file; call while holding the lock."""
+    stale = [p for p in out_dir.iterdir() if p.is_file() and (files.is_temp_name(p.name) or p.name == TICKETS_NAME)]
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -271,6 +289,7 @@ class Batch:
     defaults: EditSettings
     output_format: str = "png"
     run_id: str = field(default_factory=lambda: f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}")
+    worker: str | None = None  # which process of a parallel run wrote a row ("rank 1 of 2", "ray pid@host")
 
 
 def _sidecar(batch: Batch, edit: Edit, row: Row, fmt: str, timings: dict[str, float],
@@ -287,7 +306,8 @@ def _sidecar(batch: Batch, edit: Edit, row: Row, fmt: str, timings: dict[str, fl
         "height": edit.height, "width": edit.width, "model_path": spec.model_path,
         "transformer": str(spec.transformer) if spec.transformer else None, "device": spec.device,
         "dtype": spec.dtype, "preset": edit.preset, "loras": [[str(lora.path), lora.scale] for lora in edit.loras],
-        "chronoedit_version": __version__, "run_id": batch.run_id, "started_at": started, "finished_at": _now(),
+        "chronoedit_version": __version__, "run_id": batch.run_id, "worker": batch.worker, "started_at": started,
+        "finished_at": _now(),
         "timings": {key: round(value, 4) for key, value in timings.items()},
     }  # fmt: skip
 
@@ -299,39 +319,61 @@ def run_batch(batch: Batch, quiet: bool = False, runner: EditRunner | None = Non
     A bad manifest raises (ManifestError) before the model is loaded; a row's user error is recorded in its error
     file and the batch goes on; any other exception is a bug and ends the batch.
     """
+    rows = prepare(batch)
+    with batch_lock(batch.out_dir):
+        pending, skipped = start_folder(batch, rows)
+        summary = Summary(skipped=skipped)
+        with progress_bar(len(rows), skipped, quiet) as bar:
+            run_rows(batch, pending, runner or EditRunner(batch.model), summary, bar)
+    return summary
+
+
+def prepare(batch: Batch) -> list[Row]:
+    """The manifest's rows, checked, and the output folder, created: every check that needs no lock and no model."""
     rows = read_manifest(batch.manifest)
     if batch.out_dir.exists() and not batch.out_dir.is_dir():
         raise UserError(f"{{out}} {batch.out_dir} is not a directory", "out")
     check_inputs_kept(rows, batch.out_dir, batch.output_format)
     batch.out_dir.mkdir(parents=True, exist_ok=True)
-    summary = Summary()
-    with batch_lock(batch.out_dir):
-        remove_stale_temp_files(batch.out_dir)
-        pending = [row for row in rows if not _done(batch, row)]
-        summary.skipped = len(rows) - len(pending)
-        from tqdm.auto import tqdm
+    return rows
 
-        bar = tqdm(total=len(rows), initial=summary.skipped, desc="batch", unit="row", disable=quiet,
-                   file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-        try:
-            for row in pending:
-                bar.set_postfix_str(row.id)
-                if runner is None or runner.pipe is None:  # loaded before the first row that runs; its errors end it
-                    t_load = time.perf_counter()
-                    runner = runner or EditRunner(batch.model)
-                    runner.load()
-                    summary.model_load_s = time.perf_counter() - t_load
-                message = _run_row_recorded(runner, batch, row)
-                if message is None:
-                    summary.done += 1
-                else:
-                    summary.failed += 1
-                    summary.failures.append(f"{row.id}: {message}")
-                    bar.write(f"chronoedit: row {row.id} (line {row.line}) failed: {message}", file=sys.stderr)
-                bar.update(1)
-        finally:
-            bar.close()
-    return summary
+
+def start_folder(batch: Batch, rows: list[Row]) -> tuple[list[Row], int]:
+    """Clean what a killed batch left and find the rows to run: (pending rows, count of rows already done). Call while
+    holding the folder's lock."""
+    remove_stale_temp_files(batch.out_dir)
+    pending = [row for row in rows if not _done(batch, row)]
+    return pending, len(rows) - len(pending)
+
+
+def progress_bar(total: int, initial: int, quiet: bool) -> Any:
+    """The batch's progress bar on stderr (a context manager; ``quiet``: hidden)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="batch", unit="row", disable=quiet, file=sys.stderr,
+                dynamic_ncols=True)  # fmt: skip
+
+
+def run_rows(batch: Batch, rows: Iterable[Row], runner: EditRunner, summary: Summary, bar: Any,
+             writes: bool = True, advance: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Run ``rows`` one after the other on ``runner`` (loaded before the first row if it is not yet), counting each
+    in ``summary``; after each row ``advance`` (default: one step of ``bar``). ``writes`` False runs the rows without
+    writing anything (the ranks of a run whose rows are computed by all ranks together, written by one)."""
+    advance = advance or (lambda: bar.update(1))
+    for row in rows:
+        bar.set_postfix_str(row.id)
+        if runner.pipe is None:  # loaded before the first row that runs; its errors end the batch
+            t_load = time.perf_counter()
+            runner.load()
+            summary.model_load_s = time.perf_counter() - t_load
+        message = run_row_recorded(runner, batch, row, writes)
+        if message is None:
+            summary.done += 1
+        else:
+            summary.failed += 1
+            summary.failures.append(f"{row.id}: {message}")
+            bar.write(f"chronoedit: row {row.id} (line {row.line}) failed: {message}", file=sys.stderr)
+        advance()
 
 
 def _done(batch: Batch, row: Row) -> bool:
@@ -341,10 +383,11 @@ def _done(batch: Batch, row: Row) -> bool:
         return False  # a bad output_format: the row fails when it runs, with its error recorded
 
 
-def _run_row_recorded(runner: EditRunner, batch: Batch, row: Row) -> str | None:
-    """Run one row; None when it succeeded, else its user error as one line (recorded in its error file)."""
+def run_row_recorded(runner: EditRunner, batch: Batch, row: Row, writes: bool = True) -> str | None:
+    """Run one row; None when it succeeded, else its user error as one line (recorded in its error file when
+    ``writes``)."""
     try:
-        _run_row(runner, batch, row)
+        _run_row(runner, batch, row, writes)
     except UserError as exc:
         if files.is_out_of_space(exc):  # every later row would fail alike: stop here, resumable once there is room
             raise
@@ -354,9 +397,12 @@ def _run_row_recorded(runner: EditRunner, batch: Batch, row: Row) -> str | None:
             raise
         message, kind = one_line(exc), type(exc).__name__
     else:
-        with contextlib.suppress(FileNotFoundError):
-            error_path(batch.out_dir, row.id).unlink()
+        if writes:
+            with contextlib.suppress(FileNotFoundError):
+                error_path(batch.out_dir, row.id).unlink()
         return None
+    if not writes:
+        return message
     record = error_path(batch.out_dir, row.id)
     with files.writing(record):
         files.write_json(record, {
@@ -366,8 +412,8 @@ def _run_row_recorded(runner: EditRunner, batch: Batch, row: Row) -> str | None:
     return message
 
 
-def _run_row(runner: EditRunner, batch: Batch, row: Row) -> None:
-    """Resolve, edit and write one row: the image atomically, then its sidecar atomically."""
+def _run_row(runner: EditRunner, batch: Batch, row: Row, writes: bool = True) -> None:
+    """Resolve, edit and write one row (when ``writes``): the image atomically, then its sidecar atomically."""
     started, t0 = _now(), time.perf_counter()
     fmt = output_format(row, batch.output_format)
     edit = resolve_edit(row_settings(batch.defaults, row), batch.model, row.input)
@@ -376,6 +422,8 @@ def _run_row(runner: EditRunner, batch: Batch, row: Row) -> None:
     t1 = time.perf_counter()
     out = runner.run(edit)
     timings["generate_s"] = time.perf_counter() - t1
+    if not writes:
+        return
     t2 = time.perf_counter()
     write_outputs(edit, plan, out)
     timings["write_s"] = time.perf_counter() - t2
