@@ -110,6 +110,16 @@ def _leftover_process_group() -> list[str]:
     return []
 
 
+def _stop_resource_tracker() -> None:
+    """Starting a process by ``spawn`` (serve's worker pool, Ray) starts multiprocessing's resource tracker, a helper
+    that lives as long as this process: infrastructure, not a test's leftover. Stop it before counting children."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    if getattr(tracker, "_pid", None) is not None:
+        tracker._stop()
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     """The seed of the random test order (pytest-randomly) at the end, also under -q, which hides its header line."""
     if config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_reorganize"):
@@ -123,6 +133,7 @@ def _nothing_left_running():  # type: ignore[no-untyped-def]
     torch.distributed process group behind (defined first: torn down last). Whatever is still there when the process
     exits can hang it or abort it after every test passed."""
     yield
+    _stop_resource_tracker()
     deadline = time.monotonic() + LEFTOVER_GRACE_S
     left = _leftover_threads(deadline) + _leftover_processes(deadline) + _leftover_process_group()
     if left:

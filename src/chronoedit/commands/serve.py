@@ -53,6 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     group.add_argument("--state-dir", type=Path, default=Path("chronoedit-serve"), metavar="DIR",
                        help="queue database and results (default ./chronoedit-serve)")  # fmt: skip
     group.add_argument("--db", type=Path, metavar="PATH", help="job queue database (default STATE/jobs.sqlite3)")
+    group.add_argument("--devices", metavar="LIST",
+                       help="one worker process per device, each with its own model, all taking jobs from the one "
+                            "queue, e.g. cuda:0,cuda:1 (cpu may repeat: cpu,cpu); default: one worker in the "
+                            "server's process on --device")  # fmt: skip
     group.add_argument("--token-env", default=TOKEN_ENV, metavar="VAR",
                        help=f"environment variable holding the bearer token (default {TOKEN_ENV})")  # fmt: skip
     limits = parser.add_argument_group("limits")
@@ -114,11 +118,14 @@ def build_state(args: argparse.Namespace) -> Any:
     """Check the flags, open the queue and make the (not yet started) worker."""
     from ..editing import EditRunner
     from ..serve.app import ServerState
+    from ..serve.child import ChildConfig
+    from ..serve.pool import WorkerPool
     from ..serve.store import JobStore
     from ..serve.worker import Worker
 
     limits = _limits(args)
-    spec = model_spec(args)
+    devices = _devices(args)
+    spec = model_spec(args if devices is None else argparse.Namespace(**{**vars(args), "device": devices[0]}))
     defaults = edit_settings(args)  # every job's settings before its options
     sampling = resolve_sampling(defaults, spec)  # every server-wide flag checked before the model loads
     if sampling.num_inference_steps > limits.max_steps:
@@ -132,15 +139,32 @@ def build_state(args: argparse.Namespace) -> Any:
     store = JobStore(args.db or args.state_dir / "jobs.sqlite3")
     if store.requeued:
         print(f"chronoedit serve: re-queued {store.requeued} job(s) interrupted by the last shutdown", file=sys.stderr)
-    # Notes (the demo model's) on stderr; no progress bar: a server's log is no terminal.
-    runner = EditRunner(spec, report=dataclasses.replace(console_report(quiet=True), progress_bar=False))
-    worker = Worker(store, runner, defaults, results, limits, enhancer=enhancer,
-                    redact=_private_folders(args.state_dir, spec))  # fmt: skip
+    redact = _private_folders(args.state_dir, spec)
+    if devices is None:
+        # Notes (the demo model's) on stderr; no progress bar: a server's log is no terminal.
+        runner = EditRunner(spec, report=dataclasses.replace(console_report(quiet=True), progress_bar=False))
+        worker: Any = Worker(store, runner, defaults, results, limits, enhancer=enhancer, redact=redact)
+    else:
+        config = ChildConfig(index=0, spec=spec, db_path=store.path, defaults=defaults, results_dir=results,
+                             limits=limits, enhancer=enhancer, redact=redact)  # fmt: skip
+        worker = WorkerPool(store, config, devices)
     client_defaults = {"num_inference_steps": sampling.num_inference_steps, "guidance_scale": sampling.guidance_scale,
                        "flow_shift": sampling.flow_shift, "width": defaults.width, "height": defaults.height,
                        "max_area": sampling.max_area, "seed": defaults.seed}  # fmt: skip
     return ServerState(store=store, worker=worker, results_dir=results, limits=limits, token=token,
                        model_name=Path(spec.model_path).name, defaults=client_defaults)  # fmt: skip
+
+
+def _devices(args: argparse.Namespace) -> list[str] | None:
+    """The devices of ``--devices`` (one worker process each), checked; None without it (one worker thread)."""
+    if args.devices is None:
+        return None
+    if args.device is not None:
+        raise UserError("give --device (one worker in the server's process) or --devices (a worker process per "
+                        "device), not both")  # fmt: skip
+    from ..serve.pool import parse_devices
+
+    return parse_devices(args.devices)
 
 
 def _private_folders(state_dir: Path, spec: Any) -> dict[str, Path]:

@@ -42,6 +42,7 @@ from ..presets import PRESETS
 from .editing import INPUT_NAME, BadImage, TooLarge, build_job, decode_upload, resolved_settings, with_seed
 from .guards import BodyLimit, JsonErrors, Utf8FormRoute
 from .options import MEDIA_TYPES, EditOptions, Limits, describe_validation
+from .pool import WorkerPool
 from .store import FINISHED, QUEUED, RUNNING, Job, JobStore, QueueFull, is_disk_full, new_job_id
 from .worker import BROKEN, DISK_FULL, Worker
 
@@ -57,7 +58,7 @@ class ServerState:
     """Everything the routes need; built by :func:`chronoedit.commands.serve` or by tests."""
 
     store: JobStore
-    worker: Worker
+    worker: Worker | WorkerPool  # the one thread, or (``--devices``) one worker process per device
     results_dir: Path
     limits: Limits
     token: str | None = None
@@ -181,9 +182,12 @@ def _api_routes(state: ServerState):  # type: ignore[no-untyped-def]
     def health() -> dict[str, Any]:
         counts = state.store.counts()
         worker = state.worker.describe()
-        return {"status": health_status(worker), "version": __version__, "model": state.model_name,
-                "worker": worker, "queue": {"queued": counts[QUEUED], "running": counts[RUNNING],
-                                            "limit": state.limits.max_queue}}  # fmt: skip
+        answer = {"status": health_status(worker), "version": __version__, "model": state.model_name,
+                  "worker": worker, "queue": {"queued": counts[QUEUED], "running": counts[RUNNING],
+                                              "limit": state.limits.max_queue}}  # fmt: skip
+        if isinstance(state.worker, WorkerPool):  # every worker process: device, pid, alive, job, jobs run
+            answer["workers"] = state.worker.describe_workers()
+        return answer
 
     @router.get("/config", summary="Presets, limits and defaults, for clients")
     def config() -> dict[str, Any]:
@@ -200,11 +204,14 @@ DEGRADED_DISK_FULL = "degraded: disk full"
 
 
 def health_status(worker: dict[str, Any]) -> str:
-    """``ok``; ``error`` when the worker is dead or its model did not load; ``degraded: disk full`` while the
-    server's last write failed for lack of space (until one succeeds)."""
+    """``ok``; ``error`` when the worker is dead or its model did not load (with ``--devices``: every worker);
+    ``degraded: disk full`` while the server's last write failed for lack of space (until one succeeds);
+    ``degraded: ...`` when some of the worker processes are down."""
     if worker["state"] == BROKEN or not worker["alive"]:
         return "error"
-    return DEGRADED_DISK_FULL if worker.get("disk_full") else "ok"
+    if worker.get("disk_full"):
+        return DEGRADED_DISK_FULL
+    return f"degraded: {worker['down']}" if worker.get("down") else "ok"
 
 
 def _guard(state: ServerState):  # type: ignore[no-untyped-def]
@@ -273,7 +280,7 @@ def submit_job(state: ServerState, options: EditOptions, data: bytes) -> dict[st
     try:
         job_dir.mkdir(parents=True)
         media.save_image(image, job_dir / INPUT_NAME)
-        edit, _plan = build_job(state.worker.runner.spec, state.worker.defaults, options, job_dir, state.limits)
+        edit, _plan = build_job(state.worker.spec, state.worker.defaults, options, job_dir, state.limits)
         stored = "the edit cannot be queued"
         state.store.submit(
             options.model_dump(exclude_none=True),
@@ -320,9 +327,9 @@ def find_job(state: ServerState, job_id: str) -> Job:
 
 def describe_job(state: ServerState, job: Job) -> dict[str, Any]:
     """A job as the API shows it (links only to the files it has)."""
-    progress = state.worker.progress
+    progress = state.worker.progress_for(job.id)
     step, total, stage = job.step, job.total, None
-    if job.status == RUNNING and progress is not None and progress.job_id == job.id:
+    if job.status == RUNNING and progress is not None:
         step, total, stage = progress.step, progress.total, progress.stage
     base = f"/v1/edits/{job.id}"
     links = {"self": base, "input": f"{base}/input"}

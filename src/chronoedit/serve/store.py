@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     files TEXT NOT NULL DEFAULT '{}',
     timings TEXT NOT NULL DEFAULT '{}',
-    settings TEXT NOT NULL DEFAULT '{}'
+    settings TEXT NOT NULL DEFAULT '{}',
+    worker TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
@@ -80,6 +81,7 @@ class Job:
     files: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # the exact values the job ran with (when done)
+    worker: str | None = None  # the worker process that claimed it last (``--devices``; None for the thread)
     position: int | None = None  # 1-based place among queued jobs (filled by JobStore.get)
 
     @classmethod
@@ -90,6 +92,7 @@ class Job:
             id=row["id"], status=row["status"], options=options, created_at=row["created_at"],
             started_at=row["started_at"], finished_at=row["finished_at"], step=row["step"], total=row["total"],
             attempts=row["attempts"], error=row["error"], files=files, timings=timings, settings=settings,
+            worker=row["worker"],
         )  # fmt: skip
 
 
@@ -143,11 +146,19 @@ def new_job_id() -> str:
 class JobStore:
     """The queue in one SQLite file; every method is one transaction and may be called from any thread."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, owner: bool = True) -> None:
         """Open (or create) the queue at ``path``; one-line UserErrors when it cannot be: its folder or lock file
-        cannot be made, another server holds it (:class:`StoreInUse`), the database is read-only or damaged."""
+        cannot be made, another server holds it (:class:`StoreInUse`), the database is read-only or damaged.
+
+        ``owner=False`` is a server's worker process: it shares its server's queue, so it neither takes the lock
+        file nor re-queues running jobs (the server does both)."""
         self.path = Path(path)
         self._lock = threading.Lock()
+        self.requeued = 0
+        if not owner:
+            self._owner = None
+            self._db = self._connect()
+            return
         lock = self.path.with_name(self.path.name + ".lock")  # two servers on one queue re-queue each other's jobs
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,15 +168,21 @@ class JobStore:
         except UserError as exc:
             raise StoreInUse(str(exc)) from None
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = self._connect()
             self._db.executescript(_SCHEMA)
+            if "worker" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN worker TEXT")  # a queue made before --devices
             self.requeued = self._requeue_running()  # a write: a read-only database fails here, at start
         except sqlite3.Error as exc:
             self._owner.close()
             raise UserError(f"job database {self.path} cannot be used: {one_line(exc)}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -194,7 +211,8 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-            self._owner.close()  # releases the process lock
+            if self._owner is not None:
+                self._owner.close()  # releases the process lock
 
     # ----- submitting and reading ---------------------------------------------------------------------------
     def submit(self, options: dict[str, Any], max_pending: int, job_id: str | None = None, total: int = 0) -> Job:
@@ -265,15 +283,16 @@ class JobStore:
             return cursor.rowcount == 1
 
     # ----- the worker's side --------------------------------------------------------------------------------
-    def claim_next(self) -> Job | None:
-        """Mark the oldest queued job ``running`` and return it (None when the queue is empty). Queued rows that
-        cannot be read are failed on the way, not returned."""
+    def claim_next(self, worker: str | None = None) -> Job | None:
+        """Mark the oldest queued job ``running`` (claimed by ``worker``) and return it (None when the queue is
+        empty). One ``BEGIN IMMEDIATE`` transaction: of several processes claiming at once each gets its own job.
+        Queued rows that cannot be read are failed on the way, not returned."""
         with self._transaction() as db:
             while True:
                 row = db.execute(
-                    "UPDATE jobs SET status=?, started_at=?, step=0, attempts=attempts+1 "
+                    "UPDATE jobs SET status=?, started_at=?, step=0, attempts=attempts+1, worker=? "
                     "WHERE seq=(SELECT seq FROM jobs WHERE status=? ORDER BY seq LIMIT 1) RETURNING *",
-                    (RUNNING, time.time(), QUEUED),
+                    (RUNNING, time.time(), worker, QUEUED),
                 ).fetchone()
                 if row is None:
                     return None
@@ -298,6 +317,24 @@ class JobStore:
                 "WHERE id=? AND status=?",
                 (QUEUED, job_id, RUNNING),
             )
+
+    def requeue_worker(self, worker: str, died: bool = True) -> list[str]:
+        """The jobs ``worker`` (a process that ended) left ``running`` go back to the queue at their place; their ids.
+        When it ``died``, the attempt counts, and a job that was running at :data:`MAX_ATTEMPTS` deaths (it may be
+        what kills the worker) is failed instead; when the server stopped it, the attempt is not counted."""
+        error = f"a worker process died {MAX_ATTEMPTS} times while running this edit; not trying again"
+        with self._transaction() as db:
+            if died:
+                db.execute(
+                    "UPDATE jobs SET status=?, finished_at=?, error=? WHERE status=? AND worker=? AND attempts>=?",
+                    (FAILED, time.time(), error, RUNNING, worker, MAX_ATTEMPTS),
+                )
+            uncount = "" if died else ", attempts=MAX(attempts-1, 0)"
+            rows = db.execute(
+                f"UPDATE jobs SET status=?, step=0, started_at=NULL{uncount} WHERE status=? AND worker=? RETURNING id",
+                (QUEUED, RUNNING, worker),
+            ).fetchall()
+        return [row[0] for row in rows]
 
     # ----- retention ---------------------------------------------------------------------------------------
     def delete_finished_before(self, cutoff: float) -> list[str]:

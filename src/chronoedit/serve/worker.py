@@ -52,16 +52,17 @@ class Worker:
     """A daemon thread: ``start()`` loads the model, then jobs run until ``stop()``.
 
     ``redact`` maps server paths to placeholders in the errors clients see. ``defaults`` are every job's settings
-    before its options.
+    before its options. A worker process of ``--devices`` (:mod:`.child`) claims jobs as ``label`` and leaves the
+    deleting of old results (``sweep``) to its server.
     """
 
     def __init__(self, store: JobStore, runner: EditRunner, defaults: EditSettings, results_dir: Path,
                  limits: Limits, enhancer: Any = None, redact: dict[str, Path] | None = None,
-                 poll_s: float = 0.5) -> None:  # fmt: skip
+                 poll_s: float = 0.5, label: str | None = None, sweep: bool = True) -> None:  # fmt: skip
         self.store, self.runner, self.defaults, self.enhancer = store, runner, defaults, enhancer
-        self.results_dir, self.limits, self.poll_s = results_dir, limits, poll_s
+        self.results_dir, self.limits, self.poll_s, self.label = results_dir, limits, poll_s, label
         self.redact = {"<results>": results_dir, **(redact or {})}
-        keep = limits.keep_results_hours
+        keep = limits.keep_results_hours if sweep else None
         self.retention = Retention(store, results_dir, None if keep is None else keep * 3600.0)
         self.state = LOADING
         self.error: str | None = None
@@ -87,10 +88,14 @@ class Worker:
         """A job was queued: look now instead of at the next poll."""
         self._wake.set()
 
-    def stop(self, timeout: float = 300.0) -> None:
-        """Stop: the running job is interrupted at its next step and re-queued (waits at most ``timeout`` s)."""
+    def request_stop(self) -> None:
+        """Ask the loop to end: the running job is interrupted at its next step and re-queued (no waiting)."""
         self._stop.set()
         self._wake.set()
+
+    def stop(self, timeout: float = 300.0) -> None:
+        """Stop: the running job is interrupted at its next step and re-queued (waits at most ``timeout`` s)."""
+        self.request_stop()
         if self.state == LOADING:  # a load cannot be interrupted: the daemon thread ends with the process
             return
         if self._thread is not None and self._thread.is_alive():
@@ -101,16 +106,23 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def spec(self) -> Any:
+        """The model this worker runs (a :class:`~chronoedit.editing.ModelSpec`)."""
+        return self.runner.spec
+
+    def progress_for(self, job_id: str) -> Progress | None:
+        """The progress of ``job_id`` when it is the job running now."""
+        progress = self.progress
+        return progress if progress is not None and progress.job_id == job_id else None
+
+    @property
     def accepting(self) -> bool:
         """Whether queued jobs will run: the thread lives and the model loads or has loaded."""
         return self.alive and self.state in (LOADING, READY)
 
     def public_error(self, exc: BaseException) -> str:
-        """``exc`` as one line in the API's words, without server paths; a bug shows only as "internal error" (its
-        traceback is in the server's log)."""
-        if not isinstance(exc, UserError):
-            return "internal error: see the server's log"
-        return redact(api_message(exc), self.redact)
+        """``exc`` as clients see it (:func:`public_error`)."""
+        return public_error(exc, self.redact)
 
     def _main(self) -> None:
         try:
@@ -118,15 +130,23 @@ class Worker:
         except Exception as exc:  # the server stays up to say why (health shows the error)
             self.state, self.error = BROKEN, self.public_error(exc)
             log.error("chronoedit serve: the model did not load: %s", one_line(exc))
+            self._changed()
             return
         self.state = READY
+        self._changed()
         try:
             self._loop()
         except BaseException as exc:  # never die silently: health shows it and submissions get 503
             self.state, self.error = BROKEN, self.public_error(exc)
             log.exception("chronoedit serve: the worker stopped")
+            self._changed()
             return
         self.state = STOPPED
+        self._changed()
+
+    def _changed(self) -> None:
+        """The state, the running job's progress or the count of jobs run changed (a worker process tells its
+        server; the thread has nothing to do: its server reads its attributes)."""
 
     def _loop(self) -> None:
         """Run queued jobs until stopped; outcomes not yet recorded go first."""
@@ -136,7 +156,7 @@ class Worker:
                 self._stop.wait(self.retry_s)
                 continue
             try:
-                job = self.store.claim_next()
+                job = self.store.claim_next() if self.label is None else self.store.claim_next(self.label)
             except Exception as exc:  # e.g. the disk is full: try again shortly
                 self.disk_full = self.disk_full or is_disk_full(exc)
                 log.error("chronoedit serve: cannot read the job queue: %s", one_line(exc))
@@ -161,6 +181,7 @@ class Worker:
             self.jobs_run += 1
         self._unrecorded.append((job.id, record))
         self.record_outcomes()
+        self._changed()
 
     def _run(self, job: Job) -> Callable[[], None]:
         """Run one job; the store call that records how it ended."""
@@ -220,15 +241,18 @@ class Worker:
         options = stored_options(job)
         edit, plan = build_job(self.runner.spec, self.defaults, options, self.results_dir / job.id, self.limits)
         self.progress = Progress(job.id, 0, edit.num_inference_steps, ENHANCING)
+        self._changed()
         if options.enhance_prompt:
             if self.enhancer is None:
                 raise UserError("this server has no prompt enhancer (start it with --prompt-enhancer-base-url)")
             edit = enhance(edit, self.enhancer)
         self.progress.stage = DENOISING
+        self._changed()
         t1 = time.perf_counter()
         out = self.runner.run(edit, wants_trajectory(edit, plan), on_step=self._on_step, report=self._report)
         t2 = time.perf_counter()
         self.progress.stage = WRITING
+        self._changed()
         write_outputs(edit, plan, out)
         t3 = time.perf_counter()
         timings = {"prepare_s": t1 - t0, "generate_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0}
@@ -240,16 +264,26 @@ class Worker:
             raise Interrupted
         if self.progress is not None:
             self.progress.step, self.progress.total = step, total
+            self._changed()
 
     def _on_stage(self, message: str) -> None:
         """The application layer's stage lines: the one before the VAE decode sets the job's stage."""
         if self.progress is not None and message == DECODE_STAGE:
             self.progress.stage = DECODING
+            self._changed()
 
     def describe(self) -> dict[str, Any]:
         """The worker's state for ``/v1/health``."""
         return {"state": self.state, "error": self.error, "alive": self.alive, "jobs_run": self.jobs_run,
                 "disk_full": self.disk_full}  # fmt: skip
+
+
+def public_error(exc: BaseException, redactions: dict[str, Path]) -> str:
+    """``exc`` as one line in the API's words, without server paths (``redactions``: placeholder -> path); a bug
+    shows only as "internal error" (its traceback is in the server's log)."""
+    if not isinstance(exc, UserError):
+        return "internal error: see the server's log"
+    return redact(api_message(exc), redactions)
 
 
 def stored_options(job: Job) -> EditOptions:
