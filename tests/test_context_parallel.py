@@ -216,3 +216,35 @@ def test_a_layout_that_cannot_run_is_one_line_before_the_model_loads(tiny_ckpt, 
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("chronoedit: error: ") and message in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_only_rank_0_says_an_error_every_rank_meets(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from chronoedit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    code = main(["edit", "--model-path", str(tiny_ckpt), "-p", "x", "-o", str(tmp_path / "o.png"),
+                 "--ulysses-degree", "3"])  # fmt: skip
+    assert (code, capsys.readouterr().err) == (2, "")  # rank 0 prints the line (the test above)
+
+
+def test_one_gpu_named_for_every_process_is_refused(monkeypatch):
+    from chronoedit.editing.parallel import rank_device
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match="would put all 2 processes on one device: give cuda"):
+        rank_device("cuda:0", Layout(ulysses=2))
+    assert rank_device("cpu", Layout(ulysses=2)) == "cpu"
+
+
+def test_the_prompt_enhancer_is_refused_under_torchrun(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from chronoedit.cli import main
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    code = main(["edit", "--model-path", str(tiny_ckpt), "-p", "x", "-o", str(tmp_path / "o.png"),
+                 "--use-prompt-enhancer"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--use-prompt-enhancer does not run under torchrun" in err, err

@@ -355,10 +355,11 @@ def progress_bar(total: int, initial: int, quiet: bool) -> Any:
 
 
 def run_rows(batch: Batch, rows: Iterable[Row], runner: EditRunner, summary: Summary, bar: Any,
-             writes: bool = True, advance: Callable[[], None] | None = None) -> None:  # fmt: skip
+             writes: bool = True, advance: Callable[[], None] | None = None,
+             lockstep: bool = False) -> None:  # fmt: skip
     """Run ``rows`` one after the other on ``runner`` (loaded before the first row if it is not yet), counting each
     in ``summary``; after each row ``advance`` (default: one step of ``bar``). ``writes`` False runs the rows without
-    writing anything (the ranks of a run whose rows are computed by all ranks together, written by one)."""
+    writing anything, ``lockstep`` says the ranks compute every row together (:func:`run_row_recorded`)."""
     advance = advance or (lambda: bar.update(1))
     for row in rows:
         bar.set_postfix_str(row.id)
@@ -366,7 +367,7 @@ def run_rows(batch: Batch, rows: Iterable[Row], runner: EditRunner, summary: Sum
             t_load = time.perf_counter()
             runner.load()
             summary.model_load_s = time.perf_counter() - t_load
-        message = run_row_recorded(runner, batch, row, writes)
+        message = run_row_recorded(runner, batch, row, writes, lockstep)
         if message is None:
             summary.done += 1
         else:
@@ -383,9 +384,11 @@ def _done(batch: Batch, row: Row) -> bool:
         return False  # a bad output_format: the row fails when it runs, with its error recorded
 
 
-def run_row_recorded(runner: EditRunner, batch: Batch, row: Row, writes: bool = True) -> str | None:
+def run_row_recorded(runner: EditRunner, batch: Batch, row: Row, writes: bool = True,
+                     lockstep: bool = False) -> str | None:  # fmt: skip
     """Run one row; None when it succeeded, else its user error as one line (recorded in its error file when
-    ``writes``)."""
+    ``writes``). ``lockstep``: the ranks run this row together (context parallel), so a device out of memory on one
+    rank ends the batch instead of failing the row (the other ranks would wait for it inside the row)."""
     try:
         _run_row(runner, batch, row, writes)
     except UserError as exc:
@@ -393,7 +396,7 @@ def run_row_recorded(runner: EditRunner, batch: Batch, row: Row, writes: bool = 
             raise
         message, kind = exc.render(), type(exc).__name__  # fields by their manifest column names
     except Exception as exc:
-        if type(exc).__name__ != "OutOfMemoryError":  # anything but a row too large for the device is a bug
+        if type(exc).__name__ != "OutOfMemoryError" or lockstep:  # else a row too large for the device: it fails
             raise
         message, kind = one_line(exc), type(exc).__name__
     else:

@@ -49,15 +49,10 @@ from .batch import (
 )
 from .editing import EditRunner, ModelSpec
 from .editing.parallel import ranks_of
-from .errors import UserError
+from .errors import RankError, UserError
 from .parallel.ranks import Ranks
 
 MakeRunner = Callable[[ModelSpec], EditRunner]
-
-
-class RankError(UserError):
-    """A user error met by one rank other than rank 0 after the run started (its own device, a full disk): that rank
-    says it itself. Errors before the start are the same on every rank and said by rank 0 alone."""
 
 
 class Tickets:
@@ -79,9 +74,9 @@ class Tickets:
         """The index of the next pending row for this rank (it may be past the last row: then none is left)."""
         return self._advance(take=1)[0]
 
-    def finish(self) -> int:
-        """Count one finished row; returns the count of rows finished by all ranks so far."""
-        return self._advance(finish=1)[1]
+    def finish(self, count: int = 1) -> int:
+        """Count ``count`` finished rows (0: just look); returns the count of rows finished by all ranks so far."""
+        return self._advance(finish=count)[1]
 
     def _advance(self, take: int = 0, finish: int = 0) -> tuple[int, int]:
         try:
@@ -161,13 +156,24 @@ def _run_started(batch: Batch, ranks: Ranks, rows: list[Row], make_runner: MakeR
             finished = tickets.finish()
             bar.update(plan["skipped"] + finished - bar.n)
 
-        run_rows(mine, rows_here, runner, summary, bar, writes=writes, advance=None if together else advance)
+        run_rows(mine, rows_here, runner, summary, bar, writes=writes, advance=None if together else advance,
+                 lockstep=together)
+        if not together:
+            _wait_for_the_others(tickets, len(pending))
         total = _summed(summary, together)
         bar.update(total.done + total.failed + total.skipped - bar.n)
     if ranks.is_main:
         with contextlib.suppress(FileNotFoundError):
             tickets.path.unlink()  # every rank is past its last row (the gather above)
     return total
+
+
+def _wait_for_the_others(tickets: Tickets, rows: int, poll_s: float = 1.0) -> None:
+    """Wait, without a collective, until every rank has finished its last row: a rank out of rows may wait longer
+    than the process group's timeout for another rank's long row. (A rank that dies ends the launch: torchrun stops
+    the others.)"""
+    while tickets.finish(0) < rows:
+        time.sleep(poll_s)
 
 
 def _assignment(pending: list[Row], tickets: Tickets, ranks: Ranks, together: bool) -> tuple[Iterator[Row], bool]:

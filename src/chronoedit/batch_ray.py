@@ -205,6 +205,9 @@ class _Scheduler:
             self._died(exc, "while loading the model")
             self._start_actor()
             return
+        except BaseException:  # the batch ends: this actor is in no list the cleanup sees
+            self.ray.kill(actor)
+            raise
         self.idle.append((actor, pid))
 
     def _dispatch(self, row: Row) -> None:
@@ -220,9 +223,13 @@ class _Scheduler:
             message = self._get(ref)
         except self.ray.exceptions.RayActorError as exc:
             self._died(exc, f"running row {row.id}")
-            self._start_actor()
             self._rerun(row, queue)
+            if queue:  # a replacement only when rows are left for it
+                self._start_actor()
             return
+        except BaseException:  # the batch ends: this actor is in no list the cleanup sees
+            self.ray.kill(actor)
+            raise
         self.idle.append((actor, pid))
         self._count(row, message)
 

@@ -7,13 +7,14 @@ one error policy: a user error is one line and exit code 2, anything else is a b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
 from . import __version__
 from .commands import batch, convert, edit, enhance, eval, label, serve, train
 from .commands.flags import flag_word
-from .errors import UserError, one_line
+from .errors import RankError, UserError, one_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print("chronoedit: interrupted", file=sys.stderr)
         return 130
     except UserError as exc:
+        if not _says(exc):
+            return 2
         print(f"chronoedit: error: {exc.render(flag_word)}", file=sys.stderr)
         return 2
     except Exception as exc:
@@ -72,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(BUG_NOTE, file=sys.stderr)
         return 1
+
+
+def _says(exc: UserError) -> bool:
+    """Whether this process prints the error: in a launch of several processes (torchrun) the same error is met by
+    every rank and said by rank 0 alone, except a rank's own (:class:`~chronoedit.errors.RankError`)."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return isinstance(exc, RankError) or world in ("", "1") or rank in ("", "0")
 
 
 if __name__ == "__main__":

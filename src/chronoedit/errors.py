@@ -34,6 +34,11 @@ class UserError(ValueError):
         return (_rebuild, (self.template, self.field, self.fields[1:] if self.field else self.fields))
 
 
+class RankError(UserError):
+    """A user error that is one rank's own in a multi-process launch (its device, its disk), said by that rank; any
+    other user error is the same on every rank and said by rank 0 alone (:func:`chronoedit.cli.main`)."""
+
+
 def _rebuild(message: str, field: str | None, also: tuple[str, ...]) -> UserError:
     return UserError(message, field, also)
 

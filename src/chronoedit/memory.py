@@ -65,6 +65,8 @@ def make_room(device: torch.device, needed: int, evictable: list[torch.nn.Module
     for module in evictable:
         if torch.cuda.mem_get_info(device)[0] >= needed * margin:
             return
+        if not isinstance(module, torch.nn.Module):  # a low-memory stand-in holds nothing between its stages
+            continue
         if any(p.device.type == "cuda" for p in module.parameters()):
             module.to(CPU)
             free_device_cache(device)
@@ -79,12 +81,10 @@ def resident(
     whose blocks are streamed (:mod:`chronoedit.streaming`) is left where it is: its blocks come and go by
     themselves."""
     if isinstance(component, LazyComponent):
-        module = component.acquire().to(device)
         try:
-            yield module
+            yield component.acquire().to(device)
         finally:
-            del module
-            component.release()
+            component.release()  # also when the move failed: nothing stays built
             free_device_cache(device)
         return
     if component is None or is_streamed(component):

@@ -118,14 +118,7 @@ def handle(args: argparse.Namespace) -> int:
     def announce(summary: Summary) -> None:
         print(summary.line(args.out), flush=True)
 
-    try:
-        summary = _run(args, ranks, announce)
-    except UserError as exc:
-        from ..batch_ranks import RankError
-
-        if ranks.is_main or isinstance(exc, RankError):
-            raise
-        return 2  # rank 0 says it
+    summary = _run(args, ranks, announce)
     if not ranks.distributed:
         announce(summary)
     return summary.exit_code

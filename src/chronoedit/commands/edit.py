@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import editing
 from ..editing import Edit, ModelSpec, OutputPlan, Report
+from ..errors import UserError
 from .enhance import add_enhancer_args, enhancer_config
 from .flags import (
     add_lora_args,
@@ -50,6 +51,9 @@ def handle(args: argparse.Namespace) -> int:
     enhancer = enhancer_config(args)
     report = console_report(args.quiet)
     spec, edit, plan = resolve(args)
+    if enhancer is not None and spec.layout is not None:  # each rank's enhancer could word the prompt differently
+        raise UserError("{use_prompt_enhancer} does not run under torchrun: enhance the prompt first (chronoedit "
+                        "enhance) and pass it with {prompt}", "use_prompt_enhancer", ("prompt",))  # fmt: skip
     if args.offload_model and spec.device == "cpu":
         report.note("--offload_model has no effect on the CPU")
     if enhancer is not None:

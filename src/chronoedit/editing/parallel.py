@@ -9,7 +9,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UserError
+from ..devices import resolve_device
+from ..errors import RankError, UserError
 from ..parallel import SINGLE, Layout, Ranks, choose_layout, from_env
 from ..parallel import ranks as process_group
 from .settings import DEMO, ModelSpec
@@ -77,6 +78,17 @@ def ranks_of(spec: ModelSpec) -> Iterator[Ranks]:
 
 
 def rank_device(device: str, layout: Layout | None) -> str:
-    """The device this rank runs on (``cuda`` -> ``cuda:<local rank>``)."""
-    return from_env().device(device) if layout is not None else device
+    """The device this rank runs on (``cuda`` -> ``cuda:<local rank>`` with a layout; each data-parallel rank maps it
+    itself), checked on this machine. UserError for one GPU named for every process; RankError for a rank whose
+    device this machine lacks."""
+    ranks = from_env()
+    if ranks.distributed and ":" in device and not device.startswith("cpu"):
+        raise UserError(f"{{device}} {device} would put all {ranks.world} processes on one device: give "
+                        f"{device.split(':')[0]} (each process takes its local rank's)", "device")  # fmt: skip
+    if layout is None or not ranks.distributed:
+        return device
+    try:
+        return resolve_device(ranks.device(device))
+    except UserError as exc:
+        raise RankError(f"rank {ranks.rank}: {exc.template}", exc.field) from None
 

@@ -76,7 +76,7 @@ def resolve_model(
                         "diffusers checkpoint folder, or use {model_path} demo)", "model_path")  # fmt: skip
     transformer = _check_transformer(transformer)
     layout = resolve_layout(path, transformer, context_parallel, ulysses_degree, ring_degree, cfg_parallel)
-    device = resolve_device(rank_device(resolve_device(device), layout))
+    device = rank_device(resolve_device(device), layout)
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise UserError(f"{{dtype}} must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}", "dtype")
     return ModelSpec(

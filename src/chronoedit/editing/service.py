@@ -7,6 +7,7 @@ written) to the front end, which shows it its own way.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,9 @@ def _low_memory(spec: ModelSpec, path: str, report: Report) -> bool:
 
     sizes = component_bytes(path, torch_dtype(spec.dtype), mapped_transformer=bool(spec.offload_blocks))
     available = available_host_bytes()
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)  # torchrun's processes on this machine each load a copy
+    if available is not None and sharing > 1:
+        available //= sharing
     if not memory_is_short(sum(sizes.values()), available):
         return False
     report.note(f"the components take {sum(sizes.values()) / 2**30:.1f} GiB and {available / 2**30:.1f} GiB of memory "

@@ -65,17 +65,18 @@ class ProcessWorker(Worker):
                   "progress": None if progress is None else dataclasses.asdict(progress)}  # fmt: skip
         try:
             self.conn.send(status)
-        except (OSError, ValueError):  # the server is gone: stop as if told to
-            self.request_stop()
+        except (OSError, ValueError):  # the server is gone: end now (see _listen)
+            os._exit(3)
 
 
 def _listen(conn: Connection, worker: Worker) -> None:
-    """The server's messages: ``wake`` wakes the loop; ``stop``, or the pipe closing, stops it."""
+    """The server's messages: ``wake`` wakes the loop; ``stop`` stops it. The pipe closing means the server died: this
+    process ends at once, writing nothing more (a restarted server has queued its job again for another worker)."""
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
-            message = STOP
+            os._exit(3)
         if message == WAKE:
             worker.wake()
         else:
@@ -90,6 +91,7 @@ def _note(message: str) -> None:
 def child_main(config: ChildConfig, conn: Connection) -> None:
     """The body of a worker process (the target of a spawned ``multiprocessing.Process``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so does a service manager's SIGTERM (systemd's control group)
     if config.threads is not None:
         import torch
 
