@@ -134,6 +134,7 @@ def connected(ray: Any, cluster: Cluster) -> Iterator[None]:
     common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if cluster.address == "local":
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local instance of ours reports nowhere
             ray.init(num_cpus=max(cluster.workers, os.cpu_count() or 1), **common)
         else:
             ray.init(address=cluster.address, **common)
