@@ -7,7 +7,6 @@ one error policy: a user error is one line and exit code 2, anything else is a b
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 
@@ -80,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 def _says(exc: UserError) -> bool:
     """Whether this process prints the error: in a launch of several processes (torchrun) the same error is met by
     every rank and said by rank 0 alone, except a rank's own (:class:`~chronoedit.errors.RankError`)."""
-    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    return isinstance(exc, RankError) or world in ("", "1") or rank in ("", "0")
+    from .parallel.ranks import from_env
+
+    try:
+        return isinstance(exc, RankError) or from_env().is_main
+    except UserError:  # the launcher's variables make no sense: say it
+        return True
 
 
 if __name__ == "__main__":

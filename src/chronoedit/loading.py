@@ -159,6 +159,16 @@ class WeightSource:
             return None
         return original_to_ours(key) if self.original_layout else strip_prefix(key)
 
+    def weight_name(self, key: str, file: Path) -> str | None:
+        """The parameter a file key fills; None for keys that fill none (fp8 scales and markers, ignored weights);
+        UserError for an original-layout key that names no ChronoEdit weight."""
+        name = self.our_name(key)
+        if name is None and not key.endswith(FP8_SCALE_SUFFIXES) and key not in FP8_MARKERS:
+            raise UserError(f"unexpected key {key!r} in {file}: no ChronoEdit weight has this original name")
+        if name is None or any(part in IGNORED_KEYS for part in name.split(".")):
+            return None
+        return name
+
 
 def transformer_source(
     path: str | os.PathLike[str], subfolder: str | None = None, config: TransformerConfig | None = None
@@ -238,10 +248,8 @@ def load_transformer(
     seen: set[str] = set()
     for file in source.files:
         for key, tensor in iter_weights(file, device, mmap):
-            name = source.our_name(key)
-            if name is None and not key.endswith(FP8_SCALE_SUFFIXES) and key not in FP8_MARKERS:
-                raise UserError(f"unexpected key {key!r} in {file}: no ChronoEdit weight has this original name")
-            if name is None or any(part in IGNORED_KEYS for part in name.split(".")):
+            name = source.weight_name(key, file)
+            if name is None:
                 continue
             check_tensor(name, tensor, expected, file)
             wanted = target_dtype(name, dtype)

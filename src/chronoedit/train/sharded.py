@@ -18,10 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..loading import (
-    FP8_MARKERS,
-    FP8_SCALE_SUFFIXES,
     GGUF_SUFFIX,
-    IGNORED_KEYS,
     check_complete,
     check_tensor,
     target_dtype,
@@ -84,10 +81,8 @@ def _read_own_rows(file: Path, source: Any, params: dict[str, Any]) -> set[str]:
     shapes = {name: tuple(param.shape) for name, param in params.items()}
     with safe_open(str(file), framework="pt") as handle, torch.no_grad():
         for key in list(handle.keys()):
-            name = source.our_name(key)
-            if name is None or key.endswith(FP8_SCALE_SUFFIXES) or key in FP8_MARKERS:
-                continue
-            if any(part in IGNORED_KEYS for part in name.split(".")):
+            name = source.weight_name(key, file)
+            if name is None:
                 continue
             stored = handle.get_slice(key)
             check_tensor(name, torch.empty(stored.get_shape(), device="meta"), shapes, file)
